@@ -1,0 +1,181 @@
+"""``distill``: train students from a synthetic shard dataset (``distill run``) or on real labelled data
+(``distill train``). Thin: parses options into :mod:`distill.runs` option dataclasses, turns the errors a
+user can cause into one ``Error: …`` line (exit 1), and prints the summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shlex
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distill.train import LoopConfig
+
+_EPILOG = "Errors a user can cause print one line and exit with status 1."
+
+
+class _Main(click.Group):
+    """Keeps the raw argument list so outputs can record the exact command that produced them."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["distill.argv"] = argv
+        return ctx
+
+
+def _command_line() -> str:
+    ctx = click.get_current_context()
+    return shlex.join(["distill", *ctx.find_root().meta.get("distill.argv", [])])
+
+
+def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """ZooError / ShardError / DataError / DistillError -> ``Error: message`` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from distill.train import DistillError
+        from realdata import DataError
+        from shards import ShardError
+        from zoo import ZooError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ZooError, ShardError, DataError, DistillError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _loop_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per :class:`LoopConfig` field, with the dataclass default and help."""
+    for f in reversed(dataclasses.fields(LoopConfig)):
+        fn = click.option(
+            "--" + f.name.replace("_", "-"), f.name, type=type(f.default), default=f.default, show_default=True,
+            help=f.metadata["help"],
+        )(fn)
+    return fn
+
+
+def _pop_loop(kwargs: dict[str, Any]) -> LoopConfig:
+    return LoopConfig(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(LoopConfig)})
+
+
+def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--temperature", type=float, default=4.0, show_default=True,
+                     help="KD temperature T: loss = KL(softmax(t/T) || softmax(s/T)) * T^2."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run whose checkpoint <out>/last.pt exists, from its next epoch."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when present), cpu, cuda or cuda:N."),
+        click.option("--workers", type=int, default=None,
+                     help="Decoding processes (shard loading, streaming, image folders). [default: cores, ≤ 8]"),
+        click.option("--augment", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Random crop (4-px padding) + horizontal flip, in batch on the device. auto: on."),
+        click.option("--max-eval-samples", type=int, default=None,
+                     help="Evaluate on a seeded random subset of this many test images (CPU budgets)."),
+        click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train student classifiers: from a synthetic dataset (run) or from real data (train)."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--shards", required=True, metavar="DIR|URL",
+              help="Dataset directory (or URL) holding manifest.json and shard-*.tar, as written by synth.")
+@click.option("--student", required=True, metavar="ARCH|PATH",
+              help="Student architecture (wrn16_1, resnet8, lenet5, …, tv:NAME), or a checkpoint to warm-start.")
+@_loop_options
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="Teacher checkpoint: distil from its live logits on the augmented view instead of the "
+                   "stored logits.")
+@click.option("--teacher-arch", "--arch", "teacher_arch", default=None,
+              help="Architecture of --teacher when it has no card.")
+@click.option("--eval-data", default=None, metavar="SPEC",
+              help="Real dataset whose test split is evaluated every epoch (fmnist32, cifar10:PATH, …).")
+@click.option("--eval-size", type=int, default=None, help="Resize imagefolder eval images to N×N.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory. [default: artifacts/students/<dataset dir name>/<student>]")
+@click.option("--cache", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
+              help="memory: decode all shards once and train from an in-memory (on CUDA: on-GPU) tensor; "
+                   "stream: WebDataset streaming through DataLoader workers; auto: memory below 4 GB.")
+@_common_options
+@_friendly_errors
+def run(**kwargs: Any) -> None:
+    """Distil a student from a synthetic shard dataset.
+
+    The student learns KD (temperature T) from the teacher logits stored with each image, or from a live
+    --teacher on the same augmented view. Before any data is read the manifest is validated and a student
+    whose input shape or class count does not fit is refused. OUT receives student.pt + student.card.json,
+    metrics.json, log.csv, accuracy.png and last.pt (the resumable checkpoint).
+
+    \b
+    Example:
+      distill run --shards artifacts/c10 --student wrn16_1 --eval-data fmnist32 --epochs 100
+    """
+    from distill.runs import RunOptions, distill_from_shards
+
+    loop = _pop_loop(kwargs)
+    quiet = kwargs.pop("quiet")
+    opts = RunOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
+    result = distill_from_shards(opts)
+    click.echo(f"wrote {result.out_dir}/student.pt, metrics.json, log.csv, accuracy.png")
+    if result.summary_line:
+        click.echo(result.summary_line)
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--data", required=True, metavar="SPEC",
+              help="Real labelled dataset: fmnist, fmnist32, cifar10:PATH, cifar100:PATH, imagefolder:PATH.")
+@click.option("--arch", required=True, help="Architecture to train (wrn16_2, resnet8, …, tv:NAME).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory: model.pt + model.card.json, metrics.json, log.csv, accuracy.png, last.pt.")
+@_loop_options
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="Distil from this teacher on the real images (KD) instead of learning the labels.")
+@click.option("--teacher-arch", default=None, help="Architecture of --teacher when it has no card.")
+@click.option("--size", type=int, default=None, help="Resize imagefolder images to N×N.")
+@click.option("--eval-data", default=None, metavar="SPEC",
+              help="Evaluate on this spec's test split instead of --data's.")
+@click.option("--max-train-samples", type=int, default=None,
+              help="Train on a seeded random subset of this many images (CPU budgets).")
+@_common_options
+@_friendly_errors
+def train(**kwargs: Any) -> None:
+    """Train a classifier on real labelled data (teachers; the "student on real labels" reference), or
+    with --teacher distil on the real images (the "KD on real images" reference).
+
+    The model's normalisation is the dataset's (realdata.NORMALIZATION, or measured on the training
+    images); its card records it with the class names, input size, test accuracy and this command.
+
+    \b
+    Example:
+      distill train --data fmnist32 --arch wrn16_2 --out artifacts/teachers/wrn16_2-fmnist32 --epochs 30
+    """
+    from distill.runs import TrainOptions, train_on_real
+
+    loop = _pop_loop(kwargs)
+    quiet = kwargs.pop("quiet")
+    opts = TrainOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
+    result = train_on_real(opts)
+    click.echo(f"wrote {result.out_dir}/model.pt, metrics.json, log.csv, accuracy.png")
+    if result.summary_line:
+        click.echo(result.summary_line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,108 @@
+"""What a distillation or training run leaves behind: ``metrics.json``, ``log.csv``, ``accuracy.png``.
+
+Written atomically (temporary file + rename) so a run killed mid-write never leaves a half file next to a
+valid checkpoint. Peak memory is the figure the benchmark compares across devices: CUDA's
+``max_memory_allocated`` on GPU, the process's maximum resident set size on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Columns of log.csv, one row per epoch.
+LOG_COLUMNS = ("epoch", "train_loss", "eval_acc", "lr", "images_per_s", "seconds")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_log_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """Rewrite the whole log from ``history`` (the checkpoint's copy), so a resumed run never repeats a row."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(LOG_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _fmt(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def plot_accuracy(
+    path: Path,
+    history: Sequence[dict[str, Any]],
+    *,
+    title: str,
+    teacher_accuracy: float | None = None,
+) -> None:
+    """Accuracy per epoch (percent), with the teacher as a dashed line when known; loss when no eval ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    acc = [row.get("eval_acc") for row in history]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    try:
+        if any(a is not None for a in acc):
+            ax.plot(epochs, [100 * a if a is not None else float("nan") for a in acc], marker=".", label="student")
+            if teacher_accuracy is not None:
+                ax.axhline(100 * teacher_accuracy, linestyle="--", color="grey", label="teacher")
+            ax.set_ylabel("test accuracy (%)")
+            ax.legend(loc="lower right")
+        else:
+            ax.plot(epochs, [row.get("train_loss") for row in history], marker=".")
+            ax.set_ylabel("training loss (no --eval-data given)")
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory of this run: CUDA allocator peak on GPU, max RSS of this process on CPU (bytes)."""
+    if device.type == "cuda":
+        return {"kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return {"kind": "cpu_max_rss", "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

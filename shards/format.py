@@ -1,0 +1,262 @@
+"""The dataset contract in one place: format constants, the error type, manifest validation, sample codecs.
+
+Both :mod:`shards.writer` and :mod:`shards.reader` import from here, so what the writer produces and what the
+reader accepts cannot drift apart. Everything a sample holds is encoded without pickle (PNG, ``.npy`` with
+``allow_pickle=False``, ASCII ``.cls``, JSON): a shard from a stranger is data, not code.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+FORMAT_NAME = "dfkd-shards"
+FORMAT_VERSION = 1
+#: Versions this code can read. A newer writer bumps FORMAT_VERSION; old readers then refuse clearly.
+READABLE_VERSIONS: tuple[int, ...] = (1,)
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.tar$")
+KEY_WIDTH = 9
+
+IMAGE_EXT = "png"
+LABEL_EXT = "cls"
+LOGITS_EXT = "logits.npy"
+META_EXT = "json"
+SAMPLE_EXTS = (IMAGE_EXT, LABEL_EXT, LOGITS_EXT, META_EXT)
+
+_REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "identity": dict,
+    "schema": dict,
+    "num_samples": int,
+    "target_samples": int,
+    "complete": bool,
+    "class_counts": list,
+    "shards": list,
+    "summary": dict,
+}
+_SHARD_FIELDS: dict[str, type] = {"url": str, "num_samples": int, "bytes": int, "sha256": str}
+
+
+class ShardError(Exception):
+    """A dataset directory, manifest or shard that cannot be used as asked; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing :func:`shards.verify` found wrong: which file (shard name or ``manifest.json``) and what."""
+
+    shard: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: {self.message}"
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("dfkd-toolkit")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.1.0"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:0{KEY_WIDTH}d}"
+
+
+def make_schema(image_shape: list[int] | tuple[int, ...] | None, num_classes: int | None) -> dict[str, Any]:
+    """The manifest's ``schema`` block. Shapes are ``None`` while a fresh dataset holds no shard yet."""
+    return {
+        "image": {"ext": IMAGE_EXT, "dtype": "uint8",
+                  "shape": None if image_shape is None else [int(v) for v in image_shape],
+                  "value_range": [0, 255]},
+        "label": {"ext": LABEL_EXT, "dtype": "int64"},
+        "logits": {"ext": LOGITS_EXT, "dtype": "float16",
+                   "shape": None if num_classes is None else [int(num_classes)]},
+        "meta": {"ext": META_EXT},
+    }
+
+
+def canonical_json(value: Any, what: str) -> Any:
+    """``value`` as it will read back from JSON (tuples become lists), or ShardError if it is not JSON data."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ShardError(f"{what} must be plain JSON data (dict/list/str/int/float/bool/None): {error}") from None
+
+
+def _check_relative_url(url: str, where: str) -> None:
+    # A manifest is untrusted input: a shard URL must stay inside the dataset directory.
+    if (not url or url.startswith(("/", "\\")) or "://" in url or ":" in url.split("/")[0]
+            or any(part in ("..", "") for part in url.replace("\\", "/").split("/"))):
+        raise ShardError(f"{where}: shard URL {url!r} is not a plain relative name inside the dataset directory")
+
+
+def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """Checks a parsed manifest against this format; returns it or raises ShardError naming ``where``."""
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{where}: not a dataset manifest (expected a JSON object)")
+    if manifest.get("format") != FORMAT_NAME:
+        raise ShardError(f"{where}: not a {FORMAT_NAME} manifest (format is {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        raise ShardError(f"{where}: format_version {version!r} is not supported; this tool "
+                         f"(dfkd-toolkit {tool_version()}) reads format_version {readable}. "
+                         "Upgrade the toolkit to read this dataset.")
+    for field, kind in _REQUIRED_FIELDS.items():
+        if field not in manifest:
+            raise ShardError(f"{where}: manifest lacks the required field {field!r}")
+        if not isinstance(manifest[field], kind) or (kind is int and isinstance(manifest[field], bool)):
+            raise ShardError(f"{where}: manifest field {field!r} has the wrong type "
+                             f"({type(manifest[field]).__name__})")
+    schema = manifest["schema"]
+    for part, ext in (("image", IMAGE_EXT), ("label", LABEL_EXT), ("logits", LOGITS_EXT), ("meta", META_EXT)):
+        if not isinstance(schema.get(part), dict) or schema[part].get("ext") != ext:
+            raise ShardError(f"{where}: schema.{part} must be a dict with ext {ext!r}; this tool reads only that")
+    if schema["image"].get("dtype") != "uint8" or schema["logits"].get("dtype") != "float16":
+        raise ShardError(f"{where}: schema dtypes must be uint8 images and float16 logits")
+    num_samples = manifest["num_samples"]
+    image_shape = schema["image"].get("shape")
+    num_classes = manifest.get("num_classes")
+    if num_samples > 0:
+        if (not isinstance(image_shape, list) or len(image_shape) != 3 or image_shape[2] not in (1, 3)
+                or not all(isinstance(v, int) and v > 0 for v in image_shape)):
+            raise ShardError(f"{where}: schema.image.shape must be [H, W, C] with C 1 or 3, got {image_shape!r}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ShardError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
+        if schema["logits"].get("shape") != [num_classes]:
+            raise ShardError(f"{where}: schema.logits.shape {schema['logits'].get('shape')!r} "
+                             f"disagrees with num_classes {num_classes}")
+    total = 0
+    seen: set[str] = set()
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise ShardError(f"{where}: shards[{i}] is not an object")
+        for field, kind in _SHARD_FIELDS.items():
+            if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
+                raise ShardError(f"{where}: shards[{i}] lacks {field!r} or it has the wrong type")
+        _check_relative_url(entry["url"], where)
+        if entry["url"] in seen:
+            raise ShardError(f"{where}: shard {entry['url']} is listed twice")
+        seen.add(entry["url"])
+        if entry["num_samples"] < 0 or entry["bytes"] < 0 or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            raise ShardError(f"{where}: shards[{i}] ({entry['url']}) has an invalid count, size or sha256")
+        total += entry["num_samples"]
+    if total != num_samples:
+        raise ShardError(f"{where}: num_samples is {num_samples} but the shards list {total} samples")
+    counts = manifest["class_counts"]
+    if num_samples > 0 and (len(counts) != num_classes or sum(counts) != num_samples):
+        raise ShardError(f"{where}: class_counts (length {len(counts)}, sum {sum(counts)}) does not fit "
+                         f"num_classes {num_classes} and num_samples {num_samples}")
+    for name, entry in (manifest.get("artifacts") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            raise ShardError(f"{where}: artifacts[{name!r}] lacks a url")
+        _check_relative_url(entry["url"], where)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- codecs
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 H×W×C image (C=1 greyscale, C=3 RGB); same pixels always give the same bytes."""
+    # 2-D uint8 maps to mode L and H×W×3 uint8 to RGB (fromarray's mode= argument is deprecated).
+    pil = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image))
+    buffer = io.BytesIO()
+    # Fixed settings (and no time or text chunks, which Pillow omits unless asked) keep shards reproducible.
+    pil.save(buffer, format="PNG", compress_level=6, optimize=False)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, shape: list[int] | None = None) -> np.ndarray:
+    """H×W×C uint8 array from PNG bytes; only PNG is accepted so a shard cannot feed PIL an exotic format.
+
+    With ``shape`` the header's size and mode are checked before any pixel is decompressed, so a hostile
+    shard cannot make the reader inflate a huge image.
+    """
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as pil:
+        if pil.mode not in ("L", "RGB"):
+            raise ValueError(f"PNG mode {pil.mode!r} is neither L (greyscale) nor RGB")
+        if shape is not None:
+            found = [pil.height, pil.width, 1 if pil.mode == "L" else 3]
+            if found != list(shape):
+                raise ValueError(f"image shape {found} differs from the manifest's {list(shape)}")
+        pil.load()
+        array = np.asarray(pil, dtype=np.uint8)
+        return array[:, :, None] if pil.mode == "L" else array
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _float16_npy_header(length: int) -> bytes:
+    data = encode_npy(np.zeros(length, dtype="<f2"))
+    return data[: len(data) - 2 * length]
+
+
+def decode_logits(data: bytes, num_classes: int | None) -> np.ndarray:
+    """Logits from ``.npy`` bytes. When the header is byte-for-byte the one numpy writes for float16
+    [num_classes] (always, for shards from this writer) the payload is read directly: ``np.load`` parses the
+    header with ``ast.literal_eval``, which costs more than decoding the sample's PNG."""
+    if num_classes:
+        header = _float16_npy_header(num_classes)
+        if len(data) == len(header) + 2 * num_classes and data.startswith(header):
+            return np.frombuffer(data, dtype="<f2", offset=len(header)).copy()
+    return decode_npy(data)
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+def logit_stats(labels: np.ndarray, logits: np.ndarray) -> tuple[int, float]:
+    """(number of samples whose argmax logit equals the label, sum of softmax entropies in nats).
+
+    Sums rather than means so shards can be combined exactly; computed in float64 from the stored float16
+    logits, so a reader recomputing them from the shards gets the same figures.
+    """
+    if len(labels) == 0:
+        return 0, 0.0
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    entropy = -(np.exp(log_p) * log_p).sum(axis=1)
+    agree = int((np.argmax(logits, axis=1) == np.asarray(labels)).sum())
+    return agree, float(math.fsum(entropy.tolist()))
+
+
+def summary_from_shards(shards: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
+    """teacher_agreement, mean_entropy and bytes_per_sample from the per-shard figures the writer records."""
+    if num_samples == 0:
+        return {"teacher_agreement": None, "mean_entropy": None, "bytes_per_sample": None}
+    agree = sum(int(e.get("agreement_count", 0)) for e in shards)
+    entropy = math.fsum(float(e.get("entropy_sum", 0.0)) for e in shards)
+    size = sum(int(e["bytes"]) for e in shards)
+    return {"teacher_agreement": agree / num_samples, "mean_entropy": entropy / num_samples,
+            "bytes_per_sample": size / num_samples}

@@ -1,0 +1,497 @@
+"""Verifying reader: manifest, in-memory arrays, a WebDataset stream, and a full ``verify``.
+
+A dataset location is a local directory, a local ``manifest.json`` path, or a URL to either
+(``file://``, ``http(s)://`` through the standard library, anything else such as ``s3://`` or ``gs://``
+through fsspec and its backend package). Shard URLs in the manifest are relative to the manifest.
+
+Reading never trusts the bytes: shards are checked against the manifest's size and sha256, sample counts
+per shard must match, and everything decodes without pickle. Any failure is a :class:`ShardError` that names
+the shard (and the sample key where there is one) — never a silent partial epoch.
+
+Two read paths, because the GPU case needs the second: :func:`stream` is a per-sample WebDataset pipeline for
+sets too large for memory, :func:`load_arrays` decodes whole shards (in parallel) into contiguous arrays that a
+trainer can keep in RAM or on the GPU; a 50k set of 32×32×3 images is ~150 MB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .format import (
+    IMAGE_EXT,
+    LABEL_EXT,
+    LOGITS_EXT,
+    MANIFEST_NAME,
+    META_EXT,
+    Problem,
+    ShardError,
+    decode_logits,
+    decode_png,
+    logit_stats,
+    validate_manifest,
+)
+from .tario import group_samples, iter_tar
+
+if TYPE_CHECKING:
+    from .streaming import ShardStream
+
+Location = str | os.PathLike[str]
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------- locations
+
+
+def _is_url(location: Location) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def _file_url_to_path(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ShardError(f"{url}: file:// URLs must name a local path")
+    return urllib.request.url2pathname(parsed.path)
+
+
+def _manifest_location(location: Location) -> tuple[str, str, bool]:
+    """(manifest path or URL, base for shard URLs, is_local)."""
+    if _is_url(location):
+        text = str(location)
+        if text.startswith("file://"):
+            return _manifest_location(_file_url_to_path(text))
+        if urllib.parse.urlparse(text).path.endswith(".json"):
+            return text, text.rsplit("/", 1)[0], False
+        base = text.rstrip("/")
+        return f"{base}/{MANIFEST_NAME}", base, False
+    path = Path(location)
+    if path.is_dir():
+        return str(path / MANIFEST_NAME), str(path), True
+    if path.suffix == ".json" or path.is_file():
+        return str(path), str(path.parent), True
+    raise ShardError(f"{path}: no such dataset directory or manifest")
+
+
+def _open_url(url: str) -> IO[bytes]:
+    """A readable binary stream for a remote URL (http(s) by the standard library, the rest by fsspec)."""
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme in ("http", "https"):
+        # urllib needs no extra package (fsspec's http needs aiohttp); 60 s covers a slow first byte.
+        return urllib.request.urlopen(url, timeout=60)  # the scheme is checked above
+    try:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except ImportError as error:
+        raise ShardError(f"{url}: reading {scheme}:// needs an fsspec backend that is not installed "
+                         f"({error}); e.g. pip install s3fs for s3://, gcsfs for gs://") from error
+    except ValueError as error:  # fsspec: "Protocol not known"
+        raise ShardError(f"{url}: fsspec cannot read {scheme}:// ({error})") from error
+
+
+def _open(url: str, local: bool) -> IO[bytes]:
+    return open(url, "rb") if local else _open_url(url)
+
+
+def _read_all(url: str, local: bool) -> bytes:
+    with _open(url, local) as handle:
+        return handle.read()
+
+
+def read_manifest(location: Location) -> dict[str, Any]:
+    """The validated manifest of the dataset at ``location`` (dir, manifest path or URL); ShardError if unusable."""
+    where, _base, local = _manifest_location(location)
+    try:
+        raw = _read_all(where, local)
+    except ShardError:
+        raise
+    except FileNotFoundError:
+        raise ShardError(f"{where}: no dataset manifest here") from None
+    except OSError as error:
+        raise ShardError(f"{where}: cannot read the dataset manifest ({error})") from error
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardError(f"{where}: not valid JSON ({error})") from None
+    return validate_manifest(manifest, where)
+
+
+def shard_urls(location: Location, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The manifest's shards as local paths or absolute URLs, in manifest order."""
+    manifest = read_manifest(location) if manifest is None else manifest
+    _where, base, local = _manifest_location(location)
+    if local:
+        return [os.path.join(base, entry["url"]) for entry in manifest["shards"]]
+    return [f"{base}/{entry['url']}" for entry in manifest["shards"]]
+
+
+def _is_local_location(location: Location) -> bool:
+    return _manifest_location(location)[2]
+
+
+def check_shard(path: Location, entry: dict[str, Any]) -> None:
+    """Local shard ``path`` exists and has the manifest ``entry``'s size and sha256; ShardError otherwise."""
+    path = Path(path)
+    name = entry["url"]
+    if not path.is_file():
+        raise ShardError(f"shard {name} is missing (expected at {path})")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardError(f"shard {name} ({path}): size mismatch, manifest says {entry['bytes']} bytes, "
+                         f"found {size}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != entry["sha256"]:
+        raise ShardError(f"shard {name} ({path}): sha256 mismatch, manifest says {entry['sha256']}, "
+                         f"found {digest.hexdigest()}; the file is corrupt or was changed")
+
+
+def _check_bytes(data: bytes, entry: dict[str, Any], where: str) -> None:
+    name = entry["url"]
+    if len(data) != entry["bytes"]:
+        raise ShardError(f"shard {name} ({where}): size mismatch, manifest says {entry['bytes']} bytes, "
+                         f"found {len(data)}")
+    found = hashlib.sha256(data).hexdigest()
+    if found != entry["sha256"]:
+        raise ShardError(f"shard {name} ({where}): sha256 mismatch, manifest says {entry['sha256']}, "
+                         f"found {found}; the file is corrupt or was changed")
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _shard_label(url: Any) -> str:
+    text = str(url or "?")
+    return text.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _decode_fields(sample: dict[str, Any], manifest: dict[str, Any] | None,
+                   with_meta: bool) -> tuple[np.ndarray, int, np.ndarray, dict[str, Any] | None]:
+    key = sample.get("__key__", "?")
+    shard = _shard_label(sample.get("__url__"))
+    try:
+        missing = [ext for ext in (IMAGE_EXT, LABEL_EXT, LOGITS_EXT) if ext not in sample]
+        if missing:
+            raise ValueError(f"lacks {', '.join('.' + m for m in missing)}")
+        num_classes = manifest.get("num_classes") if manifest else None
+        image = decode_png(sample[IMAGE_EXT], manifest["schema"]["image"]["shape"] if manifest else None)
+        label = int(bytes(sample[LABEL_EXT]).decode("ascii").strip())
+        logits = decode_logits(sample[LOGITS_EXT], num_classes)
+        if not isinstance(logits, np.ndarray) or logits.dtype != np.float16 or logits.ndim != 1:
+            raise ValueError(f"logits must be a 1-D float16 .npy, got {getattr(logits, 'dtype', type(logits))} "
+                             f"{getattr(logits, 'shape', '')}")
+        if num_classes is not None and logits.shape[0] != num_classes:
+            raise ValueError(f"{logits.shape[0]} logits, the manifest says {num_classes} classes")
+        if not 0 <= label < logits.shape[0]:
+            raise ValueError(f"label {label} outside [0, {logits.shape[0]})")
+        meta = None
+        if with_meta and META_EXT in sample:
+            meta = json.loads(bytes(sample[META_EXT]).decode("utf-8"))
+    except Exception as error:  # every decode failure means "this sample is corrupt"
+        raise ShardError(f"shard {shard}: sample {key} does not decode ({type(error).__name__}: {error})") from error
+    return image, label, logits, meta
+
+
+def decode_sample(sample: dict[str, Any], manifest: dict[str, Any] | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(uint8 H×W×C image, label, float16 logits) from a raw WebDataset sample dict (bytes per extension).
+
+    No pickle is involved. With ``manifest``, shapes are checked against its schema. A failure raises
+    ShardError naming the shard (from ``__url__``) and the key.
+    """
+    image, label, logits, _meta = _decode_fields(sample, manifest, with_meta=False)
+    return image, label, logits
+
+
+def _tar_samples(data: bytes, name: str) -> Iterator[dict[str, Any]]:
+    """Raw sample dicts from a whole in-memory shard (strict: a damaged header is an error, not an early end)."""
+    return group_samples(iter_tar(io.BytesIO(data), name), name, name)
+
+
+def _decode_shard(data: bytes, entry: dict[str, Any], where: str, manifest: dict[str, Any],
+                  verify: bool) -> dict[str, Any]:
+    """All samples of one shard as arrays; checks checksum (when ``verify``), count and key continuity."""
+    name = entry["url"]
+    if verify:
+        _check_bytes(data, entry, where)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    logits: list[np.ndarray] = []
+    keys: list[str] = []
+    metas: list[dict[str, Any]] = []
+    for sample in _tar_samples(data, name):
+        image, label, logit, meta = _decode_fields(sample, manifest, with_meta=True)
+        images.append(image)
+        labels.append(label)
+        logits.append(logit)
+        keys.append(sample["__key__"])
+        metas.append(meta if meta is not None else {})
+    if len(keys) != entry["num_samples"]:
+        raise ShardError(f"shard {name}: holds {len(keys)} samples, the manifest says {entry['num_samples']}")
+    first = entry.get("first_index")
+    if isinstance(first, int) and keys != [f"{first + i:09d}" for i in range(len(keys))]:
+        raise ShardError(f"shard {name}: keys are not the consecutive indices from {first} the manifest records")
+    shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
+    return {
+        "images": np.stack(images) if images else np.zeros((0, *shape), np.uint8),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "logits": np.stack(logits) if logits else np.zeros((0, manifest.get("num_classes") or 0), np.float16),
+        "keys": keys,
+        "meta": metas,
+    }
+
+
+def _load_shard_task(url: str, local: bool, entry: dict[str, Any], manifest: dict[str, Any],
+                     verify: bool) -> dict[str, Any]:
+    # Top-level so a process pool can pickle it. Reads the whole shard once: hash and decode share the bytes.
+    name = entry["url"]
+    try:
+        data = _read_all(url, local)
+    except FileNotFoundError:
+        raise ShardError(f"shard {name} is missing (expected at {url})") from None
+    except ShardError:
+        raise
+    except OSError as error:
+        raise ShardError(f"shard {name}: cannot read {url} ({error})") from error
+    return _decode_shard(data, entry, url, manifest, verify)
+
+
+# --------------------------------------------------------------------------------------------- load_arrays
+
+
+def _start_method() -> str:
+    """fork on Linux: children start in milliseconds and do not re-import the caller's ``__main__`` (spawn
+    re-runs unguarded script code and cannot start from ``python -`` or a notebook at all). The children only
+    read files and run numpy/PIL/zlib, never torch or CUDA, so the usual hazards of forking a process that
+    imported torch do not apply. spawn elsewhere (macOS frameworks are not fork-safe; Windows has no fork)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+
+@dataclass
+class ShardArrays:
+    """A whole dataset decoded into memory, in key order."""
+
+    images: np.ndarray  # uint8 N×H×W×C
+    labels: np.ndarray  # int64 [N]
+    logits: np.ndarray  # float16 [N, num_classes]
+    keys: list[str]
+    manifest: dict[str, Any]
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest.get("num_classes") or self.logits.shape[1])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        teacher = self.manifest.get("teacher")
+        names = teacher.get("class_names") if isinstance(teacher, dict) else None
+        return list(names) if isinstance(names, list) else None
+
+
+def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
+                progress: bool = True) -> ShardArrays:
+    """Decodes every shard into contiguous arrays (the fast path for datasets that fit in memory).
+
+    ``workers`` > 0 decodes shards in that many processes, one shard per task. With ``verify`` each shard's
+    size and sha256 are checked against the manifest (remote shards too: the bytes are in memory anyway).
+    """
+    manifest = read_manifest(location)
+    urls = shard_urls(location, manifest)
+    local = _is_local_location(location)
+    entries = manifest["shards"]
+    total = manifest["num_samples"]
+    shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
+    num_classes = manifest.get("num_classes") or 0
+    # Filled in place shard by shard: peak memory is the dataset plus one shard, not twice the dataset.
+    images = np.empty((total, *shape), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    logits = np.empty((total, num_classes), dtype=np.float16)
+    keys: list[str] = [""] * total
+    meta: list[dict[str, Any]] = [{}] * total
+    offsets = np.concatenate([[0], np.cumsum([e["num_samples"] for e in entries])]).astype(int).tolist()
+
+    def place(i: int, part: dict[str, Any]) -> None:
+        start, stop = offsets[i], offsets[i + 1]
+        images[start:stop] = part["images"]
+        labels[start:stop] = part["labels"]
+        logits[start:stop] = part["logits"]
+        keys[start:stop] = part["keys"]
+        meta[start:stop] = part["meta"]
+        bar.update(stop - start)
+
+    with tqdm(total=total, unit="img", desc="load shards", disable=not progress, dynamic_ncols=True) as bar:
+        if workers > 0 and len(entries) > 1:
+            context = multiprocessing.get_context(_start_method())
+            with ProcessPoolExecutor(max_workers=min(workers, len(entries)), mp_context=context) as pool:
+                futures = {pool.submit(_load_shard_task, url, local, entry, manifest, verify): i
+                           for i, (url, entry) in enumerate(zip(urls, entries, strict=True))}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for future in done:
+                        if future.exception() is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise future.exception()  # type: ignore[misc]
+                        place(futures[future], future.result())
+        else:
+            for i, (url, entry) in enumerate(zip(urls, entries, strict=True)):
+                place(i, _load_shard_task(url, local, entry, manifest, verify))
+
+    if len(set(keys)) != total:
+        raise ShardError(f"{location}: duplicate sample keys across shards")
+    return ShardArrays(images=images, labels=labels, logits=logits, keys=keys, manifest=manifest, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------- stream
+
+
+def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int = 0, resampled: bool = False,
+           verify_local: bool = True, checksum: bool = True) -> ShardStream:
+    """A WebDataset pipeline yielding ``(image uint8 H×W×C, label int, logits float16)`` tuples.
+
+    - ``shuffle`` > 0 shuffles the shard order (seeded by ``seed`` and the epoch, identical on every rank) and
+      samples through a buffer of that many; ``shuffle=0`` streams in key order.
+    - Shards are split across ranks (``webdataset.split_by_node``) and DataLoader workers
+      (``split_by_worker``). With ``resampled=True`` every rank/worker draws shards with replacement forever:
+      bound it with ``.with_epoch(n)`` (the usual pattern for DDP, where every rank must see the same number of
+      batches; with DataLoader workers set the epoch on the loader, e.g. ``WebLoader(...).with_epoch(n)``).
+      ``.num_samples`` holds the manifest's count for computing ``n``.
+    - Iterating again advances the epoch; call ``.set_epoch(e)`` to pin it (as with DistributedSampler; needed
+      when DataLoader workers get a fresh copy of the dataset each epoch).
+    - ``verify_local`` checks up front that local shards exist with the manifest's sizes. ``checksum`` hashes
+      every shard while it streams (local or remote) and raises at its end if size or sha256 differ.
+    Every error raises ShardError naming the shard; per-shard sample counts are checked too.
+    """
+    from .streaming import ShardStream  # lazy: webdataset imports torch
+
+    manifest = read_manifest(location)
+    urls = shard_urls(location, manifest)
+    local = _is_local_location(location)
+    if local and verify_local:
+        for url, entry in zip(urls, manifest["shards"], strict=True):
+            if not os.path.isfile(url):
+                raise ShardError(f"shard {entry['url']} is missing (expected at {url})")
+            if os.path.getsize(url) != entry["bytes"]:
+                raise ShardError(f"shard {entry['url']} ({url}): size mismatch, manifest says {entry['bytes']} "
+                                 f"bytes, found {os.path.getsize(url)}")
+    return ShardStream(manifest, urls, local=local, shuffle=shuffle, seed=seed, epoch=epoch,
+                       resampled=resampled, checksum=checksum)
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def verify(location: Location) -> list[Problem]:
+    """Everything that is wrong with the dataset at ``location``; an empty list means healthy.
+
+    Checks the manifest, then every shard: present, size and sha256, a well-formed tar, every sample decodes,
+    per-shard counts and keys; then duplicate keys across shards, total and per-class counts, the summary's
+    agreement and entropy, and the artifacts' sizes and checksums.
+    """
+    try:
+        manifest = read_manifest(location)
+    except ShardError as error:
+        return [Problem(MANIFEST_NAME, str(error))]
+    problems: list[Problem] = []
+    urls = shard_urls(location, manifest)
+    local = _is_local_location(location)
+    owner: dict[str, str] = {}
+    num_classes = manifest.get("num_classes") or 0
+    counts = np.zeros(num_classes, dtype=np.int64)
+    decoded = agree = 0
+    entropy = 0.0
+    all_read = True
+    for url, entry in zip(urls, manifest["shards"], strict=True):
+        name = entry["url"]
+        try:
+            data = _read_all(url, local)
+        except (OSError, ShardError) as error:
+            missing = isinstance(error, FileNotFoundError)
+            problems.append(Problem(name, "missing" if missing else f"cannot read {url}: {error}"))
+            all_read = False
+            continue
+        try:
+            _check_bytes(data, entry, url)
+        except ShardError as error:
+            problems.append(Problem(name, str(error)))
+        try:
+            part = _decode_shard(data, entry, url, manifest, verify=False)
+        except ShardError as error:
+            problems.append(Problem(name, str(error)))
+            all_read = False
+            continue
+        for key in part["keys"]:
+            if key in owner:
+                problems.append(Problem(name, f"key {key} is also in {owner[key]}"))
+            owner.setdefault(key, name)
+        decoded += len(part["keys"])
+        if num_classes:
+            counts += np.bincount(part["labels"], minlength=num_classes)[:num_classes]
+        a, e = logit_stats(part["labels"], part["logits"])
+        agree += a
+        entropy += e
+        if "agreement_count" in entry and entry["agreement_count"] != a:
+            problems.append(Problem(name, f"agreement_count {entry['agreement_count']} recorded, {a} recomputed"))
+
+    if all_read:
+        if decoded != manifest["num_samples"]:
+            problems.append(Problem(MANIFEST_NAME, f"num_samples is {manifest['num_samples']}, shards hold {decoded}"))
+        if decoded and counts.tolist() != manifest["class_counts"]:
+            problems.append(Problem(MANIFEST_NAME, f"class_counts {manifest['class_counts']} disagree with the "
+                                                   f"shards' {counts.tolist()}"))
+        summary = manifest["summary"]
+        if decoded:
+            for figure, value in (("teacher_agreement", agree / decoded), ("mean_entropy", entropy / decoded)):
+                recorded = summary.get(figure)
+                if not isinstance(recorded, (int, float)) or abs(recorded - value) > 1e-6 * max(1.0, abs(value)):
+                    problems.append(Problem(MANIFEST_NAME, f"summary.{figure} is {recorded}, the shards give {value}"))
+
+    _where, base, _local = _manifest_location(location)
+    for name, entry in (manifest.get("artifacts") or {}).items():
+        url = os.path.join(base, entry["url"]) if local else f"{base}/{entry['url']}"
+        try:
+            data = _read_all(url, local)
+        except (OSError, ShardError) as error:
+            problems.append(Problem(entry["url"], f"artifact {name!r} cannot be read: {error}"))
+            continue
+        if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            problems.append(Problem(entry["url"], f"artifact {name!r}: size or sha256 differs from the manifest"))
+    return problems
+
+
+def read_artifact(location: Location, name: str, *, manifest: dict[str, Any] | None = None) -> bytes:
+    """The bytes of an artifact stored with :meth:`ShardWriter.add_file`, checked against the manifest."""
+    manifest = read_manifest(location) if manifest is None else manifest
+    entry = (manifest.get("artifacts") or {}).get(name)
+    if entry is None:
+        raise ShardError(f"{location}: the dataset holds no artifact {name!r}")
+    _where, base, local = _manifest_location(location)
+    url = os.path.join(base, entry["url"]) if local else f"{base}/{entry['url']}"
+    try:
+        data = _read_all(url, local)
+    except OSError as error:
+        raise ShardError(f"artifact {name!r} ({url}): cannot read ({error})") from error
+    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ShardError(f"artifact {name!r} ({url}): size or sha256 differs from the manifest")
+    return data

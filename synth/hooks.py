@@ -1,0 +1,69 @@
+"""Forward hooks that read a teacher's internals during synthesis.
+
+Several methods need the batch statistics that a synthetic batch produces at each BatchNorm layer of the
+teacher (DeepInversion, CMI, Fast, D2CIP Eq. 2, CPSC-DFKD). :class:`BatchNormStatisticsHook` collects them
+once, for every method, while a context is active, so that evaluating the teacher for another purpose
+(for example computing the stored logits) does not pay for or pollute them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class MissingBatchNormError(RuntimeError):
+    """The teacher has no BatchNorm layer, so BN-statistics matching is impossible."""
+
+
+class BatchNormStatisticsHook:
+    """Records, for each BatchNorm layer of ``network``, the mean and variance of its input batch.
+
+    The statistics are kept with their autograd graph, so a loss built from them (see
+    :func:`synth.losses.bn_statistics_loss`) sends gradients back to the images and from there to a
+    generator or latent codes. Recording happens only inside :meth:`recording`.
+    """
+
+    def __init__(self, network: nn.Module):
+        self.layers = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not self.layers:
+            raise MissingBatchNormError(
+                "the teacher has no BatchNorm layers, so BN-statistics matching (the BN prior of "
+                "DeepInversion / gMI / D2CIP) cannot be used; set the BN loss weight to 0 "
+                "(e.g. --bn-weight 0) or choose a teacher with BatchNorm"
+            )
+        self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._active = False
+        self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
+
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self._active:
+            return
+        x = inputs[0]
+        dims = [0] + list(range(2, x.dim()))
+        # Population variance, as BatchNorm itself normalises with during training.
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        self.batch_stats.append((mean, var))
+
+    @contextmanager
+    def recording(self) -> Iterator[BatchNormStatisticsHook]:
+        """Collects statistics for the forward passes run inside the ``with`` block."""
+        self.batch_stats = []
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def running_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The teacher's stored (running) mean and variance of every BN layer, in hook order."""
+        return [(layer.running_mean, layer.running_var) for layer in self.layers]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,111 @@
+"""``synth inspect``: what is in a dataset, how the teacher sees it, and how diverse it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import shards
+import zoo
+
+from .diversity import diversity_report, subsample, teacher_features
+
+
+def _teacher_for(manifest: dict[str, Any], teacher_path: str | None) -> zoo.Classifier | None:
+    """The given teacher, or the shipped one when it is the teacher that made the set."""
+    if teacher_path:
+        return zoo.load_classifier(teacher_path)
+    default = zoo.default_teacher_path()
+    if default.exists():
+        teacher = zoo.load_classifier(default)
+        if teacher.card.sha256 == manifest.get("teacher", {}).get("sha256"):
+            return teacher
+    return None
+
+
+def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | None = None,
+                    reference: str | None = None, samples: int = 2000, device: str = "auto") -> dict[str, Any]:
+    manifest = shards.read_manifest(location)
+    arrays = shards.load_arrays(location, progress=False)
+    num_classes = int(manifest["num_classes"])
+    class_names = manifest.get("teacher", {}).get("class_names") or [str(i) for i in range(num_classes)]
+    labels, logits = arrays.labels, arrays.logits.astype(np.float32)
+    predicted = logits.argmax(axis=1)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    entropy = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(axis=1)
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append({
+            "class": class_names[c], "count": int(mask.sum()),
+            "teacher_agreement": float((predicted[mask] == c).mean()) if mask.any() else None,
+            "teacher_predicted_as": int((predicted == c).sum()),
+        })
+    report: dict[str, Any] = {
+        "location": location,
+        "method": manifest.get("method", {}).get("name"),
+        "teacher": {k: manifest.get("teacher", {}).get(k) for k in ("arch", "sha256", "test_accuracy")},
+        "num_samples": int(len(labels)),
+        "image_shape": list(arrays.images.shape[1:]),
+        "shards": len(manifest["shards"]),
+        "bytes_per_sample": sum(s["bytes"] for s in manifest["shards"]) / max(len(labels), 1),
+        "complete": manifest.get("complete"),
+        "teacher_agreement": float((predicted == labels).mean()),
+        "mean_entropy": float(entropy.mean()),
+        "per_class": per_class,
+    }
+    dev = zoo.pick_device(device)
+    teacher = _teacher_for(manifest, teacher_path)
+    if teacher is not None:
+        teacher = teacher.to(dev).eval()
+        index = subsample(len(labels), samples)
+        synthetic = teacher_features(teacher, arrays.images[index], dev)
+        real = None
+        if reference:
+            import realdata
+
+            real_set = realdata.load(reference, split="test")
+            real_index = subsample(len(real_set.labels), samples)
+            real = teacher_features(teacher, real_set.images[real_index], dev)
+        report["diversity"] = diversity_report(synthetic, real)
+    else:
+        report["diversity"] = manifest.get("summary", {}).get("diversity")
+        report["diversity_note"] = "pass --teacher to compute diversity figures (and --reference for FID/JS/MMD)"
+    if grid is None and "://" not in location:
+        grid = str(Path(location) / "samples.png")
+    if grid:
+        shards.sample_grid_png(arrays, grid, class_names=class_names)
+        report["grid"] = grid
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"dataset   {report['location']}  ({'complete' if report['complete'] else 'INCOMPLETE'})",
+        f"method    {report['method']}",
+        f"teacher   {report['teacher']['arch']}  sha256 {str(report['teacher']['sha256'])[:12]}…  "
+        f"test acc {report['teacher']['test_accuracy']}",
+        f"samples   {report['num_samples']}  images {report['image_shape']}  shards {report['shards']}  "
+        f"{report['bytes_per_sample']:.0f} bytes/sample",
+        f"teacher agreement with asked label  {report['teacher_agreement']:.1%}",
+        f"mean teacher entropy                {report['mean_entropy']:.3f} nats",
+        "",
+        f"{'class':<16}{'count':>8}{'agreement':>11}{'predicted':>11}",
+    ]
+    for row in report["per_class"]:
+        agreement = "-" if row["teacher_agreement"] is None else f"{row['teacher_agreement']:.1%}"
+        lines.append(f"{row['class'][:15]:<16}{row['count']:>8}{agreement:>11}{row['teacher_predicted_as']:>11}")
+    diversity = report.get("diversity")
+    if diversity:
+        lines.append("")
+        lines.append("diversity (teacher feature space)")
+        for key, value in diversity.items():
+            lines.append(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
+    if report.get("diversity_note"):
+        lines.append(f"  ({report['diversity_note']})")
+    if report.get("grid"):
+        lines.append(f"\nsample grid written to {report['grid']}")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Losses shared by the synthesis methods, each named after what it computes.
+
+Every function cites the paper and equation it implements. Methods combine these terms with their own
+weights; none of them is written twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .hooks import BatchNormStatisticsHook
+
+
+def class_prior_loss(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between the teacher's prediction and the asked-for label.
+
+    D2CIP Eq. 1 (the class prior of DAFL, Chen et al. 2019); DeepInversion's L_CE.
+    """
+    return F.cross_entropy(teacher_logits, labels)
+
+
+def bn_statistics_loss(hook: BatchNormStatisticsHook) -> torch.Tensor:
+    """Distance between the batch statistics of the synthetic batch and the teacher's BN statistics.
+
+    D2CIP Eq. 2: sum over BN layers l of ||mu_l(x') - mu_l||_2 + ||sigma^2_l(x') - sigma^2_l||_2, the
+    feature-distribution regulariser of DeepInversion (Yin et al. 2020, Eq. 4) as CMI uses it. ``hook``
+    must have recorded exactly one teacher forward pass.
+    """
+    if not hook.batch_stats:
+        raise RuntimeError("bn_statistics_loss needs a teacher forward pass inside hook.recording()")
+    if len(hook.batch_stats) != len(hook.layers):
+        raise RuntimeError(
+            f"recorded {len(hook.batch_stats)} BN activations for {len(hook.layers)} layers; "
+            "run exactly one teacher forward pass per recording"
+        )
+    total = hook.batch_stats[0][0].new_zeros(())
+    for (mean, var), (running_mean, running_var) in zip(hook.batch_stats, hook.running_stats(), strict=True):
+        total = total + torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+    return total
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), per sample when ``reduction='none'``."""
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Hinton et al. (2015) knowledge distillation: T^2 * KL(teacher || student) at temperature T."""
+    return kl_divergence(teacher_logits, student_logits, temperature) * temperature**2
+
+
+def adversarial_kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+                        decision_adversarial: bool = False) -> torch.Tensor:
+    """Negative teacher-student disagreement, minimised by the generator to find hard samples.
+
+    D2CIP Eq. 3: L_adv = -KL(theta_T(x'), theta_S(x')) (Fang et al. 2019). With
+    ``decision_adversarial=True`` it is D2CIP Eq. 15 (CMI's variant): only samples on which teacher and
+    student agree on the class contribute, so the generator is pushed towards the decision boundary
+    without being rewarded for samples the teacher itself would label differently.
+    """
+    per_sample = kl_divergence(teacher_logits, student_logits, temperature, reduction="none")
+    if decision_adversarial:
+        agree = (teacher_logits.argmax(dim=1) == student_logits.argmax(dim=1)).to(per_sample.dtype)
+        per_sample = per_sample * agree
+    return -per_sample.mean()
+
+
+def total_variation_loss(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anisotropic total variation of a batch, as (L1 form, L2 form).
+
+    DeepInversion's image prior R_TV (Yin et al. 2020, Eq. 3; Mahendran & Vedaldi 2015): mean absolute
+    and mean squared differences between neighbouring pixels.
+    """
+    dh = images[:, :, 1:, :] - images[:, :, :-1, :]
+    dw = images[:, :, :, 1:] - images[:, :, :, :-1]
+    tv_l1 = dh.abs().mean() + dw.abs().mean()
+    tv_l2 = dh.pow(2).mean() + dw.pow(2).mean()
+    return tv_l1, tv_l2
+
+
+def image_l2_loss(images: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's R_l2 image prior: the mean squared L2 norm of each image (Yin et al. 2020, Eq. 3)."""
+    return images.flatten(1).pow(2).sum(dim=1).mean()
+
+
+def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                  temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE with in-batch and memory-bank negatives, on cosine similarity.
+
+    D2CIP Eq. 9-10 (and CMI's L_cr): for anchor i, the positive is ``positives[i]`` (another view of the
+    same instance), the negatives are every other instance's positive view in the batch plus every row
+    of ``negatives`` (the memory bank of earlier batches). Eq. 10 writes the denominator over negatives
+    only; we use the usual softmax cross-entropy form, whose denominator also holds the positive (as
+    SimCLR and CMI do): it is bounded below by 0 and numerically stable, and it orders solutions the same.
+    """
+    anchors = F.normalize(anchors, dim=1)
+    candidates = F.normalize(positives, dim=1)
+    if negatives is not None and negatives.numel() > 0:
+        candidates = torch.cat([candidates, F.normalize(negatives, dim=1)], dim=0)
+    logits = anchors @ candidates.t() / temperature
+    targets = torch.arange(anchors.shape[0], device=anchors.device)
+    return F.cross_entropy(logits, targets)

@@ -1,0 +1,202 @@
+"""Runs a synthesis method into a dataset directory: quantise, label with the teacher, shard, checkpoint.
+
+The runner is the only place that turns a method's float images into stored samples. Each batch is
+quantised to uint8 first and the teacher's logits are computed **on the quantised pixels**, so the stored
+logits are exactly what the teacher says about the stored image. At every shard boundary the method's
+state, the random-number generators and the not-yet-stored samples are checkpointed together with the
+shard (:meth:`shards.ShardWriter.commit_shard`), so a killed run resumes where the last shard ended and
+produces the bytes an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import shards
+import zoo
+
+from .base import SynthConfig, SynthesisMethod
+from .diversity import diversity_report, subsample, teacher_features
+
+
+@dataclass
+class RunOptions:
+    """Options of ``synth run`` that are not hyperparameters of the method."""
+
+    out: Path
+    num_images: int = 50_000
+    shard_size: int = 2_000
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    preset: str = "paper"
+    diversity_samples: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.num_images <= 0:
+            raise ValueError(f"--num-images must be positive, got {self.num_images}")
+        if self.shard_size <= 0:
+            raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
+
+
+class WriterArtifacts:
+    """Lets a method keep files (e.g. a learned prior) inside the dataset, through the shard writer."""
+
+    def __init__(self, writer: shards.ShardWriter, out: Path):
+        self.writer = writer
+        self.out = out
+
+    def path(self, name: str) -> Path | None:
+        entry = self.writer.manifest.get("artifacts", {}).get(name)
+        return self.out / entry["url"] if entry else None
+
+    def save(self, name: str, write: Callable[[Path], None]) -> None:
+        tmp = self.out / f".{name}.tmp"
+        write(tmp)
+        self.writer.add_file(name, tmp)
+        tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def quantise_and_label(teacher: zoo.Classifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x H x W x C images and the teacher's float16 logits computed on exactly those pixels."""
+    pixels = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
+    logits = teacher(pixels.float().div(255))
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy(), logits.float().cpu().numpy().astype(np.float16)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _pack(pending: list[shards.Sample]) -> dict[str, Any]:
+    if not pending:
+        return {"count": 0}
+    return {
+        "count": len(pending),
+        "keys": [int(s.key) for s in pending],
+        "images": torch.from_numpy(np.stack([s.image for s in pending])),
+        "labels": torch.tensor([s.label for s in pending]),
+        "logits": torch.from_numpy(np.stack([s.logits for s in pending])),
+        "meta": [dict(s.meta) for s in pending],
+    }
+
+
+def _unpack(packed: dict[str, Any]) -> list[shards.Sample]:
+    if not packed or packed["count"] == 0:
+        return []
+    return [
+        shards.Sample(key=f"{key:09d}", image=packed["images"][i].numpy(), label=int(packed["labels"][i]),
+                      logits=packed["logits"][i].numpy(), meta=packed["meta"][i])
+        for i, key in enumerate(packed["keys"])
+    ]
+
+
+def dataset_identity(method: str, config: SynthConfig, seed: int, teacher: zoo.Classifier,
+                     shard_size: int) -> dict[str, Any]:
+    """What must match for a second run to continue a dataset instead of refusing it."""
+    return {
+        "method": method,
+        "config": dataclasses.asdict(config),
+        "seed": seed,
+        "shard_size": shard_size,
+        "teacher_sha256": teacher.card.sha256,
+    }
+
+
+def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.Classifier,
+        options: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run)."""
+    device = zoo.pick_device(options.device)
+    teacher = teacher.to(device).eval()
+    out = Path(options.out)
+    identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size)
+    header = {
+        "method": {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
+                   "preset": options.preset},
+        "teacher": teacher.card.to_dict(),
+    }
+    writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=options.num_images,
+                                     shard_size=options.shard_size)
+    if writer.num_committed >= options.num_images:
+        log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
+        return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options))
+
+    torch.manual_seed(options.seed)
+    method = method_class(teacher, config, device)
+    method.prepare(WriterArtifacts(writer, out))
+    resume = writer.load_resume_state()
+    pending: list[shards.Sample] = []
+    if resume is not None:
+        method.load_state_dict(resume["method"])
+        set_rng_state(resume["rng"])
+        pending = _unpack(resume["pending"])
+        log(f"{out}: resuming after {writer.num_committed} stored samples")
+    elif writer.num_committed:
+        log(f"{out}: {writer.num_committed} samples stored but no resume state; continuing with a fresh method state")
+    next_index = writer.num_committed + len(pending)
+
+    bar = tqdm(total=options.num_images, initial=next_index, unit="img", desc=f"synth {method_class.name}",
+               disable=not options.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    produced = 0
+    for batch in method.synthesize():
+        pixels, logits = quantise_and_label(teacher, batch.images)
+        labels = batch.labels.cpu().tolist()
+        height, width = pixels.shape[1:3]
+        for i in range(len(labels)):
+            if next_index >= options.num_images:
+                break
+            meta = {"source": batch.source, "resolution": [int(height), int(width)], **batch.meta}
+            pending.append(shards.Sample(key=f"{next_index:09d}", image=pixels[i], label=int(labels[i]),
+                                         logits=logits[i], meta=meta))
+            next_index += 1
+            produced += 1
+        bar.n = next_index
+        bar.set_postfix({k: f"{v:.3g}" for k, v in method.losses_of_last_step().items()}, refresh=True)
+        while len(pending) >= options.shard_size:
+            head, pending = pending[: options.shard_size], pending[options.shard_size:]
+            writer.commit_shard(head, state={"method": method.state_dict(), "rng": rng_state(),
+                                             "pending": _pack(pending)})
+        if next_index >= options.num_images:
+            break
+    if pending:
+        writer.commit_shard(pending, state=None)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    summary = dataset_summary(out, teacher, device, options)
+    summary["synthesis_seconds_this_run"] = round(elapsed, 2)
+    summary["synthesis_images_per_second"] = round(produced / elapsed, 2) if elapsed > 0 else None
+    manifest = writer.finish(summary)
+    log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+        f"({produced} new, {summary['synthesis_images_per_second']} images/s)")
+    return manifest
+
+
+def dataset_summary(out: Path, teacher: zoo.Classifier, device: torch.device, options: RunOptions) -> dict[str, Any]:
+    """The diversity figure recorded in the manifest, on a fixed subsample of the stored images."""
+    arrays = shards.load_arrays(out, progress=False)
+    index = subsample(len(arrays.labels), options.diversity_samples, seed=options.seed)
+    try:
+        features = teacher_features(teacher, arrays.images[index], device)
+    except zoo.ZooError as error:  # e.g. a TorchScript teacher exposes no penultimate features
+        return {"diversity": {"unavailable": str(error)}}
+    return {"diversity": diversity_report(features)}

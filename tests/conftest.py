@@ -1,0 +1,38 @@
+"""Shared fixtures: small teachers the tests build and save themselves (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+
+
+def make_teacher(path: Path, arch: str = "resnet8", num_classes: int = 10, in_channels: int = 3,
+                 seed: int = 0, class_names: list[str] | None = None) -> Path:
+    """A randomly initialised zoo network saved as a checkpoint with its card; BN statistics are made
+    non-trivial so that BN-statistics losses have something to match."""
+    torch.manual_seed(seed)
+    network = zoo.build_model(arch, num_classes=num_classes, in_channels=in_channels)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    mean, std = (0.5,) * in_channels, (0.25,) * in_channels
+    classifier = zoo.Classifier(network, mean, std)
+    zoo.save_classifier(classifier, path, arch=arch, num_classes=num_classes, in_channels=in_channels,
+                        input_size=32, mean=mean, std=std,
+                        class_names=class_names or [f"class{i}" for i in range(num_classes)])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture(scope="session")
+def other_teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher2") / "teacher.pt", seed=1)
