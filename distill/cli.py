@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from distill.train import LoopConfig
+from distill.train import DEFAULT_TEMPERATURE, LoopConfig
 
 _EPILOG = "Errors a user can cause print one line and exit with status 1."
 
@@ -49,6 +49,10 @@ def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ZooError, ShardError, DataError, DistillError) as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Every finished epoch is in <out>/last.pt: rerun the same command with "
+                       "--resume to continue.", err=True)
+            raise click.Abort() from None
 
     return wrapper
 
@@ -69,7 +73,7 @@ def _pop_loop(kwargs: dict[str, Any]) -> LoopConfig:
 
 def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--temperature", type=float, default=4.0, show_default=True,
+        click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True,
                      help="KD temperature T: loss = KL(softmax(t/T) || softmax(s/T)) * T^2."),
         click.option("--resume", is_flag=True,
                      help="Continue the run whose checkpoint <out>/last.pt exists, from its next epoch."),
@@ -78,7 +82,9 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", type=int, default=None,
                      help="Decoding processes (shard loading, streaming, image folders). [default: cores, ≤ 8]"),
         click.option("--augment", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="Random crop (4-px padding) + horizontal flip, in batch on the device. auto: on."),
+                     help="Random crop (4-px padding) + horizontal flip, in batch on the device. auto: off for KD "
+                          "from stored logits (they belong to the unaugmented image; measured better), on "
+                          "with a live --teacher and for labels."),
         click.option("--max-eval-samples", type=int, default=None,
                      help="Evaluate on a seeded random subset of this many test images (CPU budgets)."),
         click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),

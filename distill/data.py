@@ -56,7 +56,7 @@ def augment_batch(
     columns are offset per sample, out-of-image positions become the zero padding), so the cost is one
     pass over the batch instead of per-sample Python.
     """
-    n, h, w, _ = images.shape
+    n, h, w, c = images.shape
     dev = images.device
     oy = torch.randint(-padding, padding + 1, (n, 1), generator=generator, device=dev)
     ox = torch.randint(-padding, padding + 1, (n, 1), generator=generator, device=dev)
@@ -66,8 +66,10 @@ def augment_batch(
         flipped = torch.rand((n, 1), generator=generator, device=dev) < 0.5
         cols = torch.where(flipped, cols.flip(1), cols)  # crop, then mirror the crop
     valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)  # n×h×w
-    batch_index = torch.arange(n, device=dev).view(n, 1, 1)
-    out = images[batch_index, rows.clamp(0, h - 1).unsqueeze(2), cols.clamp(0, w - 1).unsqueeze(1)]
+    # Gather pixels by flat index (index_select is ~2x faster on CPU than 3-D advanced indexing).
+    base = torch.arange(n, device=dev).view(n, 1, 1) * (h * w)
+    flat = base + rows.clamp(0, h - 1).unsqueeze(2) * w + cols.clamp(0, w - 1).unsqueeze(1)
+    out = images.reshape(n * h * w, c).index_select(0, flat.view(-1)).view(n, h, w, c)
     return out.masked_fill_(~valid.unsqueeze(3), 0)
 
 
@@ -144,11 +146,12 @@ class TensorSource:
         aug_gen = _generator(self.device, seed + 1) if self.augment else None
         for step in range(len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            images = self.images[idx].to(self.device, non_blocking=True)
-            labels = self.labels[idx].to(self.device, non_blocking=True)
+            # index_select: a plain gather, ~10x faster than advanced indexing on CPU.
+            images = self.images.index_select(0, idx).to(self.device, non_blocking=True)
+            labels = self.labels.index_select(0, idx).to(self.device, non_blocking=True)
             logits = None
             if self.logits is not None:
-                logits = self.logits[idx].to(self.device, non_blocking=True).float()
+                logits = self.logits.index_select(0, idx).to(self.device, non_blocking=True).float()
             if aug_gen is not None:
                 images = augment_batch(images, aug_gen)
             yield Batch(to_float_nchw(images, self.channels_last), labels, logits)
@@ -175,8 +178,10 @@ class LoaderSource:
         augment: bool,
         seed: int = 0,
         channels_last: bool | None = None,
+        training: bool = True,
     ) -> None:
         self.make_iterable = make_iterable
+        self.training = training
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.device = device
@@ -185,14 +190,16 @@ class LoaderSource:
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
 
     def __len__(self) -> int:
-        return _num_batches(self.num_samples, self.batch_size)
+        if self.training:
+            return _num_batches(self.num_samples, self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         seed = epoch_seed(self.seed, epoch)
         aug_gen = _generator(self.device, seed + 1) if self.augment else None
         pin = self.device.type == "cuda"
         for images, labels, logits in self.make_iterable(epoch):
-            if len(labels) < 2:  # BatchNorm cannot train on a single sample
+            if self.training and len(labels) < 2:  # BatchNorm cannot train on a single sample
                 continue
             x = _as_tensor(images, pin).to(self.device, non_blocking=True)
             y = _as_tensor(labels, pin).to(self.device, torch.int64, non_blocking=True)

@@ -30,10 +30,13 @@ from tqdm import tqdm
 
 from distill.data import Batch
 
+#: Default KD temperature: 4, as RepDistiller / CRD use for CIFAR-sized students.
+DEFAULT_TEMPERATURE = 4.0
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "distill-checkpoint/1"
 #: Config keys that must match for --resume to continue a checkpoint.
-RESUME_KEYS = ("job", "student", "data", "objective", "batch_size", "temperature", "in_channels", "num_classes")
+RESUME_KEYS = ("job", "student", "dataset_id", "objective", "batch_size", "temperature", "in_channels",
+               "num_classes")
 
 
 class DistillError(Exception):
@@ -257,10 +260,11 @@ def fit(
         start_epoch = int(ckpt["epoch"])
         train_images, train_seconds = int(ckpt.get("train_images", 0)), float(ckpt.get("train_seconds", 0.0))
         _say(progress, f"resuming {ckpt_file} after epoch {start_epoch}")
+    elif resume:
+        _say(progress, f"--resume: no checkpoint {ckpt_file} yet, starting a fresh run")
     channels_last = device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    this_run_images, this_run_seconds = 0, 0.0
     steps_per_epoch = max(1, len(source))
     total_steps = steps_per_epoch * config.epochs
     for epoch in range(start_epoch, config.epochs):
@@ -303,8 +307,6 @@ def fit(
         history.append(row)
         train_images += seen
         train_seconds += seconds
-        this_run_images += seen
-        this_run_seconds += seconds
         _atomic_torch_save({
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,

@@ -119,7 +119,7 @@ class RealDataset(Dataset):
         if n <= 0:
             raise DataError(f"a subset needs at least one sample, asked for {n}")
         idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
-        reader = None if self._reader is None else (lambda i, base=self._reader, idx=idx: base(int(idx[i])))
+        reader = None if self._reader is None else _SubsetReader(self._reader, idx)
         return RealDataset(
             self.spec,
             self.split,
@@ -139,11 +139,26 @@ class RealDataset(Dataset):
         )
 
 
-def load(spec: str | DatasetSpec, split: str = "train", *, size: int | None = None) -> RealDataset:
+class _SubsetReader:
+    """Reads item ``i`` of a subset as item ``idx[i]`` of its parent (a class, not a lambda, so DataLoader
+    workers started with ``spawn`` can pickle it)."""
+
+    def __init__(self, base: Callable[[int], np.ndarray], idx: np.ndarray) -> None:
+        self.base = base
+        self.idx = idx
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.base(int(self.idx[i]))
+
+
+def load(
+    spec: str | DatasetSpec, split: str = "train", *, size: int | None = None, progress: bool = True
+) -> RealDataset:
     """Load one split (``"train"`` or ``"test"``) of the dataset ``spec`` names.
 
     ``size`` resizes image-folder images to ``size``×``size`` (ignored by the fixed-size kinds, which
-    refuse a different size). Raises :class:`DataError` for unknown kinds, missing or corrupt files.
+    refuse a different size); ``progress`` shows a bar while a large image folder decodes. Raises
+    :class:`DataError` for unknown kinds, missing or corrupt files.
     """
     parsed = parse_spec(spec)
     if split not in SPLITS:
@@ -167,7 +182,7 @@ def load(spec: str | DatasetSpec, split: str = "train", *, size: int | None = No
             parsed, split, index.labels, index.class_names, shape, reader=index.read, source=index.root
         )
         if ds.nbytes <= IMAGEFOLDER_MEMORY_LIMIT:
-            ds.images = load_all(index)
+            ds.images = load_all(index, progress=progress)
         return ds
     if size is not None and size != images.shape[1]:
         raise DataError(
@@ -186,8 +201,11 @@ def normalization(
     hint = NORMALIZATION.get(dataset.spec.kind)
     if hint is not None:
         return hint
-    sample = dataset.subset(min(max_samples, len(dataset)), seed=0).materialize().images
-    assert sample is not None
+    if dataset.images is not None and len(dataset) <= max_samples:
+        sample = dataset.images
+    else:  # decode a seeded subset without materialising (or mutating) the dataset itself
+        idx = np.sort(np.random.default_rng(0).permutation(len(dataset))[:max_samples])
+        sample = np.stack([dataset.image(int(i)) for i in idx])
     x = sample.reshape(-1, sample.shape[-1]).astype(np.float64) / 255.0
     std = np.maximum(x.std(axis=0), 1e-3)  # a constant channel would otherwise divide by zero
     return tuple(round(float(v), 4) for v in x.mean(axis=0)), tuple(round(float(v), 4) for v in std)

@@ -113,13 +113,20 @@ def read_image(file: Path, channels: int, size: int | None, expect_hw: tuple[int
     return arr
 
 
-def load_all(index: FolderIndex, workers: int | None = None) -> np.ndarray:
+def load_all(index: FolderIndex, workers: int | None = None, progress: bool = True) -> np.ndarray:
     """Decode every image into one uint8 N×H×W×C array (threads: PIL decoding releases the GIL)."""
+    from tqdm import tqdm
+
     out = np.empty((len(index.files), index.height, index.width, index.channels), dtype=np.uint8)
 
     def fill(i: int) -> None:
         out[i] = index.read(i)
 
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(fill, range(len(index.files))))
+    # A bar only where decoding takes noticeable time.
+    show = progress and len(index.files) >= 2000
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool, tqdm(
+        total=len(index.files), unit="img", desc=f"decode {index.root.name}", disable=not show, leave=False
+    ) as bar:
+        for _ in pool.map(fill, range(len(index.files))):
+            bar.update(1)
     return out

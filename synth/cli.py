@@ -54,8 +54,10 @@ def teacher_options(command: Any) -> Any:
                      help="teacher checkpoint: a state_dict (with --arch), a dict holding one under 'state_dict' or "
                           "'model', or TorchScript. A card file beside it (NAME.card.json) supplies the rest. "
                           "[default: the shipped WRN-16-2 trained on FMNIST-32]"),
-        click.option("--arch", default=None, help="teacher architecture (see `synth list --archs`), when no card says it"),
-        click.option("--num-classes", type=int, default=None, help="teacher's class count (inferred from the checkpoint)"),
+        click.option("--arch", default=None,
+                     help="teacher architecture (see `synth list --archs`), when no card says it"),
+        click.option("--num-classes", type=int, default=None,
+                     help="teacher's class count (inferred from the checkpoint)"),
         click.option("--input-size", type=int, default=None, help="teacher's input height/width in pixels"),
         click.option("--mean", default=None, help="teacher's normalisation mean, e.g. 0.4914,0.4822,0.4465"),
         click.option("--std", default=None, help="teacher's normalisation std, e.g. 0.2470,0.2435,0.2616"),
@@ -119,7 +121,8 @@ def _make_run_command(name: str) -> click.Command:
 
     @click.pass_context
     def command(ctx: click.Context, out: str, num_images: int | None, shard_size: int | None, seed: int | None,
-                device: str | None, config_file: str | None, preset: str, quiet: bool, teacher: str | None, arch: str | None,
+                device: str | None, config_file: str | None, preset: str, quiet: bool, teacher: str | None,
+                arch: str | None,
                 num_classes: int | None, input_size: int | None, mean: str | None, std: str | None,
                 class_names: str | None, **method_values: Any) -> None:
         file_method, file_run = _read_pipeline_file(config_file, name)
@@ -159,7 +162,8 @@ def _make_run_command(name: str) -> click.Command:
                      help="dataset directory to create, or to resume if it holds a partial run of the same settings"),
         click.option("--num-images", type=int, default=None, help="samples to synthesise [default: 50000]"),
         click.option("--shard-size", type=int, default=None, help="samples per tar shard [default: 2000]"),
-        click.option("--seed", type=int, default=None, help="random seed; the same seed gives the same bytes [default: 0]"),
+        click.option("--seed", type=int, default=None,
+                     help="random seed; the same seed gives the same bytes [default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto]"),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="pipeline file (TOML): a [synth.METHOD] table of method options and a [synth.run] table "

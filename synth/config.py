@@ -54,9 +54,9 @@ def build_config(config_class: type, file_values: dict[str, Any] | None = None,
         for key, value in given.items():
             key = key.replace("-", "_")
             if key not in names:
-                raise click.UsageError(
-                    f"unknown option {key!r} in the {source} for {config_class.__name__}; known: {', '.join(sorted(names))}"
-                )
+                known = ", ".join(sorted(names))
+                raise click.UsageError(f"unknown option {key!r} in the {source} for {config_class.__name__}; "
+                                       f"known: {known}")
             if value is not None:
                 values[key] = value
     try:

@@ -71,7 +71,8 @@ class D2CIPConfig(GMIConfig):
     gmi_weight: float = field(default=1.0, metadata={"help": "lambda2: weight of L_gMI"})
     zcr_weight: float = field(default=1.0, metadata={"help": "lambda3: weight of the latent contrastive loss L_zcr"})
     contrast_temperature: float = field(default=0.1, metadata={"help": "tau: InfoNCE temperature"})
-    latent_noise: float = field(default=0.1, metadata={"help": "sigma of the Gaussian perturbation of latent positives"})
+    latent_noise: float = field(default=0.1, metadata={
+        "help": "sigma of the Gaussian perturbation of latent positives"})
     bank_size: int = field(default=4096, metadata={"help": "capacity of each memory bank (B_z, B_x)"})
     cgmm: bool = field(default=True, metadata={"help": "class-conditional GMM prior; --no-cgmm: plain N(0, I)"})
     scr: bool = field(default=True, metadata={"help": "image-level contrastive loss L_scr; --no-scr drops it"})

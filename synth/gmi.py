@@ -44,7 +44,8 @@ from .memory import MemoryBank
 class GMIConfig(SynthConfig):
     """gMI hyperparameters. Defaults follow CMI's CIFAR settings, which D2CIP Table 12 also uses."""
 
-    inversion_steps: int = field(default=200, metadata={"help": "optimisation steps of generator and latents per batch"})
+    inversion_steps: int = field(default=200, metadata={
+        "help": "optimisation steps of generator and latents per batch"})
     latent_dim: int = field(default=256, metadata={"help": "size of the generator's latent vector z"})
     generator_width: int = field(default=64, metadata={"help": "base channel width of the generator"})
     generator_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the generator"})

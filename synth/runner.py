@@ -185,10 +185,20 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     summary = dataset_summary(out, teacher, device, options)
     summary["synthesis_seconds_this_run"] = round(elapsed, 2)
     summary["synthesis_images_per_second"] = round(produced / elapsed, 2) if elapsed > 0 else None
+    summary["peak_memory_bytes"] = peak_memory_bytes(device)
     manifest = writer.finish(summary)
     log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
         f"({produced} new, {summary['synthesis_images_per_second']} images/s)")
     return manifest
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def dataset_summary(out: Path, teacher: zoo.Classifier, device: torch.device, options: RunOptions) -> dict[str, Any]:

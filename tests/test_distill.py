@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import distill
 import realdata
 import shards
 import zoo
@@ -27,6 +27,16 @@ needs_fmnist = pytest.mark.skipif(
 )
 # Small and fast: 4 shards of 32 samples, a resnet8 student, batches of 32, 1-2 epochs.
 N, SHARD, BATCH = 128, 32, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads per test slow it down 5-10x when
+    anything else runs (measured); the models here are far too small to gain from a second thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _write_dataset(out: Path, images: np.ndarray, logits: np.ndarray, teacher_card: dict | None) -> Path:
@@ -120,8 +130,12 @@ def test_kd_loss_and_rebatch() -> None:
 
 
 def test_distill_does_not_import_synth() -> None:
-    code = "import sys, distill.cli, distill.runs; sys.exit(any(m.split('.')[0] == 'synth' for m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    # Static, so it holds for every code path (and costs no torch import in a subprocess).
+    for file in Path(distill.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "synth" for n in names), f"{file} imports synth"
 
 
 # ------------------------------------------------------------------------------------------ distill run
@@ -240,12 +254,36 @@ def test_corrupt_shard_fails_naming_it(dataset: Path, tmp_path: Path, cache: str
 def test_train_on_fmnist32_subset_beats_chance(tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = _run(["train", "--data", "fmnist32", "--arch", "resnet8", "--out", str(out), "--epochs", "1",
-                   "--batch-size", "32", "--max-train-samples", "512", "--max-eval-samples", "1000", "--quiet"])
+                   "--batch-size", "16", "--max-train-samples", "512", "--max-eval-samples", "1000", "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final_accuracy"] > 0.2, metrics["final_accuracy"]  # chance is 0.1
+    # chance is 0.1; seeds 0-2 give 0.32-0.35 with 32 steps of 16
+    assert metrics["final_accuracy"] > 0.2, metrics["final_accuracy"]
     assert metrics["dataset"]["train_samples"] == 512 and metrics["dataset"]["eval_samples"] == 1000
     card = zoo.load_classifier(out / "model.pt").card
     assert card.class_names[0] == "T-shirt/top" and card.dataset == "fmnist32"
     assert card.mean == realdata.NORMALIZATION["fmnist32"][0] and card.test_accuracy == metrics["final_accuracy"]
     assert "test accuracy:" in result.output
+
+
+def test_train_on_large_imagefolder_streams_through_a_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    import realdata.dataset
+
+    for split, n in (("train", 12), ("test", 4)):
+        for label, color in enumerate(((250, 10, 10), (10, 10, 250))):
+            folder = tmp_path / "folder" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 24), color).save(folder / f"{i}.png")
+    # Pretend the folder is too big for memory: the DataLoader (per-item decoding) path runs.
+    monkeypatch.setattr(realdata.dataset, "IMAGEFOLDER_MEMORY_LIMIT", 0)
+    out = tmp_path / "model"
+    result = _run(["train", "--data", f"imagefolder:{tmp_path / 'folder'}", "--size", "16", "--arch", "resnet8",
+                   "--out", str(out), "--epochs", "2", "--batch-size", "8", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data_path"] == "loader" and metrics["train_images"] == 2 * 24
+    assert metrics["dataset"]["image_shape"] == [16, 16, 3] and metrics["final_accuracy"] is not None
+    assert zoo.load_classifier(out / "model.pt").card.class_names == ["class0", "class1"]

@@ -1,0 +1,238 @@
+"""Run a benchmark pipeline file and record a results table (markdown + JSON).
+
+    python -m pipelines.benchmark pipelines/fmnist32_cpu.toml [--rows d2cip,gmi] [--fresh]
+
+Each row goes through the two public commands exactly as a user runs them: ``synth run METHOD`` into its
+own dataset directory, then ``distill run --shards DIR`` with the same student, epochs and batch size for
+every row, evaluated on the real test set. Two reference rows train the same student on the same number of
+*real* images: on their labels, and by KD from the teacher (the ceiling for any synthetic set of that size).
+
+Figures recorded per row: student test accuracy, student/teacher ratio, synthesis wall time and images/s,
+distillation images/s, peak memory of each stage, and bytes per stored sample. Finished rows are reused on a
+re-run (their metrics files are on disk) unless ``--fresh`` is given, so a killed benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import realdata
+import zoo
+
+
+def _run(command: list[str], log: Path) -> float:
+    """Runs a CLI command, its output to ``log``; returns wall seconds; raises with the log's tail on failure."""
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"command failed ({result.returncode}): {' '.join(command)}\n{tail}")
+    return time.perf_counter() - started
+
+
+def _synth(*args: str) -> list[str]:
+    return [sys.executable, "-m", "synth.cli", *args]
+
+
+def _distill(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distill.cli", *args]
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher_path: Path, eval_data: str) -> float:
+    teacher = zoo.load_classifier(teacher_path).eval()
+    test = realdata.load(eval_data, split="test")
+    correct = 0
+    for start in range(0, len(test.labels), 1000):
+        x = torch.from_numpy(test.images[start:start + 1000]).permute(0, 3, 1, 2).float() / 255
+        correct += int((teacher(x).argmax(1).numpy() == test.labels[start:start + 1000]).sum())
+    return correct / len(test.labels)
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def write_row_config(path: Path, method: str, options: dict[str, Any]) -> None:
+    lines = [f"[synth.{method}]"] + [f"{key} = {_toml_value(value)}" for key, value in options.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Benchmark:
+    def __init__(self, pipeline: dict[str, Any], fresh: bool):
+        self.spec = pipeline["benchmark"]
+        self.budget = pipeline["budget"]
+        self.synth_options = pipeline.get("synth", {})
+        self.rows = pipeline.get("rows", [])
+        self.out = Path(self.spec["out"])
+        self.fresh = fresh
+        self.teacher = Path(self.spec["teacher"]) if self.spec.get("teacher") else zoo.default_teacher_path()
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def row_dir(self, name: str) -> Path:
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        path = self.out / slug
+        if self.fresh and path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def distill_args(self) -> list[str]:
+        return ["--student", self.spec["student"], "--epochs", str(self.budget["distill_epochs"]),
+                "--batch-size", str(self.budget["distill_batch_size"]), "--eval-data", self.spec["eval_data"],
+                "--seed", str(self.spec.get("seed", 0)), "--quiet"]
+
+    def reference_rows(self) -> None:
+        acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
+        self.teacher_acc = acc
+        self.results["teacher"] = {"name": f"teacher ({zoo.load_classifier(self.teacher).card.arch})",
+                                   "accuracy": acc, "ratio": 1.0}
+        for name, extra in (("student on real labels", []), ("KD on real images", ["--teacher", str(self.teacher)])):
+            directory = self.row_dir(name)
+            if not (directory / "metrics.json").exists():
+                shutil.rmtree(directory)
+                args = ["train", "--data", self.spec["real_data"], "--arch", self.spec["student"], "--out",
+                        str(directory), "--max-train-samples", str(self.budget["num_images"]),
+                        "--epochs", str(self.budget["distill_epochs"]),
+                        "--batch-size", str(self.budget["distill_batch_size"]),
+                        "--eval-data", self.spec["eval_data"], "--seed", str(self.spec.get("seed", 0)), "--quiet",
+                        *extra]
+                directory.mkdir(parents=True)
+                _run(_distill(*args), self.out / f"{directory.name}.log")
+            metrics = json.loads((directory / "metrics.json").read_text())
+            self.results[name] = {
+                "name": f"{self.spec['student']}: {name} ({self.budget['num_images']} real images)",
+                "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / acc,
+                "distill_images_per_second": metrics.get("images_per_second"),
+                "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes"),
+            }
+
+    def method_row(self, row: dict[str, Any]) -> None:
+        name, method = row["name"], row["method"]
+        directory = self.row_dir(name)
+        dataset, student = directory / "dataset", directory / "student"
+        options = {**self.synth_options.get(method, {}), **row.get("options", {})}
+        if row.get("match_time_of"):
+            target = self.results[row["match_time_of"]]["synthesis_seconds"]
+            base = next(r for r in self.results.values() if r.get("method") == method and not r.get("matched"))
+            steps_key = "inversion_steps" if method != "deepinversion" else "iterations"
+            options[steps_key] = max(1, round(options[steps_key] * target / base["synthesis_seconds"]))
+        timing = directory / "synth_seconds.json"
+        manifest_path = dataset / "manifest.json"
+        complete = manifest_path.exists() and json.loads(manifest_path.read_text()).get("complete")
+        if not (complete and timing.exists()):
+            if dataset.exists():
+                shutil.rmtree(dataset)
+            config = directory / "synth.toml"
+            write_row_config(config, method, options)
+            seconds = _run(_synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
+                                  "--config", str(config), "--preset", "cpu",
+                                  "--num-images", str(self.budget["num_images"]),
+                                  "--shard-size", str(self.budget["shard_size"]),
+                                  "--seed", str(self.spec.get("seed", 0)), "--quiet"),
+                           directory / "synth.log")
+            timing.write_text(json.dumps({"seconds": seconds}))
+        seconds = json.loads(timing.read_text())["seconds"]
+        if not (student / "metrics.json").exists():
+            if student.exists():
+                shutil.rmtree(student)
+            _run(_distill("run", "--shards", str(dataset), "--out", str(student), *self.distill_args()),
+                 directory / "distill.log")
+        manifest = json.loads(manifest_path.read_text())
+        metrics = json.loads((student / "metrics.json").read_text())
+        summary = manifest.get("summary", {})
+        self.results[name] = {
+            "name": name, "method": method, "matched": bool(row.get("match_time_of")), "options": options,
+            "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
+            "synthesis_seconds": seconds,
+            "synthesis_images_per_second": manifest["num_samples"] / seconds,
+            "synthesis_peak_memory_bytes": summary.get("peak_memory_bytes"),
+            "teacher_agreement": summary.get("teacher_agreement"),
+            "pairwise_separability": summary.get("diversity", {}).get("pairwise_separability"),
+            "distill_images_per_second": metrics.get("images_per_second"),
+            "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes"),
+            "bytes_per_sample": sum(s["bytes"] for s in manifest["shards"]) / manifest["num_samples"],
+        }
+
+    def run(self, only: set[str] | None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.reference_rows()
+        self.write()
+        for row in self.rows:
+            if only and row["name"] not in only:
+                continue
+            print(f"== {row['name']}", flush=True)
+            self.method_row(row)
+            self.write()
+            r = self.results[row["name"]]
+            print(f"   accuracy {r['accuracy']:.2%}  synthesis {r['synthesis_seconds']:.0f} s", flush=True)
+
+    def write(self) -> None:
+        environment = {"python": platform.python_version(), "torch": torch.__version__,
+                       "cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+        payload = {"benchmark": self.spec, "budget": self.budget, "environment": environment, "rows": self.results}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=2))
+        (self.out / "results.md").write_text(format_table(self.spec, self.budget, self.results, environment))
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return {"pct": f"{value:.2%}", "ratio": f"{value:.3f}", "int": f"{value:,.0f}", "mb": f"{value / 2**20:,.0f}",
+            "kb": f"{value / 1024:.1f}", "s": f"{value:,.0f}", "f3": f"{value:.3f}"}[kind]
+
+
+def format_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str, dict[str, Any]],
+                 environment: dict[str, Any]) -> str:
+    lines = [
+        f"# {spec.get('title', spec['name'])}",
+        "",
+        f"Teacher and budgets shared by every row: {budget['num_images']} images per set, student "
+        f"{spec['student']}, {budget['distill_epochs']} epochs at batch {budget['distill_batch_size']}; accuracy on "
+        f"the real {spec['eval_data']} test set. Machine: {environment['device']}, torch {environment['torch']}, "
+        f"{environment['cpu_threads']} threads.",
+        "",
+        "| row | accuracy | student/teacher | synthesis s | synthesis img/s | synthesis peak MB | distill img/s "
+        "| distill peak MB | bytes/sample | teacher agreement | separability |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.values():
+        lines.append(
+            f"| {r['name']} | {_fmt(r.get('accuracy'), 'pct')} | {_fmt(r.get('ratio'), 'ratio')} "
+            f"| {_fmt(r.get('synthesis_seconds'), 's')} | {_fmt(r.get('synthesis_images_per_second'), 'f3')} "
+            f"| {_fmt(r.get('synthesis_peak_memory_bytes'), 'mb')} | {_fmt(r.get('distill_images_per_second'), 'int')} "
+            f"| {_fmt(r.get('distill_peak_memory_bytes'), 'mb')} | {_fmt(r.get('bytes_per_sample'), 'int')} "
+            f"| {_fmt(r.get('teacher_agreement'), 'pct')} | {_fmt(r.get('pairwise_separability'), 'f3')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipeline", type=Path, help="benchmark pipeline file (TOML), e.g. pipelines/fmnist32_cpu.toml")
+    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--fresh", action="store_true", help="recompute rows even if their results are on disk")
+    args = parser.parse_args(argv)
+    pipeline = tomllib.loads(args.pipeline.read_text())
+    benchmark = Benchmark(pipeline, args.fresh)
+    benchmark.run(set(args.rows.split(",")) if args.rows else None)
+    print((benchmark.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
