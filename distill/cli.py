@@ -16,6 +16,8 @@ import click
 
 from distill.train import DEFAULT_TEMPERATURE, LoopConfig
 
+#: ``distill run`` on a machine without CUDA, for options not given: a budget that finishes in minutes.
+CPU_DEFAULTS = {"epochs": 30, "batch_size": 64}
 _EPILOG = "Errors a user can cause print one line and exit with status 1."
 
 
@@ -103,7 +105,7 @@ def main() -> None:
 @main.command(epilog=_EPILOG)
 @click.option("--shards", required=True, metavar="DIR|URL",
               help="Dataset directory (or URL) holding manifest.json and shard-*.tar, as written by synth.")
-@click.option("--student", required=True, metavar="ARCH|PATH",
+@click.option("--student", default="wrn16_1", show_default=True, metavar="ARCH|PATH",
               help="Student architecture (wrn16_1, resnet8, lenet5, …, tv:NAME), or a checkpoint to warm-start.")
 @_loop_options
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
@@ -111,8 +113,9 @@ def main() -> None:
                    "stored logits.")
 @click.option("--teacher-arch", "--arch", "teacher_arch", default=None,
               help="Architecture of --teacher when it has no card.")
-@click.option("--eval-data", default=None, metavar="SPEC",
-              help="Real dataset whose test split is evaluated every epoch (fmnist32, cifar10:PATH, …).")
+@click.option("--eval-data", default="auto", show_default=True, metavar="SPEC",
+              help="Real dataset whose test split is evaluated every epoch (fmnist32, cifar10:PATH, …). auto: the "
+                   "dataset named on the teacher's card when it is found on this machine; none: no evaluation.")
 @click.option("--eval-size", type=int, default=None, help="Resize imagefolder eval images to N×N.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. [default: artifacts/students/<dataset dir name>/<student>]")
@@ -137,6 +140,17 @@ def run(**kwargs: Any) -> None:
 
     loop = _pop_loop(kwargs)
     quiet = kwargs.pop("quiet")
+    ctx = click.get_current_context()
+    import torch
+
+    if kwargs["device"] == "cpu" or not torch.cuda.is_available():
+        # The CPU budget matches synth's CPU preset (small sets): fewer epochs, smaller batches.
+        changes = {name: value for name, value in CPU_DEFAULTS.items()
+                   if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT}
+        if changes:
+            loop = dataclasses.replace(loop, **changes)
+            shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+            click.echo(f"CPU budget: {shown} (pass them explicitly to override)", err=True)
     opts = RunOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
     result = distill_from_shards(opts)
     click.echo(f"wrote {result.out_dir}/student.pt, metrics.json, log.csv, accuracy.png")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -320,6 +321,28 @@ def stream_source(location: str, num_samples: int, *, batch_size: int, device: t
                         seed=seed)
 
 
+def resolve_eval_data(eval_data: str | None, teacher_dataset: str | None, verbose: bool) -> str | None:
+    """``auto``: the real dataset named on the teacher's card, when its files are on this machine."""
+    if eval_data is None or eval_data.lower() == "none":
+        return None
+    if eval_data != "auto":
+        return eval_data
+    if not teacher_dataset:
+        return None
+    try:
+        import realdata
+
+        realdata.load(teacher_dataset, split="test", progress=False)
+    except Exception:  # not on this machine: distil without evaluation rather than fail
+        if verbose:
+            print(f"note: the teacher was trained on {teacher_dataset!r}, which is not found here; "
+                  "no evaluation (pass --eval-data SPEC)", file=sys.stderr)
+        return None
+    if verbose:
+        print(f"evaluating on {teacher_dataset} (the teacher's dataset, from its card)", file=sys.stderr)
+    return teacher_dataset
+
+
 def distill_from_shards(opts: RunOptions) -> JobResult:
     """``distill run``: train a student from a shard dataset's images and stored (or live) teacher logits."""
     wall_start = time.perf_counter()
@@ -338,6 +361,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     shape = (c, h, w)
     where = f"dataset {opts.shards}"
     teacher_info: dict[str, Any] = manifest.get("teacher") or {}
+    opts.eval_data = resolve_eval_data(opts.eval_data, teacher_info.get("dataset"), opts.progress)
     class_names = teacher_info.get("class_names") or [str(i) for i in range(k)]
     if len(class_names) != k:
         class_names = [str(i) for i in range(k)]

@@ -54,6 +54,8 @@ class LoopConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay (L2)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and augmentation."})
+    eval_every: int = field(default=1, metadata={
+        "help": "Evaluate every N epochs (always after the last); evaluation on 10k images costs seconds on a CPU."})
 
 
 class BatchSource(Protocol):
@@ -299,7 +301,8 @@ def fit(
         train_loss = float(loss_sum.item()) / seen
         if not math.isfinite(train_loss):
             raise DistillError(f"the training loss became {train_loss} in epoch {epoch + 1}; try a lower --lr")
-        acc = evaluate_fn(model) if evaluate_fn is not None else None
+        due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
+        acc = evaluate_fn(model) if evaluate_fn is not None and due else None
         if acc is not None:
             best = acc if best is None else max(best, acc)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "eval_acc": acc, "lr": lr,

@@ -30,6 +30,7 @@ import torch
 
 import realdata
 import zoo
+from synth.presets import preset_values
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -95,7 +96,8 @@ class Benchmark:
     def distill_args(self) -> list[str]:
         return ["--student", self.spec["student"], "--epochs", str(self.budget["distill_epochs"]),
                 "--batch-size", str(self.budget["distill_batch_size"]), "--eval-data", self.spec["eval_data"],
-                "--seed", str(self.spec.get("seed", 0)), "--quiet"]
+                "--seed", str(self.spec.get("seed", 0)), "--eval-every", str(self.budget.get("eval_every", 1)),
+                "--quiet"]
 
     def reference_rows(self) -> None:
         acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
@@ -110,8 +112,8 @@ class Benchmark:
                         str(directory), "--max-train-samples", str(self.budget["num_images"]),
                         "--epochs", str(self.budget["distill_epochs"]),
                         "--batch-size", str(self.budget["distill_batch_size"]),
-                        "--eval-data", self.spec["eval_data"], "--seed", str(self.spec.get("seed", 0)), "--quiet",
-                        *extra]
+                        "--eval-data", self.spec["eval_data"], "--seed", str(self.spec.get("seed", 0)),
+                        "--eval-every", str(self.budget.get("eval_every", 1)), "--quiet", *extra]
                 directory.mkdir(parents=True)
                 _run(_distill(*args), self.out / f"{directory.name}.log")
             metrics = json.loads((directory / "metrics.json").read_text())
@@ -126,7 +128,8 @@ class Benchmark:
         name, method = row["name"], row["method"]
         directory = self.row_dir(name)
         dataset, student = directory / "dataset", directory / "student"
-        options = {**self.synth_options.get(method, {}), **row.get("options", {})}
+        preset_method, _ = preset_values("cpu", method)
+        options = {**preset_method, **self.synth_options.get(method, {}), **row.get("options", {})}
         if row.get("match_time_of"):
             target = self.results[row["match_time_of"]]["synthesis_seconds"]
             base = next(r for r in self.results.values() if r.get("method") == method and not r.get("matched"))

@@ -14,10 +14,10 @@ from typing import Any
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"run": {"num_images": 50_000}},
     "cpu": {
-        "run": {"num_images": 4096, "shard_size": 1024},
-        "deepinversion": {"batch_size": 128, "iterations": 150},
-        "gmi": {"batch_size": 128, "inversion_steps": 30, "kd_steps": 5},
-        "d2cip": {"batch_size": 128, "inversion_steps": 30, "kd_steps": 5, "prior_iterations": 200},
+        "run": {"num_images": 512, "shard_size": 256},
+        "deepinversion": {"batch_size": 64, "iterations": 60},
+        "gmi": {"batch_size": 64, "inversion_steps": 20, "kd_steps": 5},
+        "d2cip": {"batch_size": 64, "inversion_steps": 20, "kd_steps": 5, "prior_iterations": 100},
     },
 }
 
