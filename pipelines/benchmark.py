@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -188,7 +189,8 @@ class Benchmark:
     def write(self) -> None:
         environment = {"python": platform.python_version(), "torch": torch.__version__,
                        "cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-                       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else f"CPU, {os.cpu_count()} cores"}
         payload = {"benchmark": self.spec, "budget": self.budget, "environment": environment, "rows": self.results}
         (self.out / "results.json").write_text(json.dumps(payload, indent=2))
         (self.out / "results.md").write_text(format_table(self.spec, self.budget, self.results, environment))
