@@ -50,6 +50,7 @@ import zoo
 from .base import Artifacts, SynthBatch, register
 from .generators import ProjectionHead
 from .gmi import GMI, GMIConfig, InversionStep
+from .hooks import recording
 from .losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, info_nce_loss
 from .memory import MemoryBank
 from .priors import ClassConditionalGMM, StandardNormalPrior
@@ -115,6 +116,10 @@ class D2CIP(GMI):
         self.image_bank = MemoryBank(config.bank_size)
         self._candidates: list[tuple[float, torch.Tensor]] = []
 
+    @property
+    def gmi_scale(self) -> float:
+        return self.config.gmi_weight
+
     def _teacher_feature_dim(self) -> int:
         with torch.no_grad():
             probe = torch.zeros(2, *self.teacher.input_shape, device=self.device)
@@ -163,10 +168,7 @@ class D2CIP(GMI):
 
     def stage1_losses(self, labels: torch.Tensor, views: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
-        if self.bn_hook is not None:
-            with self.bn_hook.recording():
-                logits = self.teacher(views)
-        else:
+        with recording(self.bn_hook):
             logits = self.teacher(views)
         losses = {"cls": cfg.class_weight * class_prior_loss(logits, labels)}
         if self.bn_hook is not None:
@@ -220,14 +222,7 @@ class D2CIP(GMI):
     def inversion_losses(self, step: InversionStep) -> dict[str, torch.Tensor]:
         """Named, weighted terms of Eq. 12: cls/bn/adv (lambda2 L_gMI), scr (lambda1), zcr (lambda3)."""
         cfg = self.config
-        losses: dict[str, torch.Tensor] = {}
-        if cfg.class_weight:
-            losses["cls"] = cfg.gmi_weight * cfg.class_weight * class_prior_loss(step.teacher_logits, step.labels)
-        if cfg.bn_weight:
-            losses["bn"] = cfg.gmi_weight * cfg.bn_weight * bn_statistics_loss(self.bn_hook)
-        if cfg.adv_weight and step.student_logits is not None:
-            losses["adv"] = cfg.gmi_weight * cfg.adv_weight * adversarial_kl_loss(
-                step.teacher_logits, step.student_logits, decision_adversarial=cfg.decision_adversarial)
+        losses = super().inversion_losses(step)  # lambda2 * (alpha L_cls + beta L_bn + gamma L_adv)
         if cfg.scr and cfg.scr_weight:
             bank = self.image_bank.all()
             negatives = self.image_head(bank) if bank is not None else None

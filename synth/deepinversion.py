@@ -20,7 +20,7 @@ import torch
 import zoo
 
 from .base import SynthBatch, SynthConfig, SynthesisMethod, register
-from .hooks import BatchNormStatisticsHook
+from .hooks import BatchNormStatisticsHook, recording
 from .losses import bn_statistics_loss, class_prior_loss, image_l2_loss, total_variation_loss
 
 
@@ -65,10 +65,7 @@ class DeepInversion(SynthesisMethod):
             view = torch.roll(view, shifts=(dy, dx), dims=(2, 3))
         if cfg.flip and torch.rand(()) < 0.5:
             view = view.flip(3)
-        if self.bn_hook is not None:
-            with self.bn_hook.recording():
-                logits = self.teacher(view)
-        else:
+        with recording(self.bn_hook):
             logits = self.teacher(view)
         tv_l1, tv_l2 = total_variation_loss(images)
         terms = {

@@ -35,7 +35,7 @@ import zoo
 from . import augment
 from .base import SynthBatch, SynthConfig, SynthesisMethod, register
 from .generators import DCGANGenerator
-from .hooks import BatchNormStatisticsHook
+from .hooks import BatchNormStatisticsHook, recording
 from .losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, distillation_loss
 from .memory import MemoryBank
 
@@ -141,16 +141,19 @@ class GMI(SynthesisMethod):
         return {name: torch.optim.Adam(params, lr=lrs.get(name, self.config.generator_lr), betas=(0.5, 0.999))
                 for name, params in groups.items()}
 
+    #: Overall weight of L_gMI among a method's terms (D2CIP's lambda2); 1 in plain gMI.
+    gmi_scale: float = 1.0
+
     def inversion_losses(self, step: InversionStep) -> dict[str, torch.Tensor]:
         """The weighted terms of L_gMI (Eq. 4). A term with weight 0 is absent from the dictionary."""
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
         if cfg.class_weight:
-            losses["cls"] = cfg.class_weight * class_prior_loss(step.teacher_logits, step.labels)
+            losses["cls"] = self.gmi_scale * cfg.class_weight * class_prior_loss(step.teacher_logits, step.labels)
         if cfg.bn_weight:
-            losses["bn"] = cfg.bn_weight * bn_statistics_loss(self.bn_hook)
+            losses["bn"] = self.gmi_scale * cfg.bn_weight * bn_statistics_loss(self.bn_hook)
         if cfg.adv_weight and step.student_logits is not None:
-            losses["adv"] = cfg.adv_weight * adversarial_kl_loss(
+            losses["adv"] = self.gmi_scale * cfg.adv_weight * adversarial_kl_loss(
                 step.teacher_logits, step.student_logits, decision_adversarial=cfg.decision_adversarial)
         return losses
 
@@ -195,10 +198,7 @@ class GMI(SynthesisMethod):
 
     def forward_step(self, labels: torch.Tensor, images: torch.Tensor, needs_student: bool) -> InversionStep:
         views = self.teacher_view(images)
-        if self.bn_hook is not None:
-            with self.bn_hook.recording():
-                teacher_logits, teacher_features = self.teacher.forward_with_features(views)
-        else:
+        with recording(self.bn_hook):
             teacher_logits, teacher_features = self.teacher.forward_with_features(views)
         student_logits = self.student(views) if needs_student else None
         return InversionStep(labels, self.latents, images, views, teacher_logits, teacher_features, student_logits)

@@ -9,7 +9,7 @@ once, for every method, while a context is active, so that evaluating the teache
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -67,3 +67,8 @@ class BatchNormStatisticsHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def recording(hook: BatchNormStatisticsHook | None) -> AbstractContextManager:
+    """``hook.recording()``, or a no-op when BN matching is switched off (no hook)."""
+    return hook.recording() if hook is not None else nullcontext()
