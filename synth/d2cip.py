@@ -153,7 +153,8 @@ class D2CIP(GMI):
         optimizer = torch.optim.Adam(params, betas=(0.5, 0.999))
         self.generator.train()
         bar = tqdm(range(cfg.prior_iterations), desc="d2cip stage 1: prior", unit="it", leave=False,
-                   dynamic_ncols=True, disable=cfg.prior_iterations < 20)
+                   dynamic_ncols=True,
+                   disable=True if cfg.prior_iterations < 20 else None)  # None: off when not a terminal
         for iteration in bar:
             labels = torch.randint(self.num_classes, (cfg.batch_size,), device=self.device)
             z = self.prior.sample(labels, relaxed=True)
