@@ -9,6 +9,7 @@ it is given (for files such as D2CIP's learned prior that belong inside the data
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class Artifacts(Protocol):
         """Atomically stores the file that ``write(tmp_path)`` produces under ``name``."""
 
 
-class SynthesisMethod:
+class SynthesisMethod(abc.ABC):
     """Base class: subclasses set ``name``, ``summary``, ``config_class`` and implement :meth:`synthesize`."""
 
     name: ClassVar[str]
@@ -61,16 +62,19 @@ class SynthesisMethod:
 
     def prepare(self, artifacts: Artifacts) -> None:
         """One-off work before the first batch (e.g. D2CIP's stage 1). Runs again after a resume."""
+        return None  # most methods need none
 
+    @abc.abstractmethod
     def synthesize(self) -> Iterator[SynthBatch]:
-        raise NotImplementedError
+        """Yields batches forever; the runner stops asking when it has enough."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after the last yielded batch (tensors and plain values only)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restores :meth:`state_dict`; stateless methods have nothing to restore."""
+        return None
 
     def losses_of_last_step(self) -> dict[str, float]:
         """The named loss terms of the most recent optimisation step, for progress bars and tests."""

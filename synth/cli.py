@@ -119,8 +119,7 @@ def run_group() -> None:
 def _make_run_command(name: str) -> click.Command:
     method_class = METHODS[name]
 
-    @click.pass_context
-    def command(ctx: click.Context, out: str, num_images: int | None, shard_size: int | None, seed: int | None,
+    def command(out: str, num_images: int | None, shard_size: int | None, seed: int | None,
                 device: str | None, config_file: str | None, preset: str, quiet: bool, teacher: str | None,
                 arch: str | None,
                 num_classes: int | None, input_size: int | None, mean: str | None, std: str | None,
