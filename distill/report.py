@@ -1,7 +1,7 @@
 """What a distillation or training run leaves behind: ``metrics.json``, ``log.csv``, ``accuracy.png``.
 
-Written atomically (temporary file + rename) so a run killed mid-write never leaves a half file next to a
-valid checkpoint. Peak memory is the figure the benchmark compares across devices: CUDA's
+Written atomically (:mod:`atomicio`: temporary file, fsync, rename) so a run killed mid-write never leaves a
+half file next to a valid checkpoint. Peak memory is the figure the benchmark compares across devices: CUDA's
 ``max_memory_allocated`` on GPU, the process's maximum resident set size on CPU.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import resource
 import sys
@@ -19,23 +18,21 @@ from typing import Any
 
 import torch
 
+from atomicio import write_atomic, write_json_atomic
+
 #: Columns of log.csv, one row per epoch.
 LOG_COLUMNS = ("epoch", "train_loss", "eval_acc", "lr", "images_per_s", "seconds")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, fsync and rename."""
+def _write(path: Path, data: bytes) -> None:
+    """:func:`atomicio.write_atomic`, creating the output directory first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, value, indent=2, sort_keys=False, default=str)
 
 
 def write_log_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
@@ -45,7 +42,7 @@ def write_log_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
-    atomic_write_bytes(path, buf.getvalue().encode())
+    _write(path, buf.getvalue().encode())
 
 
 def _fmt(value: Any) -> Any:
@@ -90,7 +87,7 @@ def plot_accuracy(
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _write(path, buf.getvalue())
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:

@@ -16,7 +16,6 @@ the next epoch on.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from atomicio import write_atomic
 from distill.data import Batch
 
 #: Default KD temperature: 4, as RepDistiller / CRD use for CIFAR-sized students.
@@ -167,13 +167,9 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         )
 
 
-def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through :func:`atomicio.write_atomic`: ``path`` never holds a partial checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -310,7 +306,7 @@ def fit(
         history.append(row)
         train_images += seen
         train_seconds += seconds
-        _atomic_torch_save({
+        save_checkpoint({
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,
             "model": model.state_dict(),

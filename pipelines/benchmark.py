@@ -7,9 +7,21 @@ own dataset directory, then ``distill run --shards DIR`` with the same student, 
 every row, evaluated on the real test set. Two reference rows train the same student on the same number of
 *real* images: on their labels, and by KD from the teacher (the ceiling for any synthetic set of that size).
 
+A row runs once per seed (``seeds`` in ``[benchmark]`` or on the row; the seed drives synthesis and
+distillation alike) and reports the mean accuracy with its standard deviation and range, because
+single-seed differences of a few points are noise at these budgets. Row options:
+
+* ``options``: method options over the method's CPU budget (its ``cpu_budget``);
+* ``prior_from = "ROW"``: a D2CIP row reuses the stage-1 prior of ROW's dataset of the same seed
+  (``synth run d2cip --prior``), so ablations of stage 2 share one stage 1; its synthesis time then
+  excludes stage 1, and the table says so;
+* ``match_time_of = "ROW"``: scales this row's per-batch steps so that its synthesis wall time equals ROW's
+  (same seed), for comparisons at equal time.
+
 Figures recorded per row: student test accuracy, student/teacher ratio, synthesis wall time and images/s,
-distillation images/s, peak memory of each stage, and bytes per stored sample. Finished rows are reused on a
-re-run (their metrics files are on disk) unless ``--fresh`` is given, so a killed benchmark continues.
+distillation images/s, peak memory of each stage, bytes per stored sample, teacher agreement and
+separability. Finished runs are reused on a re-run (their metrics files are on disk) unless ``--fresh`` is
+given, so a killed benchmark continues.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import torch
 import realdata
 import zoo
 from synth.presets import preset_values
+from synth.registry import get_method
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -75,67 +88,86 @@ def write_row_config(path: Path, method: str, options: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "min": float(array.min()), "max": float(array.max()), "n": len(array)}
+
+
 class Benchmark:
     def __init__(self, pipeline: dict[str, Any], fresh: bool):
         self.spec = pipeline["benchmark"]
         self.budget = pipeline["budget"]
-        self.synth_options = pipeline.get("synth", {})
         self.rows = pipeline.get("rows", [])
         self.out = Path(self.spec["out"])
         self.fresh = fresh
         self.teacher = Path(self.spec["teacher"]) if self.spec.get("teacher") else zoo.default_teacher_path()
+        self.seeds = [int(s) for s in self.spec.get("seeds", [self.spec.get("seed", 0)])]
         self.results: dict[str, dict[str, Any]] = {}
+        self.runs: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def row_dir(self, name: str) -> Path:
-        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-        path = self.out / slug
-        if self.fresh and path.exists():
+    def run_dir(self, name: str, seed: int | None = None) -> Path:
+        path = self.out / _slug(name) / (f"seed-{seed}" if seed is not None else "")
+        if self.fresh and path.exists() and (name, seed) not in self.runs:
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def distill_args(self) -> list[str]:
+    def distill_args(self, seed: int) -> list[str]:
         return ["--student", self.spec["student"], "--epochs", str(self.budget["distill_epochs"]),
                 "--batch-size", str(self.budget["distill_batch_size"]), "--eval-data", self.spec["eval_data"],
-                "--seed", str(self.spec.get("seed", 0)), "--eval-every", str(self.budget.get("eval_every", 1)),
-                "--quiet"]
+                "--seed", str(seed), "--eval-every", str(self.budget.get("eval_every", 1)), "--quiet"]
 
     def reference_rows(self) -> None:
         acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
         self.teacher_acc = acc
         self.results["teacher"] = {"name": f"teacher ({zoo.load_classifier(self.teacher).card.arch})",
-                                   "accuracy": acc, "ratio": 1.0}
+                                   "accuracy": _spread([acc]), "ratio": 1.0}
+        seed = self.seeds[0]
         for name, extra in (("student on real labels", []), ("KD on real images", ["--teacher", str(self.teacher)])):
-            directory = self.row_dir(name)
+            directory = self.run_dir(name)
             if not (directory / "metrics.json").exists():
                 shutil.rmtree(directory)
                 args = ["train", "--data", self.spec["real_data"], "--arch", self.spec["student"], "--out",
                         str(directory), "--max-train-samples", str(self.budget["num_images"]),
                         "--epochs", str(self.budget["distill_epochs"]),
                         "--batch-size", str(self.budget["distill_batch_size"]),
-                        "--eval-data", self.spec["eval_data"], "--seed", str(self.spec.get("seed", 0)),
+                        "--eval-data", self.spec["eval_data"], "--seed", str(seed),
                         "--eval-every", str(self.budget.get("eval_every", 1)), "--quiet", *extra]
                 directory.mkdir(parents=True)
                 _run(_distill(*args), self.out / f"{directory.name}.log")
             metrics = json.loads((directory / "metrics.json").read_text())
             self.results[name] = {
                 "name": f"{self.spec['student']}: {name} ({self.budget['num_images']} real images)",
-                "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / acc,
+                "accuracy": _spread([metrics["final_accuracy"]]), "ratio": metrics["final_accuracy"] / acc,
                 "distill_images_per_second": metrics.get("images_per_second"),
                 "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes"),
             }
 
-    def method_row(self, row: dict[str, Any]) -> None:
-        name, method = row["name"], row["method"]
-        directory = self.row_dir(name)
-        dataset, student = directory / "dataset", directory / "student"
-        preset_method, _ = preset_values("cpu", method)
-        options = {**preset_method, **self.synth_options.get(method, {}), **row.get("options", {})}
+    def row_options(self, row: dict[str, Any], seed: int) -> dict[str, Any]:
+        method = row["method"]
+        options = {**preset_values("cpu", get_method(method))[0], **row.get("options", {})}
         if row.get("match_time_of"):
-            target = self.results[row["match_time_of"]]["synthesis_seconds"]
-            base = next(r for r in self.results.values() if r.get("method") == method and not r.get("matched"))
-            steps_key = "inversion_steps" if method != "deepinversion" else "iterations"
+            target = self.runs[(row["match_time_of"], seed)]["synthesis_seconds"]
+            base = next(r for (name, s), r in self.runs.items()
+                        if s == seed and r["method"] == method and not r["matched"] and not r["shared_prior"])
+            steps_key = "inversion_steps" if "inversion_steps" in options else "iterations"
             options[steps_key] = max(1, round(options[steps_key] * target / base["synthesis_seconds"]))
+        return options
+
+    def method_run(self, row: dict[str, Any], seed: int) -> dict[str, Any]:
+        name, method = row["name"], row["method"]
+        directory = self.run_dir(name, seed)
+        dataset, student = directory / "dataset", directory / "student"
+        options = self.row_options(row, seed)
+        extra: list[str] = []
+        if row.get("prior_from"):
+            source = self.run_dir(row["prior_from"], seed) / "dataset" / "prior.pt"
+            extra = ["--prior", str(source)]
         timing = directory / "synth_seconds.json"
         manifest_path = dataset / "manifest.json"
         complete = manifest_path.exists() and json.loads(manifest_path.read_text()).get("complete")
@@ -147,44 +179,73 @@ class Benchmark:
             seconds = _run(_synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
                                   "--config", str(config), "--preset", "cpu",
                                   "--num-images", str(self.budget["num_images"]),
-                                  "--shard-size", str(self.budget["shard_size"]),
-                                  "--seed", str(self.spec.get("seed", 0)), "--quiet"),
+                                  "--shard-size", str(self.budget["shard_size"]), "--seed", str(seed), "--quiet",
+                                  *extra),
                            directory / "synth.log")
             timing.write_text(json.dumps({"seconds": seconds}))
         seconds = json.loads(timing.read_text())["seconds"]
         if not (student / "metrics.json").exists():
             if student.exists():
                 shutil.rmtree(student)
-            _run(_distill("run", "--shards", str(dataset), "--out", str(student), *self.distill_args()),
+            _run(_distill("run", "--shards", str(dataset), "--out", str(student), *self.distill_args(seed)),
                  directory / "distill.log")
         manifest = json.loads(manifest_path.read_text())
         metrics = json.loads((student / "metrics.json").read_text())
         summary = manifest.get("summary", {})
-        self.results[name] = {
-            "name": name, "method": method, "matched": bool(row.get("match_time_of")), "options": options,
-            "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
+        return {
+            "method": method, "seed": seed, "options": options, "matched": bool(row.get("match_time_of")),
+            "shared_prior": bool(row.get("prior_from")),
+            "accuracy": metrics["final_accuracy"],
             "synthesis_seconds": seconds,
             "synthesis_images_per_second": manifest["num_samples"] / seconds,
             "synthesis_peak_memory_bytes": summary.get("peak_memory_bytes"),
             "teacher_agreement": summary.get("teacher_agreement"),
+            "mean_entropy": summary.get("mean_entropy"),
             "pairwise_separability": summary.get("diversity", {}).get("pairwise_separability"),
             "distill_images_per_second": metrics.get("images_per_second"),
             "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes"),
             "bytes_per_sample": sum(s["bytes"] for s in manifest["shards"]) / manifest["num_samples"],
         }
 
+    def method_row(self, row: dict[str, Any]) -> None:
+        seeds = [int(s) for s in row.get("seeds", self.seeds)]
+        runs = []
+        for seed in seeds:
+            run = self.method_run(row, seed)
+            self.runs[(row["name"], seed)] = run
+            runs.append(run)
+            print(f"   seed {seed}: accuracy {run['accuracy']:.2%}  synthesis {run['synthesis_seconds']:.0f} s",
+                  flush=True)
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return float(np.mean(values)) if values else None
+
+        accuracy = _spread([r["accuracy"] for r in runs])
+        self.results[row["name"]] = {
+            "name": row["name"] + (" (stage 1 shared)" if row.get("prior_from") else ""),
+            "method": row["method"], "runs": runs, "accuracy": accuracy,
+            "ratio": accuracy["mean"] / self.teacher_acc,
+            **{key: mean(key) for key in ("synthesis_seconds", "synthesis_images_per_second",
+                                          "synthesis_peak_memory_bytes", "teacher_agreement", "mean_entropy",
+                                          "pairwise_separability", "distill_images_per_second",
+                                          "distill_peak_memory_bytes", "bytes_per_sample")},
+        }
+
     def run(self, only: set[str] | None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.reference_rows()
         self.write()
+        needed = set(only or [row["name"] for row in self.rows])
+        for row in reversed(self.rows):  # rows a selected row reads from run too (from disk when finished)
+            if row["name"] in needed:
+                needed.update(filter(None, (row.get("prior_from"), row.get("match_time_of"))))
         for row in self.rows:
-            if only and row["name"] not in only:
+            if row["name"] not in needed:
                 continue
             print(f"== {row['name']}", flush=True)
             self.method_row(row)
             self.write()
-            r = self.results[row["name"]]
-            print(f"   accuracy {r['accuracy']:.2%}  synthesis {r['synthesis_seconds']:.0f} s", flush=True)
 
     def write(self) -> None:
         environment = {"python": platform.python_version(), "torch": torch.__version__,
@@ -200,7 +261,14 @@ def _fmt(value: Any, kind: str) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
     return {"pct": f"{value:.2%}", "ratio": f"{value:.3f}", "int": f"{value:,.0f}", "mb": f"{value / 2**20:,.0f}",
-            "kb": f"{value / 1024:.1f}", "s": f"{value:,.0f}", "f3": f"{value:.3f}"}[kind]
+            "s": f"{value:,.0f}", "f2": f"{value:.2f}", "f3": f"{value:.3f}"}[kind]
+
+
+def _accuracy_cell(spread: dict[str, float]) -> str:
+    if spread["n"] == 1:
+        return f"{spread['mean']:.2%}"
+    return (f"{spread['mean']:.2%} ± {spread['std'] * 100:.2f} ({spread['min']:.1%}–{spread['max']:.1%}, "
+            f"n={spread['n']})")
 
 
 def format_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str, dict[str, Any]],
@@ -210,20 +278,22 @@ def format_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str
         "",
         f"Teacher and budgets shared by every row: {budget['num_images']} images per set, student "
         f"{spec['student']}, {budget['distill_epochs']} epochs at batch {budget['distill_batch_size']}; accuracy on "
-        f"the real {spec['eval_data']} test set. Machine: {environment['device']}, torch {environment['torch']}, "
+        f"the real {spec['eval_data']} test set as mean ± standard deviation (range, number of seeds; each seed "
+        f"drives synthesis and distillation). Machine: {environment['device']}, torch {environment['torch']}, "
         f"{environment['cpu_threads']} threads.",
         "",
         "| row | accuracy | student/teacher | synthesis s | synthesis img/s | synthesis peak MB | distill img/s "
-        "| distill peak MB | bytes/sample | teacher agreement | separability |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| distill peak MB | bytes/sample | teacher agreement | entropy | separability |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
         lines.append(
-            f"| {r['name']} | {_fmt(r.get('accuracy'), 'pct')} | {_fmt(r.get('ratio'), 'ratio')} "
-            f"| {_fmt(r.get('synthesis_seconds'), 's')} | {_fmt(r.get('synthesis_images_per_second'), 'f3')} "
+            f"| {r['name']} | {_accuracy_cell(r['accuracy'])} | {_fmt(r.get('ratio'), 'ratio')} "
+            f"| {_fmt(r.get('synthesis_seconds'), 's')} | {_fmt(r.get('synthesis_images_per_second'), 'f2')} "
             f"| {_fmt(r.get('synthesis_peak_memory_bytes'), 'mb')} | {_fmt(r.get('distill_images_per_second'), 'int')} "
             f"| {_fmt(r.get('distill_peak_memory_bytes'), 'mb')} | {_fmt(r.get('bytes_per_sample'), 'int')} "
-            f"| {_fmt(r.get('teacher_agreement'), 'pct')} | {_fmt(r.get('pairwise_separability'), 'f3')} |")
+            f"| {_fmt(r.get('teacher_agreement'), 'pct')} | {_fmt(r.get('mean_entropy'), 'f2')} "
+            f"| {_fmt(r.get('pairwise_separability'), 'f3')} |")
     return "\n".join(lines) + "\n"
 
 

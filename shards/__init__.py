@@ -11,11 +11,11 @@ does not match the manifest. See ``shards/README.md`` for the format.
 
 from typing import TYPE_CHECKING, Any
 
+from .decoding import decode_sample
 from .format import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, Problem, ShardError
 from .reader import (
     ShardArrays,
     check_shard,
-    decode_sample,
     load_arrays,
     read_artifact,
     read_manifest,

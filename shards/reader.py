@@ -1,8 +1,7 @@
 """Verifying reader: manifest, in-memory arrays, a WebDataset stream, and a full ``verify``.
 
-A dataset location is a local directory, a local ``manifest.json`` path, or a URL to either
-(``file://``, ``http(s)://`` through the standard library, anything else such as ``s3://`` or ``gs://``
-through fsspec and its backend package). Shard URLs in the manifest are relative to the manifest.
+A dataset location is a local directory, a local ``manifest.json`` path, or a URL to either (see
+:mod:`shards.locations`). Shard URLs in the manifest are relative to the manifest.
 
 Reading never trusts the bytes: shards are checked against the manifest's size and sha256, sample counts
 per shard must match, and everything decodes without pickle. Any failure is a :class:`ShardError` that names
@@ -21,102 +20,34 @@ import json
 import multiprocessing
 import os
 import sys
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from .format import (
-    IMAGE_EXT,
-    LABEL_EXT,
-    LOGITS_EXT,
-    MANIFEST_NAME,
-    META_EXT,
-    Problem,
-    ShardError,
-    decode_logits,
-    decode_png,
-    logit_stats,
-    validate_manifest,
-)
+from .decoding import decode_fields
+from .format import MANIFEST_NAME, Problem, ShardError, logit_stats, validate_manifest
+from .locations import Location, is_local_location, manifest_location, read_all
 from .tario import group_samples, iter_tar
 
 if TYPE_CHECKING:
     from .streaming import ShardStream
 
-Location = str | os.PathLike[str]
 _CHUNK = 1 << 20
 
 
-# --------------------------------------------------------------------------------------------- locations
-
-
-def _is_url(location: Location) -> bool:
-    return isinstance(location, str) and "://" in location
-
-
-def _file_url_to_path(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.netloc not in ("", "localhost"):
-        raise ShardError(f"{url}: file:// URLs must name a local path")
-    return urllib.request.url2pathname(parsed.path)
-
-
-def _manifest_location(location: Location) -> tuple[str, str, bool]:
-    """(manifest path or URL, base for shard URLs, is_local)."""
-    if _is_url(location):
-        text = str(location)
-        if text.startswith("file://"):
-            return _manifest_location(_file_url_to_path(text))
-        if urllib.parse.urlparse(text).path.endswith(".json"):
-            return text, text.rsplit("/", 1)[0], False
-        base = text.rstrip("/")
-        return f"{base}/{MANIFEST_NAME}", base, False
-    path = Path(location)
-    if path.is_dir():
-        return str(path / MANIFEST_NAME), str(path), True
-    if path.suffix == ".json" or path.is_file():
-        return str(path), str(path.parent), True
-    raise ShardError(f"{path}: no such dataset directory or manifest")
-
-
-def _open_url(url: str) -> IO[bytes]:
-    """A readable binary stream for a remote URL (http(s) by the standard library, the rest by fsspec)."""
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme in ("http", "https"):
-        # urllib needs no extra package (fsspec's http needs aiohttp); 60 s covers a slow first byte.
-        return urllib.request.urlopen(url, timeout=60)  # the scheme is checked above
-    try:
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    except ImportError as error:
-        raise ShardError(f"{url}: reading {scheme}:// needs an fsspec backend that is not installed "
-                         f"({error}); e.g. pip install s3fs for s3://, gcsfs for gs://") from error
-    except ValueError as error:  # fsspec: "Protocol not known"
-        raise ShardError(f"{url}: fsspec cannot read {scheme}:// ({error})") from error
-
-
-def _open(url: str, local: bool) -> IO[bytes]:
-    return open(url, "rb") if local else _open_url(url)
-
-
-def _read_all(url: str, local: bool) -> bytes:
-    with _open(url, local) as handle:
-        return handle.read()
+# --------------------------------------------------------------------------------------------- manifest
 
 
 def read_manifest(location: Location) -> dict[str, Any]:
     """The validated manifest of the dataset at ``location`` (dir, manifest path or URL); ShardError if unusable."""
-    where, _base, local = _manifest_location(location)
+    where, _base, local = manifest_location(location)
     try:
-        raw = _read_all(where, local)
+        raw = read_all(where, local)
     except ShardError:
         raise
     except FileNotFoundError:
@@ -133,14 +64,10 @@ def read_manifest(location: Location) -> dict[str, Any]:
 def shard_urls(location: Location, manifest: dict[str, Any] | None = None) -> list[str]:
     """The manifest's shards as local paths or absolute URLs, in manifest order."""
     manifest = read_manifest(location) if manifest is None else manifest
-    _where, base, local = _manifest_location(location)
+    _where, base, local = manifest_location(location)
     if local:
         return [os.path.join(base, entry["url"]) for entry in manifest["shards"]]
     return [f"{base}/{entry['url']}" for entry in manifest["shards"]]
-
-
-def _is_local_location(location: Location) -> bool:
-    return _manifest_location(location)[2]
 
 
 def check_shard(path: Location, entry: dict[str, Any]) -> None:
@@ -173,49 +100,7 @@ def _check_bytes(data: bytes, entry: dict[str, Any], where: str) -> None:
                          f"found {found}; the file is corrupt or was changed")
 
 
-# --------------------------------------------------------------------------------------------- decoding
-
-
-def _shard_label(url: Any) -> str:
-    text = str(url or "?")
-    return text.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _decode_fields(sample: dict[str, Any], manifest: dict[str, Any] | None,
-                   with_meta: bool) -> tuple[np.ndarray, int, np.ndarray, dict[str, Any] | None]:
-    key = sample.get("__key__", "?")
-    shard = _shard_label(sample.get("__url__"))
-    try:
-        missing = [ext for ext in (IMAGE_EXT, LABEL_EXT, LOGITS_EXT) if ext not in sample]
-        if missing:
-            raise ValueError(f"lacks {', '.join('.' + m for m in missing)}")
-        num_classes = manifest.get("num_classes") if manifest else None
-        image = decode_png(sample[IMAGE_EXT], manifest["schema"]["image"]["shape"] if manifest else None)
-        label = int(bytes(sample[LABEL_EXT]).decode("ascii").strip())
-        logits = decode_logits(sample[LOGITS_EXT], num_classes)
-        if not isinstance(logits, np.ndarray) or logits.dtype != np.float16 or logits.ndim != 1:
-            raise ValueError(f"logits must be a 1-D float16 .npy, got {getattr(logits, 'dtype', type(logits))} "
-                             f"{getattr(logits, 'shape', '')}")
-        if num_classes is not None and logits.shape[0] != num_classes:
-            raise ValueError(f"{logits.shape[0]} logits, the manifest says {num_classes} classes")
-        if not 0 <= label < logits.shape[0]:
-            raise ValueError(f"label {label} outside [0, {logits.shape[0]})")
-        meta = None
-        if with_meta and META_EXT in sample:
-            meta = json.loads(bytes(sample[META_EXT]).decode("utf-8"))
-    except Exception as error:  # every decode failure means "this sample is corrupt"
-        raise ShardError(f"shard {shard}: sample {key} does not decode ({type(error).__name__}: {error})") from error
-    return image, label, logits, meta
-
-
-def decode_sample(sample: dict[str, Any], manifest: dict[str, Any] | None = None) -> tuple[np.ndarray, int, np.ndarray]:
-    """(uint8 H×W×C image, label, float16 logits) from a raw WebDataset sample dict (bytes per extension).
-
-    No pickle is involved. With ``manifest``, shapes are checked against its schema. A failure raises
-    ShardError naming the shard (from ``__url__``) and the key.
-    """
-    image, label, logits, _meta = _decode_fields(sample, manifest, with_meta=False)
-    return image, label, logits
+# --------------------------------------------------------------------------------------------- shards
 
 
 def _tar_samples(data: bytes, name: str) -> Iterator[dict[str, Any]]:
@@ -235,7 +120,7 @@ def _decode_shard(data: bytes, entry: dict[str, Any], where: str, manifest: dict
     keys: list[str] = []
     metas: list[dict[str, Any]] = []
     for sample in _tar_samples(data, name):
-        image, label, logit, meta = _decode_fields(sample, manifest, with_meta=True)
+        image, label, logit, meta = decode_fields(sample, manifest, with_meta=True)
         images.append(image)
         labels.append(label)
         logits.append(logit)
@@ -261,7 +146,7 @@ def _load_shard_task(url: str, local: bool, entry: dict[str, Any], manifest: dic
     # Top-level so a process pool can pickle it. Reads the whole shard once: hash and decode share the bytes.
     name = entry["url"]
     try:
-        data = _read_all(url, local)
+        data = read_all(url, local)
     except FileNotFoundError:
         raise ShardError(f"shard {name} is missing (expected at {url})") from None
     except ShardError:
@@ -317,7 +202,7 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
     """
     manifest = read_manifest(location)
     urls = shard_urls(location, manifest)
-    local = _is_local_location(location)
+    local = is_local_location(location)
     entries = manifest["shards"]
     total = manifest["num_samples"]
     shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
@@ -387,7 +272,7 @@ def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int
 
     manifest = read_manifest(location)
     urls = shard_urls(location, manifest)
-    local = _is_local_location(location)
+    local = is_local_location(location)
     if local and verify_local:
         for url, entry in zip(urls, manifest["shards"], strict=True):
             if not os.path.isfile(url):
@@ -415,7 +300,7 @@ def verify(location: Location) -> list[Problem]:
         return [Problem(MANIFEST_NAME, str(error))]
     problems: list[Problem] = []
     urls = shard_urls(location, manifest)
-    local = _is_local_location(location)
+    local = is_local_location(location)
     owner: dict[str, str] = {}
     num_classes = manifest.get("num_classes") or 0
     counts = np.zeros(num_classes, dtype=np.int64)
@@ -425,7 +310,7 @@ def verify(location: Location) -> list[Problem]:
     for url, entry in zip(urls, manifest["shards"], strict=True):
         name = entry["url"]
         try:
-            data = _read_all(url, local)
+            data = read_all(url, local)
         except (OSError, ShardError) as error:
             missing = isinstance(error, FileNotFoundError)
             problems.append(Problem(name, "missing" if missing else f"cannot read {url}: {error}"))
@@ -467,11 +352,11 @@ def verify(location: Location) -> list[Problem]:
                 if not isinstance(recorded, (int, float)) or abs(recorded - value) > 1e-6 * max(1.0, abs(value)):
                     problems.append(Problem(MANIFEST_NAME, f"summary.{figure} is {recorded}, the shards give {value}"))
 
-    _where, base, _local = _manifest_location(location)
+    _where, base, _local = manifest_location(location)
     for name, entry in (manifest.get("artifacts") or {}).items():
         url = os.path.join(base, entry["url"]) if local else f"{base}/{entry['url']}"
         try:
-            data = _read_all(url, local)
+            data = read_all(url, local)
         except (OSError, ShardError) as error:
             problems.append(Problem(entry["url"], f"artifact {name!r} cannot be read: {error}"))
             continue
@@ -486,10 +371,10 @@ def read_artifact(location: Location, name: str, *, manifest: dict[str, Any] | N
     entry = (manifest.get("artifacts") or {}).get(name)
     if entry is None:
         raise ShardError(f"{location}: the dataset holds no artifact {name!r}")
-    _where, base, local = _manifest_location(location)
+    _where, base, local = manifest_location(location)
     url = os.path.join(base, entry["url"]) if local else f"{base}/{entry['url']}"
     try:
-        data = _read_all(url, local)
+        data = read_all(url, local)
     except OSError as error:
         raise ShardError(f"artifact {name!r} ({url}): cannot read ({error})") from error
     if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):

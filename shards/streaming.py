@@ -6,7 +6,9 @@ Built from WebDataset's own pieces (``DataPipeline``, ``FluidInterface``, ``spli
 than by ``webdataset.WebDataset`` because its error handler loses track of which shard failed and ``tarfile``
 ends a stream silently at a damaged header (see :mod:`shards.tario`); here every shard's sample count, size
 and sha256 are checked as it streams, and every failure is a ShardError naming the shard. Kept apart from
-:mod:`shards.reader` because importing webdataset imports torch, which ``load_arrays`` worker processes do not need.
+:mod:`shards.reader` because importing webdataset imports torch, which ``load_arrays`` worker processes do not need;
+the reader imports this module only inside :func:`shards.stream`, and this module imports only the shared
+:mod:`shards.locations` and :mod:`shards.decoding`, never the reader.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import numpy as np
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
+from .decoding import decode_fields
 from .format import ShardError
-from .reader import _decode_fields, _open
+from .locations import open_location
 from .tario import group_samples, iter_tar
 
 
@@ -88,7 +91,7 @@ def _expand(source: Iterable[dict[str, Any]], checksum: bool) -> Iterator[dict[s
         url, entry = item["url"], item["entry"]
         name = entry["url"]
         try:
-            handle = _open(url, item["local"])
+            handle = open_location(url, item["local"])
         except FileNotFoundError:
             raise ShardError(f"shard {name} is missing (expected at {url})") from None
         except ShardError:
@@ -151,7 +154,7 @@ class _Decode:
 
     def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
         for sample in source:
-            image, label, logits, _meta = _decode_fields(sample, self.manifest, with_meta=False)
+            image, label, logits, _meta = decode_fields(sample, self.manifest, with_meta=False)
             yield image, label, logits
 
 

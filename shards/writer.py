@@ -7,8 +7,12 @@ A run killed at any moment leaves a valid dataset made of the shards finished so
 1. validate every sample and the resume state (nothing touches the disk before this passes);
 2. write ``shard-XXXXXX.tar.tmp``, fsync, rename to ``shard-XXXXXX.tar``;
 3. write ``resume/state-XXXXXX.pt.tmp``, fsync, rename (only when a state is given);
-4. write ``manifest.json.tmp``, fsync, rename, fsync the directory — **the commit point**;
+4. write ``manifest.json.tmp``, fsync, rename, fsync the directory — **the commit point**
+   (:meth:`ShardWriter._commit_manifest`, the only code that changes the manifest);
 5. delete the previous resume state.
+
+Steps 2-4 each go through :func:`atomicio.write_atomic` (``NAME.tmp``, fsync, rename, fsync the directory;
+the temporary is removed on any error), so only a hard kill leaves ``*.tmp`` files, which ``open`` deletes.
 
 Before step 4 the new shard is an orphan that readers never see (they read only what the manifest lists) and
 that the next ``open`` deletes; after it the shard is part of the dataset. Image shape and ``num_classes`` are
@@ -26,12 +30,15 @@ import os
 import re
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from atomicio import TMP_SUFFIX, write_atomic, write_json_atomic
 
 from .format import (
     FORMAT_NAME,
@@ -57,7 +64,9 @@ from .format import (
 )
 
 RESUME_DIR = "resume"
-_STATE_PATTERN = re.compile(r"^state-\d{6,}\.pt(\.tmp)?$")
+# Every file here is written by atomicio.write_atomic, whose temporary sibling is NAME + TMP_SUFFIX ("NAME.tmp"):
+# that is what a killed writer can leave behind, and what open() deletes.
+_STATE_PATTERN = re.compile(rf"^state-\d{{6,}}\.pt({re.escape(TMP_SUFFIX)})?$")
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Top-level manifest fields the caller's ``header`` may not overwrite.
 _RESERVED = frozenset({
@@ -82,44 +91,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable. Best effort: some platforms and filesystems cannot open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync(dir): after a crash ``path`` holds either the old or the new bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    _write_bytes_atomic(path, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    # The manifest's JSON style (strict: no NaN). A module-level name so tests can stand a crash in for it.
+    write_json_atomic(path, value, indent=2, allow_nan=False)
 
 
 class _HashingWriter:
@@ -179,7 +153,7 @@ def _is_own_leftover(path: Path) -> bool:
     name = path.name
     if path.is_dir():
         return name == RESUME_DIR and all(_STATE_PATTERN.match(p.name) for p in path.iterdir())
-    return name == MANIFEST_NAME + ".tmp" or bool(SHARD_PATTERN.match(name.removesuffix(".tmp")))
+    return name == MANIFEST_NAME + TMP_SUFFIX or bool(SHARD_PATTERN.match(name.removesuffix(TMP_SUFFIX)))
 
 
 class ShardWriter:
@@ -239,7 +213,7 @@ class ShardWriter:
                 raise ShardError(f"{out} is not empty and holds no dataset manifest ({shown}); nothing was "
                                  "changed. Choose an empty or new directory.")
             for leftover in out.iterdir():  # only a killed writer's own files remain here
-                shutil.rmtree(leftover) if leftover.is_dir() else _remove(leftover)
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -266,11 +240,8 @@ class ShardWriter:
             "updated": now,
         }
         writer = cls(out, manifest, shard_size)
-        try:
-            # Claims the directory at once, so a run with another identity refuses even before the first shard.
-            writer._write_manifest(manifest)
-        except OSError as error:
-            raise ShardError(f"cannot write {manifest_path}: {error}") from error
+        # Claims the directory at once, so a run with another identity refuses even before the first shard.
+        writer._commit_manifest(manifest, lambda error: f"cannot write {manifest_path}: {error}")
         return writer
 
     @classmethod
@@ -307,34 +278,30 @@ class ShardWriter:
         # Clean up what a killed run may have left: temporaries, shards never committed, stale states.
         listed = {entry["url"] for entry in manifest["shards"]}
         for path in out.iterdir():
-            if path.is_file() and (path.name.endswith(".tmp")
+            if path.is_file() and (path.name.endswith(TMP_SUFFIX)
                                    or (SHARD_PATTERN.match(path.name) and path.name not in listed)):
-                _remove(path)
+                path.unlink(missing_ok=True)
         resume_dir = out / RESUME_DIR
         if resume_dir.is_dir():
             for path in resume_dir.iterdir():
                 if path.is_file() and f"{RESUME_DIR}/{path.name}" != manifest.get("resume_state"):
-                    _remove(path)
+                    path.unlink(missing_ok=True)
 
-        changed = dict(manifest)
-        changed.update(header)
-        changed["target_samples"] = target_samples
-        changed["shard_size"] = shard_size
-        changed["complete"] = bool(manifest["complete"]) and manifest["num_samples"] >= target_samples
-        if image_shape is not None and stored_shape is None:
-            changed["schema"] = make_schema(image_shape, changed.get("num_classes") or num_classes)
-        if num_classes is not None and manifest.get("num_classes") is None:
-            changed["num_classes"] = num_classes
-            changed["class_counts"] = [0] * num_classes
-            changed["schema"] = make_schema(changed["schema"]["image"]["shape"], num_classes)
+        def apply_open_arguments(changed: dict[str, Any]) -> None:
+            changed.update(header)
+            changed["target_samples"] = target_samples
+            changed["shard_size"] = shard_size
+            changed["complete"] = bool(manifest["complete"]) and manifest["num_samples"] >= target_samples
+            if image_shape is not None and stored_shape is None:
+                changed["schema"] = make_schema(image_shape, changed.get("num_classes") or num_classes)
+            if num_classes is not None and manifest.get("num_classes") is None:
+                changed["num_classes"] = num_classes
+                changed["class_counts"] = [0] * num_classes
+                changed["schema"] = make_schema(changed["schema"]["image"]["shape"], num_classes)
+
         writer = cls(out, manifest, shard_size)
-        if changed != manifest:
-            changed["updated"] = _now()
-            try:
-                writer._write_manifest(changed)
-            except OSError as error:
-                raise ShardError(f"cannot write {manifest_path}: {error}") from error
-            writer._manifest = changed
+        writer._commit_manifest(apply_open_arguments, lambda error: f"cannot write {manifest_path}: {error}",
+                                only_if_changed=True)
         return writer
 
     # ----------------------------------------------------------------------------------------- state
@@ -455,9 +422,10 @@ class ShardWriter:
         index = self.num_shards
         name = shard_name(index)
         final = self.out_dir / name
-        tmp = final.with_name(name + ".tmp")
+        hashing: _HashingWriter | None = None
 
-        try:
+        def write_tar(tmp: Path) -> None:
+            nonlocal hashing
             with open(tmp, "wb") as handle:
                 hashing = _HashingWriter(handle)
                 with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
@@ -470,35 +438,29 @@ class ShardWriter:
                         }
                         for member in sorted(members):
                             tar.addfile(*_tar_member(member, members[member]))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
+
+        try:
+            write_atomic(final, write_tar)  # step 2: shard-XXXXXX.tar.tmp, fsync, rename, fsync(dir)
         except OSError as error:
-            _remove(tmp)
             raise ShardError(f"{final}: could not write the shard ({error}); the dataset still ends after "
                              f"shard {index - 1 if index else 'none'}") from error
-        _fsync_dir(self.out_dir)
+        assert hashing is not None
 
         state_rel = None
-        if state_bytes is not None:
+        if state_bytes is not None:  # step 3
             state_rel = f"{RESUME_DIR}/state-{index:06d}.pt"
             try:
                 (self.out_dir / RESUME_DIR).mkdir(exist_ok=True)
-                _write_bytes_atomic(self.out_dir / state_rel, state_bytes)
+                write_atomic(self.out_dir / state_rel, state_bytes)
             except OSError as error:
-                _remove(final)
+                final.unlink(missing_ok=True)
                 raise ShardError(f"{self.out_dir / state_rel}: could not write the resume state for {name} "
                                  f"({error}); the shard was withdrawn") from error
 
         labels = np.array([s.label for s in checked], dtype=np.int64)
         logits = np.stack([s.logits for s in checked])
         agree, entropy_sum = logit_stats(labels, logits)
-        manifest = copy.deepcopy(self._manifest)
-        if manifest["schema"]["image"]["shape"] is None or manifest.get("num_classes") is None:
-            manifest["schema"] = make_schema(shape, num_classes)
-            manifest["num_classes"] = num_classes
-            manifest["class_counts"] = [0] * int(num_classes or 0)
-        manifest["shards"].append({
+        shard_entry = {
             "url": name,
             "num_samples": len(checked),
             "bytes": hashing.size,
@@ -507,30 +469,63 @@ class ShardWriter:
             # Per-shard sums keep the summary exact across resumes and let verify recheck each shard.
             "agreement_count": agree,
             "entropy_sum": entropy_sum,
-        })
-        manifest["num_samples"] = self.num_committed + len(checked)
-        counts = np.bincount(labels, minlength=num_classes)
-        manifest["class_counts"] = [int(a + b) for a, b in zip(manifest["class_counts"], counts, strict=True)]
-        manifest["summary"] = {**manifest["summary"], **summary_from_shards(manifest["shards"],
-                                                                            manifest["num_samples"])}
-        manifest["complete"] = False  # only finish() declares a dataset complete
-        previous_state = manifest.get("resume_state")
-        manifest["resume_state"] = state_rel
-        manifest["updated"] = _now()
-        try:
-            self._write_manifest(manifest)  # the commit point
-        except OSError as error:
-            _remove(final)
-            if state_rel:
-                _remove(self.out_dir / state_rel)
-            raise ShardError(f"{self.out_dir / MANIFEST_NAME}: could not record {name} ({error}); the shard "
-                             "was withdrawn and the dataset is unchanged") from error
-        self._manifest = manifest
-        if previous_state and previous_state != state_rel:
-            _remove(self.out_dir / previous_state)
+        }
+        previous_state = self._manifest.get("resume_state")
 
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        _write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
+        def record_shard(manifest: dict[str, Any]) -> None:
+            if manifest["schema"]["image"]["shape"] is None or manifest.get("num_classes") is None:
+                manifest["schema"] = make_schema(shape, num_classes)
+                manifest["num_classes"] = num_classes
+                manifest["class_counts"] = [0] * int(num_classes or 0)
+            manifest["shards"].append(shard_entry)
+            manifest["num_samples"] = self.num_committed + len(checked)
+            counts = np.bincount(labels, minlength=num_classes)
+            manifest["class_counts"] = [int(a + b) for a, b in zip(manifest["class_counts"], counts, strict=True)]
+            manifest["summary"] = {**manifest["summary"], **summary_from_shards(manifest["shards"],
+                                                                                manifest["num_samples"])}
+            manifest["complete"] = False  # only finish() declares a dataset complete
+            manifest["resume_state"] = state_rel
+
+        def withdraw() -> None:
+            final.unlink(missing_ok=True)
+            if state_rel:
+                (self.out_dir / state_rel).unlink(missing_ok=True)
+
+        self._commit_manifest(  # step 4: the commit point
+            record_shard,
+            lambda error: f"{self.out_dir / MANIFEST_NAME}: could not record {name} ({error}); the shard "
+                          "was withdrawn and the dataset is unchanged",
+            on_failure=withdraw)
+        if previous_state and previous_state != state_rel:  # step 5
+            (self.out_dir / previous_state).unlink(missing_ok=True)
+
+    def _commit_manifest(self, change: Callable[[dict[str, Any]], None] | dict[str, Any],
+                         error_message: Callable[[OSError], str], *, on_failure: Callable[[], None] | None = None,
+                         only_if_changed: bool = False) -> None:
+        """The one way the manifest changes on disk and in memory (step 4 of the order at the top of this file).
+
+        ``change`` edits a deep copy of the committed manifest in place, which then gets a fresh ``updated``
+        stamp (with ``only_if_changed``, an edit that changes nothing writes nothing); or it is the complete
+        first manifest of a new dataset, written as given. The result is written atomically (tmp, fsync,
+        rename, fsync(dir)) and only then becomes ``self._manifest``. An OSError calls ``on_failure`` (which
+        withdraws files written for this commit) and raises ShardError(``error_message(error)``); the
+        committed manifest stays the previous one, on disk and here.
+        """
+        if isinstance(change, dict):
+            manifest = change
+        else:
+            manifest = copy.deepcopy(self._manifest)
+            change(manifest)
+            if only_if_changed and manifest == self._manifest:
+                return
+            manifest["updated"] = _now()
+        try:
+            _write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
+        except OSError as error:
+            if on_failure is not None:
+                on_failure()
+            raise ShardError(error_message(error)) from error
+        self._manifest = manifest
 
     # ----------------------------------------------------------------------------------------- extras
 
@@ -538,41 +533,43 @@ class ShardWriter:
         """Stores an extra artifact (e.g. a learned prior) as ``out_dir/name``, atomically, and records it
         under ``manifest["artifacts"][name]`` with its size and sha256. ``data`` is bytes or a file to copy.
         Returns the manifest entry."""
-        if not _ARTIFACT_NAME.match(name) or name.endswith(".tmp") or name in (MANIFEST_NAME, RESUME_DIR) \
+        if not _ARTIFACT_NAME.match(name) or name.endswith(TMP_SUFFIX) or name in (MANIFEST_NAME, RESUME_DIR) \
                 or SHARD_PATTERN.match(name):
             raise ShardError(f"artifact name {name!r} must be a plain file name that is not manifest.json, "
-                             "resume, a shard name or *.tmp")
+                             f"resume, a shard name or *{TMP_SUFFIX}")
         try:
             payload = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else Path(data).read_bytes()
         except OSError as error:
             raise ShardError(f"cannot read artifact source {data!r}: {error}") from error
         entry = {"url": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-        manifest = copy.deepcopy(self._manifest)
-        manifest.setdefault("artifacts", {})[name] = entry
-        manifest["updated"] = _now()
+
+        def message(error: OSError) -> str:
+            return f"{self.out_dir / name}: could not store the artifact ({error})"
+
         try:
-            _write_bytes_atomic(self.out_dir / name, payload)
-            self._write_manifest(manifest)
+            write_atomic(self.out_dir / name, payload)
         except OSError as error:
-            raise ShardError(f"{self.out_dir / name}: could not store the artifact ({error})") from error
-        self._manifest = manifest
+            raise ShardError(message(error)) from error
+
+        def record_artifact(manifest: dict[str, Any]) -> None:
+            manifest.setdefault("artifacts", {})[name] = entry
+
+        self._commit_manifest(record_artifact, message)
         return dict(entry)
 
     def finish(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Marks the dataset complete, merges the caller's ``summary`` figures (e.g. diversity) into the
         manifest's summary, drops the resume state and returns the final manifest."""
-        manifest = copy.deepcopy(self._manifest)
         extra = canonical_json(summary or {}, "summary")
-        # teacher_agreement and mean_entropy always come from the stored logits, never from the caller.
-        manifest["summary"] = {**manifest["summary"], **extra,
-                               **summary_from_shards(manifest["shards"], manifest["num_samples"])}
-        manifest["complete"] = True
-        manifest["resume_state"] = None
-        manifest["updated"] = _now()
-        try:
-            self._write_manifest(manifest)
-        except OSError as error:
-            raise ShardError(f"{self.out_dir / MANIFEST_NAME}: could not finish the dataset ({error})") from error
-        self._manifest = manifest
+
+        def complete(manifest: dict[str, Any]) -> None:
+            # teacher_agreement and mean_entropy always come from the stored logits, never from the caller.
+            manifest["summary"] = {**manifest["summary"], **extra,
+                                   **summary_from_shards(manifest["shards"], manifest["num_samples"])}
+            manifest["complete"] = True
+            manifest["resume_state"] = None
+
+        self._commit_manifest(
+            complete, lambda error: f"{self.out_dir / MANIFEST_NAME}: could not finish the dataset ({error})")
         shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)
         return self.manifest

@@ -1,31 +1,57 @@
-"""The protocol every synthesis method follows, and the registry that ``synth list`` reads.
+"""The protocol every synthesis method follows, and the set-up every method shares.
 
-A method is a small class: built from a teacher (:class:`zoo.Classifier`, pixel-space input) and its
-config dataclass, it yields :class:`SynthBatch` objects from :meth:`SynthesisMethod.synthesize` forever;
-the runner (:mod:`synth.runner`) decides how many it needs, stores them and checkpoints the method between
-shards with :meth:`state_dict`. A method never touches the disk except through the :class:`Artifacts`
-it is given (for files such as D2CIP's learned prior that belong inside the dataset).
+A method is one class in one file under ``synth/methods/``: built from a teacher (:class:`zoo.Classifier`,
+pixel-space input) and its config dataclass, it yields :class:`SynthBatch` objects from
+:meth:`SynthesisMethod.synthesize` forever; the runner (:mod:`synth.runner`) decides how many it needs,
+stores them and checkpoints the method between shards with :meth:`~SynthesisMethod.state_dict`. Defining a
+subclass with a ``name`` registers it (:mod:`synth.registry`); nothing else needs editing.
+
+What every method shares is done here, once: the teacher is frozen, the BatchNorm-statistics hook is
+attached when the config asks for BN matching, and the labels follow one class schedule. A method never
+touches the disk except through the :class:`Artifacts` it is given (for files such as D2CIP's learned
+prior that belong inside the dataset).
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-from zoo import Classifier
+import zoo
+
+from .hooks import BatchNormStatisticsHook
+
+if TYPE_CHECKING:
+    from .plugins import LossPlugin
 
 
 @dataclass
 class SynthConfig:
-    """Options every method has. Method configs subclass this and add the paper's hyperparameters."""
+    """Options every method has. Method configs subclass this and add the paper's hyperparameters.
+
+    ``cpu_budget`` is the method's ``--preset cpu``: the iteration counts and batch sizes that make a run
+    finish in minutes on a 2-core CPU (loss weights stay the paper's). It must be declared on the config
+    class itself, not inherited: a subclass adds options (D2CIP's stage-1 iterations, say) that its parent's
+    budget knows nothing about. A class without one refuses ``--preset cpu``.
+    """
+
+    cpu_budget: ClassVar[Mapping[str, Any] | None] = None
 
     batch_size: int = field(default=256, metadata={"help": "images synthesised per batch"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    @classmethod
+    def own_cpu_budget(cls) -> Mapping[str, Any] | None:
+        """The CPU budget declared on this very class (``None`` if it only inherits one)."""
+        return cls.__dict__.get("cpu_budget")
 
 
 @dataclass
@@ -49,16 +75,57 @@ class Artifacts(Protocol):
 
 
 class SynthesisMethod(abc.ABC):
-    """Base class: subclasses set ``name``, ``summary``, ``config_class`` and implement :meth:`synthesize`."""
+    """Base class of every method.
+
+    Subclasses set ``name`` (registers the class), ``summary`` (one line for ``synth list``), ``paper`` (the
+    citation ``--help`` shows) and ``config_class``, and implement :meth:`synthesize`. Methods that accept
+    loss plug-ins (:mod:`synth.plugins`) set ``accepts_plugins``.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    paper: ClassVar[str] = ""
     config_class: ClassVar[type[SynthConfig]] = SynthConfig
+    accepts_plugins: ClassVar[bool] = False
 
-    def __init__(self, teacher: Classifier, config: SynthConfig, device: torch.device):
-        self.teacher = teacher
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            from .registry import register_method
+
+            register_method(cls)
+
+    def __init__(self, teacher: zoo.Classifier, config: SynthConfig, device: torch.device,
+                 plugins: Sequence[LossPlugin] = (), acceleration: zoo.Acceleration | None = None):
+        if plugins and not self.accepts_plugins:
+            names = ", ".join(p.name for p in plugins)
+            raise ValueError(f"{self.name} does not take loss plug-ins ({names}): it has no generator objective")
         self.config = config
         self.device = device
+        self.acceleration = acceleration or zoo.Acceleration(device, enabled=False)
+        self.teacher = self.acceleration.module(teacher.eval().requires_grad_(False))
+        self.plugins = list(plugins)
+        self.num_classes = teacher.num_classes
+        self.channels, self.height, self.width = teacher.input_shape
+        self.bn_hook = BatchNormStatisticsHook(teacher.network) if self.uses_bn_statistics() else None
+        self.batches_done = 0
+        self.last_losses: dict[str, float] = {}
+        self.show_progress = False  # progress bars inside a method (D2CIP's stage 1); the runner sets it
+
+    @classmethod
+    def planned_images(cls, config: SynthConfig) -> int | None:
+        """The image count this config implies on its own (D2CIP's A.8 cycles), or ``None``."""
+        return None
+
+    def uses_bn_statistics(self) -> bool:
+        """Whether the BN-statistics hook is needed: by default, when the config weights BN matching."""
+        return float(getattr(self.config, "bn_weight", 0.0)) > 0
+
+    def next_labels(self) -> torch.Tensor:
+        """Classes in round-robin order, so every class gets the same share of the dataset."""
+        start = self.batches_done * self.config.batch_size
+        labels = (torch.arange(self.config.batch_size) + start) % self.num_classes
+        return labels.to(self.device)
 
     def prepare(self, artifacts: Artifacts) -> None:
         """One-off work before the first batch (e.g. D2CIP's stage 1). Runs again after a resume."""
@@ -70,27 +137,12 @@ class SynthesisMethod(abc.ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after the last yielded batch (tensors and plain values only)."""
-        return {}
+        return {"batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; stateless methods have nothing to restore."""
-        return None
+        """Restores :meth:`state_dict`."""
+        self.batches_done = int(state["batches_done"])
 
     def losses_of_last_step(self) -> dict[str, float]:
         """The named loss terms of the most recent optimisation step, for progress bars and tests."""
-        return {}
-
-
-METHODS: dict[str, type[SynthesisMethod]] = {}
-
-
-def register(cls: type[SynthesisMethod]) -> type[SynthesisMethod]:
-    """Class decorator that makes a method available to ``synth run``."""
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def config_to_dict(config: SynthConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+        return self.last_losses

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tomllib
@@ -19,10 +20,10 @@ import click
 import shards
 import zoo
 
-from . import methods  # noqa: F401  (registers every method)
-from .base import METHODS
+from .base import SynthesisMethod
 from .config import build_config, click_options
-from .presets import preset_values, resolve_preset
+from .presets import PresetError, preset_values, resolve_preset
+from .registry import all_methods, all_plugins, get_method
 from .runner import RunOptions, run
 
 USER_ERRORS: tuple[type[Exception], ...] = (zoo.ZooError, shards.ShardError, ValueError, RuntimeError,
@@ -99,68 +100,113 @@ def main() -> None:
 @main.command("list")
 @click.option("--archs", is_flag=True, help="list the model-zoo architectures instead")
 def list_methods(archs: bool) -> None:
-    """Show the synthesis methods (or, with --archs, the architectures)."""
+    """Show the synthesis methods and loss plug-ins (or, with --archs, the architectures)."""
     if archs:
         for name in sorted(zoo.ARCHITECTURES):
             click.echo(name)
         click.echo("tv:NAME  (any torchvision ImageNet classifier, e.g. tv:resnet50)")
         return
-    width = max(len(name) for name in METHODS)
-    for name, cls in sorted(METHODS.items()):
+    methods, plugins = all_methods(), all_plugins()
+    width = max(len(name) for name in [*methods, *plugins])
+    for name, cls in methods.items():
         click.echo(f"{name.ljust(width)}  {cls.summary}")
+    if plugins:
+        click.echo("\nloss plug-ins (options of every generator method):")
+        for name, plugin in plugins.items():
+            click.echo(f"{name.ljust(width)}  {plugin.summary}")
     click.echo("\n`synth run METHOD --help` lists every option with its default.")
 
 
-@main.group("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _MethodGroup(click.Group):
+    """``synth run``: one subcommand per registered method, built when asked for (so discovery is lazy)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(all_methods())
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        try:
+            return _make_run_command(get_method(name))
+        except ValueError:
+            return None
+
+
+@main.group("run", cls=_MethodGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                         "max_content_width": 110})
 def run_group() -> None:
     """Synthesise a dataset with METHOD (see `synth list`)."""
 
 
-def _make_run_command(name: str) -> click.Command:
-    method_class = METHODS[name]
+_RUN_OPTIONS = ("num_images", "shard_size", "seed", "device")
+
+
+def _plugin_option_names(method_class: type[SynthesisMethod]) -> dict[str, set[str]]:
+    if not method_class.accepts_plugins:
+        return {}
+    method_fields = {f.name for f in dataclasses.fields(method_class.config_class)}
+    names: dict[str, set[str]] = {}
+    for name, plugin in all_plugins().items():
+        fields = {f.name for f in dataclasses.fields(plugin.options_class)}
+        clash = fields & (method_fields | set(_RUN_OPTIONS))
+        if clash:
+            raise click.ClickException(f"loss plug-in {name!r} defines option(s) {sorted(clash)} that "
+                                       f"{method_class.name} already has")
+        names[name] = fields
+    return names
+
+
+def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
+    name = method_class.name
+    plugin_fields = _plugin_option_names(method_class)
 
     def command(out: str, num_images: int | None, shard_size: int | None, seed: int | None,
-                device: str | None, config_file: str | None, preset: str, quiet: bool, teacher: str | None,
-                arch: str | None,
-                num_classes: int | None, input_size: int | None, mean: str | None, std: str | None,
-                class_names: str | None, **method_values: Any) -> None:
+                device: str | None, config_file: str | None, preset: str, quiet: bool, accelerate: bool,
+                teacher: str | None, arch: str | None, num_classes: int | None, input_size: int | None,
+                mean: str | None, std: str | None, class_names: str | None, **values: Any) -> None:
         file_method, file_run = _read_pipeline_file(config_file, name)
         import torch
 
         try:
             preset_name = resolve_preset(preset, torch.cuda.is_available() and (device or "auto") != "cpu")
-        except ValueError as error:
+            preset_method, preset_run = preset_values(preset_name, method_class)
+        except PresetError as error:
             raise click.UsageError(str(error)) from error
-        preset_method, preset_run = preset_values(preset_name, name)
         if preset_name != "paper":
             click.echo(f"preset '{preset_name}': iteration counts scaled down for a CPU (loss weights are the "
                        "paper's); --preset paper runs the paper's budget", err=True)
-        file_method = {**preset_method, **file_method}
-        run_values = {"num_images": 50_000, "shard_size": 2_000, "seed": 0, "device": "auto", **preset_run,
-                      **file_run}
-        for key, value in (("num_images", num_images), ("shard_size", shard_size), ("seed", seed), ("device", device)):
-            if value is not None:
-                run_values[key] = value
-        teacher = teacher or file_run.get("teacher")
-        arch = arch or file_run.get("arch")
+        plugin_values = {plugin: {k: values.pop(k) for k in fields} for plugin, fields in plugin_fields.items()}
+        plugin_file = {plugin: {k: file_method.pop(k) for k in fields if k in file_method}
+                       for plugin, fields in plugin_fields.items()}
         try:
-            config = build_config(method_class.config_class, file_method, method_values)
+            config = build_config(method_class.config_class, {**preset_method, **file_method}, values)
+            plugins = _build_plugins(plugin_file, plugin_values)
+            planned = method_class.planned_images(config)
+            run_values = {**preset_run, **({"num_images": planned} if planned else {}), "seed": 0,
+                          "device": "auto", **file_run}
+            for key, value in zip(_RUN_OPTIONS, (num_images, shard_size, seed, device), strict=True):
+                if value is not None:
+                    run_values[key] = value
             options = RunOptions(out=Path(out), num_images=int(run_values["num_images"]),
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
-                                 device=str(run_values["device"]), progress=not quiet, preset=preset_name)
-            classifier = load_teacher(teacher, arch, num_classes, input_size, mean, std, class_names)
-            run(method_class, config, classifier, options, log=lambda m: click.echo(m, err=True))
+                                 device=str(run_values["device"]), progress=not quiet, preset=preset_name,
+                                 accelerate=accelerate)
+            classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
+                                      num_classes, input_size, mean, std, class_names)
+            run(method_class, config, classifier, options, plugins=plugins, log=lambda m: click.echo(m, err=True))
         except USER_ERRORS as error:
             raise click.ClickException(str(error)) from error
 
-    command.__doc__ = f"{method_class.summary}.\n\n{_method_doc(method_class)}"
+    command.__doc__ = _method_help(method_class)
     command = click_options(method_class.config_class)(command)
+    for plugin_name in reversed(list(plugin_fields)):
+        command = click_options(all_plugins()[plugin_name].options_class)(command)
     command = teacher_options(command)
     for option in reversed([
         click.option("--out", required=True, type=click.Path(file_okay=False),
                      help="dataset directory to create, or to resume if it holds a partial run of the same settings"),
-        click.option("--num-images", type=int, default=None, help="samples to synthesise [default: 50000]"),
-        click.option("--shard-size", type=int, default=None, help="samples per tar shard [default: 2000]"),
+        click.option("--num-images", type=int, default=None,
+                     help="samples to synthesise [default: 50000; 512 with --preset cpu]"),
+        click.option("--shard-size", type=int, default=None,
+                     help="samples per tar shard [default: 2000; 256 with --preset cpu]"),
         click.option("--seed", type=int, default=None,
                      help="random seed; the same seed gives the same bytes [default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto]"),
@@ -170,17 +216,37 @@ def _make_run_command(name: str) -> click.Command:
         click.option("--preset", default="auto", show_default=True,
                      help="budget: 'paper' (the paper's iteration counts, for a GPU), 'cpu' (scaled down to run in "
                           "minutes on a CPU), or 'auto' (paper on CUDA, cpu otherwise)"),
+        click.option("--accelerate/--no-accelerate", default=True, show_default=True,
+                     help="on CUDA: channels_last layout and bf16 autocast (on a CPU: no change); off: plain fp32"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]):
         command = option(command)
     return click.command(name, context_settings={"max_content_width": 110})(command)
 
 
-def _method_doc(method_class: type) -> str:
-    import inspect
+def _method_help(method_class: type[SynthesisMethod]) -> str:
+    """A screen, not the module docstring: summary, paper, where the derivation lives."""
+    module = method_class.__module__.replace(".", "/") + ".py"
+    lines = [f"{method_class.summary}.", ""]
+    if method_class.paper:
+        lines += [f"Paper: {method_class.paper}.", ""]
+    lines.append(f"The equations implemented, and every reading where the paper is silent, are written at the top "
+                 f"of {module}. Options come from the method's defaults (the paper's), --preset, a pipeline "
+                 f"file (--config), then the command line.")
+    if method_class.accepts_plugins and all_plugins():
+        lines += ["", f"Loss plug-ins accepted: {', '.join(all_plugins())} (their options are below)."]
+    return "\n".join(lines)
 
-    module_doc = inspect.getmodule(method_class).__doc__ or ""
-    return "\b\n" + module_doc.strip() if module_doc else ""
+
+def _build_plugins(file_values: dict[str, dict[str, Any]], cli_values: dict[str, dict[str, Any]]) -> list[Any]:
+    plugins = []
+    for name, plugin_class in all_plugins().items():
+        if name not in cli_values:
+            continue
+        options = build_config(plugin_class.options_class, file_values.get(name), cli_values[name])
+        if plugin_class.enabled(options):
+            plugins.append(plugin_class(options))
+    return plugins
 
 
 def _read_pipeline_file(path: str | None, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -192,10 +258,6 @@ def _read_pipeline_file(path: str | None, method: str) -> tuple[dict[str, Any], 
         raise click.ClickException(f"{path}: not valid TOML: {error}") from error
     synth_table = data.get("synth", {})
     return dict(synth_table.get(method, {})), dict(synth_table.get("run", {}))
-
-
-for _name in sorted(METHODS):
-    run_group.add_command(_make_run_command(_name))
 
 
 @main.command()

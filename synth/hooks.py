@@ -37,27 +37,32 @@ class BatchNormStatisticsHook:
             )
         self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._active = False
+        self._first: int | None = None
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 
     def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self._active:
             return
-        x = inputs[0]
+        # Only the first rows when several views share one forward pass (the teacher is in eval mode, so the
+        # other rows do not change these rows' activations); float32 even under autocast.
+        x = inputs[0][: self._first].float()
         dims = [0] + list(range(2, x.dim()))
-        # Population variance, as BatchNorm itself normalises with during training.
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False)
+        # Population variance, as BatchNorm itself normalises with during training; one pass for both.
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
         self.batch_stats.append((mean, var))
 
     @contextmanager
-    def recording(self) -> Iterator[BatchNormStatisticsHook]:
-        """Collects statistics for the forward passes run inside the ``with`` block."""
+    def recording(self, first: int | None = None) -> Iterator[BatchNormStatisticsHook]:
+        """Collects statistics for the forward passes run inside the ``with`` block, of the first ``first``
+        samples of each batch (all of them when ``None``)."""
         self.batch_stats = []
         self._active = True
+        self._first = first
         try:
             yield self
         finally:
             self._active = False
+            self._first = None
 
     def running_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The teacher's stored (running) mean and variance of every BN layer, in hook order."""
@@ -69,6 +74,6 @@ class BatchNormStatisticsHook:
         self._handles = []
 
 
-def recording(hook: BatchNormStatisticsHook | None) -> AbstractContextManager:
-    """``hook.recording()``, or a no-op when BN matching is switched off (no hook)."""
-    return hook.recording() if hook is not None else nullcontext()
+def recording(hook: BatchNormStatisticsHook | None, first: int | None = None) -> AbstractContextManager:
+    """``hook.recording(first)``, or a no-op when BN matching is switched off (no hook)."""
+    return hook.recording(first) if hook is not None else nullcontext()

@@ -56,7 +56,10 @@ class MemoryBank:
         return self._rows[index]
 
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "rows": self.all()}
+        """Only the rows held, as a copy: a view of the preallocated buffer would make ``torch.save`` write
+        the whole buffer (an 8,192-image float buffer for one shard of 64 images)."""
+        rows = self.all()
+        return {"capacity": self.capacity, "rows": rows.clone() if rows is not None else None}
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         self.__init__(int(state["capacity"]))

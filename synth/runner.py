@@ -26,6 +26,8 @@ import zoo
 
 from .base import SynthConfig, SynthesisMethod
 from .diversity import diversity_report, subsample, teacher_features
+from .pixels import quantise
+from .plugins import LossPlugin
 
 
 @dataclass
@@ -39,6 +41,7 @@ class RunOptions:
     device: str = "auto"
     progress: bool = True
     preset: str = "paper"
+    accelerate: bool = True  # zoo.Acceleration: channels_last (and bf16 autocast on CUDA)
     diversity_samples: int = 2_000
 
     def __post_init__(self) -> None:
@@ -68,9 +71,10 @@ class WriterArtifacts:
 
 @torch.no_grad()
 def quantise_and_label(teacher: zoo.Classifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 N x H x W x C images and the teacher's float16 logits computed on exactly those pixels."""
-    pixels = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
-    logits = teacher(pixels.float().div(255))
+    """uint8 N x H x W x C images and the teacher's float16 logits computed on exactly those pixels (in
+    float32, whatever the synthesis ran in, so the stored logits do not depend on --accelerate's autocast)."""
+    pixels = quantise(images)
+    logits = teacher(pixels.float().div(255)).float()
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy(), logits.float().cpu().numpy().astype(np.float16)
 
 
@@ -110,30 +114,43 @@ def _unpack(packed: dict[str, Any]) -> list[shards.Sample]:
     ]
 
 
-def dataset_identity(method: str, config: SynthConfig, seed: int, teacher: zoo.Classifier,
-                     shard_size: int) -> dict[str, Any]:
-    """What must match for a second run to continue a dataset instead of refusing it."""
-    return {
+def plugin_configs(plugins: list[LossPlugin]) -> dict[str, Any]:
+    return {plugin.name: dataclasses.asdict(plugin.options) for plugin in plugins}
+
+
+def dataset_identity(method: str, config: SynthConfig, seed: int, teacher: zoo.Classifier, shard_size: int,
+                     plugins: list[LossPlugin] = (), accelerate: bool = True) -> dict[str, Any]:
+    """What must match for a second run to continue a dataset instead of refusing it. Plug-ins and a
+    disabled fast path appear only when used, so runs without them keep the identity they always had."""
+    identity = {
         "method": method,
         "config": dataclasses.asdict(config),
         "seed": seed,
         "shard_size": shard_size,
         "teacher_sha256": teacher.card.sha256,
     }
+    if plugins:
+        identity["plugins"] = plugin_configs(list(plugins))
+    if not accelerate:
+        identity["accelerate"] = False
+    return identity
 
 
 def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.Classifier,
-        options: RunOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+        options: RunOptions, plugins: list[LossPlugin] | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run)."""
+    plugins = list(plugins or [])
     device = zoo.pick_device(options.device)
     teacher = teacher.to(device).eval()
     out = Path(options.out)
-    identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size)
-    header = {
-        "method": {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
-                   "preset": options.preset},
-        "teacher": teacher.card.to_dict(),
-    }
+    identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size, plugins,
+                                options.accelerate)
+    method_header = {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
+                     "preset": options.preset, "accelerate": options.accelerate}
+    if plugins:
+        method_header["plugins"] = plugin_configs(plugins)
+    header = {"method": method_header, "teacher": teacher.card.to_dict()}
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=options.num_images,
                                      shard_size=options.shard_size)
     if writer.num_committed >= options.num_images:
@@ -141,7 +158,9 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
         return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options))
 
     torch.manual_seed(options.seed)
-    method = method_class(teacher, config, device)
+    acceleration = zoo.Acceleration(device, enabled=options.accelerate)
+    method = method_class(teacher, config, device, plugins=plugins, acceleration=acceleration)
+    method.show_progress = options.progress
     method.prepare(WriterArtifacts(writer, out))
     resume = writer.load_resume_state()
     pending: list[shards.Sample] = []

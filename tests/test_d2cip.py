@@ -1,4 +1,8 @@
-"""D2CIP: the loss terms, the split of Eq. 13/14, the ablation flags, and the prior's life cycle."""
+"""D2CIP: the real update step (Eq. 13/14), stage 1, the ablations, A.8 and the prior's life cycle.
+
+Every test runs the method's own code on a small random teacher and checks numbers: parameters that moved,
+gradients against a literal recomputation, loss values, which batch was kept.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 import zoo
 from synth.cli import main
-from synth.d2cip import D2CIP, D2CIPConfig
+from synth.inversion import InversionStep
+from synth.methods.d2cip import D2CIP, D2CIPConfig
 from synth.priors import ClassConditionalGMM, StandardNormalPrior
+from synth.updates import make_optimizers
 
 TINY = dict(batch_size=8, inversion_steps=1, kd_steps=1, proxy_student="resnet8", prior_iterations=2,
             memory_capacity=32, bank_size=16, latent_dim=16, generator_width=8)
@@ -27,57 +34,249 @@ class _NoArtifacts:
 
 @pytest.fixture(scope="module")
 def teacher():
+    """A random ResNet-8 whose BN statistics are those of a "training set" of smooth random images, so
+    that BN matching has a reachable target, as with a real teacher."""
     torch.manual_seed(0)
-    return zoo.Classifier(zoo.build_model("resnet8", 10, 3), (0.5,) * 3, (0.25,) * 3)
+    network = zoo.build_model("resnet8", 10, 3)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batches
+    network.train()
+    with torch.no_grad():
+        for _ in range(5):
+            network((F.avg_pool2d(torch.rand(64, 3, 32, 32), 5, 1, 2) - 0.5) / 0.25)
+    return zoo.Classifier(network.eval(), (0.5,) * 3, (0.25,) * 3)
 
 
-def _losses_after_two_batches(teacher, **flags) -> tuple[D2CIP, dict[str, torch.Tensor]]:
+def _method(teacher, batches: int = 2, **flags) -> D2CIP:
+    """A D2CIP after ``batches`` stored batches (banks filled, proxy student trained), same seed every time."""
     torch.manual_seed(0)
-    method = D2CIP(teacher, D2CIPConfig(**TINY, **flags), torch.device("cpu"))
+    method = D2CIP(teacher, D2CIPConfig(**{**TINY, **flags}), torch.device("cpu"))
     method.prepare(_NoArtifacts())
-    batches = method.synthesize()
-    next(batches)
-    next(batches)  # second batch: banks and the proxy student are in play
+    stream = method.synthesize()
+    for _ in range(batches):
+        next(stream)
+    return method
+
+
+def _step(method: D2CIP) -> tuple[dict, InversionStep, dict]:
+    """Sets up the next batch and runs one forward step; returns (groups, step, terms)."""
     labels = method.next_labels()
-    method.begin_batch(labels)
-    step = method.forward_step(labels, method.generator(method.latents), needs_student=True)
-    return method, method.inversion_losses(step)
+    groups = method.begin_batch(labels)
+    method.engine.reset()
+    images = method.generate(method.latents, labels)
+    step = method.forward_step(0, labels, images, needs_student=method.proxy_has_learnt)
+    return groups, step, method.losses(step)
 
 
-def test_full_d2cip_has_every_term(teacher):
-    _, losses = _losses_after_two_batches(teacher)
-    assert set(losses) == {"cls", "bn", "adv", "scr", "zcr"}
+def test_full_d2cip_has_every_term_with_its_declared_groups(teacher):
+    _, _, terms = _step(_method(teacher))
+    assert {name: set(t.updates) for name, t in terms.items()} == {
+        "cls": {"generator", "latents"}, "bn": {"generator", "latents"}, "adv": {"generator", "latents"},
+        "scr": {"generator", "image_head"}, "zcr": {"latents", "latent_head"}}
 
 
-@pytest.mark.parametrize("flag, removed", [("scr", "scr"), ("zcr", "zcr")])
-def test_each_contrastive_ablation_removes_exactly_its_term(teacher, flag, removed):
-    _, full = _losses_after_two_batches(teacher)
-    _, ablated = _losses_after_two_batches(teacher, **{flag: False})
-    assert set(full) - set(ablated) == {removed}
+@pytest.mark.parametrize("flags, passes", [({}, 2), ({"scr": False}, 1), ({"zcr": False}, 2)])
+def test_one_real_update_step_moves_every_parameter_group_in_the_fewest_passes(teacher, flags, passes):
+    """Two backward passes only where Eq. 13 and 14 truly differ on a group: L_scr reaches the latents but
+    must not update them; without L_scr, L_zcr cannot reach the generator and one pass serves both."""
+    method = _method(teacher, **flags)
+    groups, _, terms = _step(method)
+    before = {name: [p.detach().clone() for p in group.params] for name, group in groups.items()}
+    passes_before = method.engine.passes_run
+    method.engine.apply(terms, groups, make_optimizers(groups))
+    for name, group in groups.items():
+        moved = any(not torch.equal(p.detach(), b) for p, b in zip(group.params, before[name], strict=True))
+        assert moved, f"{name} did not change"
+    assert method.engine.passes_run - passes_before == passes
 
 
-def test_no_cgmm_swaps_the_prior_and_keeps_every_loss_term(teacher):
-    method, losses = _losses_after_two_batches(teacher, cgmm=False)
+def test_fused_update_equals_the_literal_eq_13_and_14(teacher):
+    """Latents and h_z get d(L_gMI + L_zcr), generator and h_x get d(L_scr + L_gMI): compared with a
+    separate autograd call per group, computed by hand on the same graph."""
+    method = _method(teacher)
+    groups, _, terms = _step(method)
+    gmi = terms["cls"].value + terms["bn"].value + terms["adv"].value
+    eq13 = gmi + terms["zcr"].value
+    eq14 = terms["scr"].value + gmi
+    expected = {}
+    for name, loss in (("latents", eq13), ("latent_head", eq13), ("generator", eq14), ("image_head", eq14)):
+        expected[name] = torch.autograd.grad(loss, groups[name].params, retain_graph=True, allow_unused=True)
+    # What L_scr alone sends to the latents: not zero, so leaving it out of Eq. 13 is a real difference.
+    scr_to_latents = torch.autograd.grad(terms["scr"].value, [method.latents], retain_graph=True)[0]
+    assert scr_to_latents.abs().sum() > 0
+
+    captured = {}
+
+    class Capture(torch.optim.Optimizer):
+        def __init__(self, params, name):
+            super().__init__(params, {})
+            self.name = name
+
+        def step(self, closure=None):
+            captured[self.name] = [None if p.grad is None else p.grad.clone()
+                                   for g in self.param_groups for p in g["params"]]
+
+    method.engine.apply(terms, groups, {name: Capture(g.params, name) for name, g in groups.items()})
+    for name, grads in expected.items():
+        for got, want in zip(captured[name], grads, strict=True):
+            if want is None:
+                assert got is None or got.abs().max() == 0, name
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_one_teacher_pass_for_both_views_gives_the_same_losses_and_gradients(teacher):
+    """The two views through the teacher as one concatenated batch (BN statistics of the first view only) or
+    as two passes: the same terms and the same gradient for every group, within float tolerance."""
+    method = _method(teacher)
+    results = {}
+    for fused in (False, True):
+        method.fuse_teacher_views = fused
+        torch.manual_seed(3)
+        groups, _, terms = _step(method)
+        values = {name: t.value.item() for name, t in terms.items()}
+        grads = {}
+        for name, group in groups.items():
+            loss = sum(t.value for t in terms.values() if name in t.updates)
+            grads[name] = torch.autograd.grad(loss, group.params, retain_graph=True, allow_unused=True)
+        results[fused] = values, grads
+    (values_separate, grads_separate), (values_fused, grads_fused) = results[False], results[True]
+    assert values_fused.keys() == values_separate.keys()
+    for name in values_fused:
+        assert values_fused[name] == pytest.approx(values_separate[name], rel=1e-4, abs=1e-6), name
+    for name, grads in grads_fused.items():
+        for got, want in zip(grads, grads_separate[name], strict=True):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_latents_get_no_scr_gradient_and_heads_only_their_own_loss(teacher):
+    method = _method(teacher)
+    groups, _, terms = _step(method)
+    without_scr = {k: v for k, v in terms.items() if k != "scr"}
+    latent_grad_without = torch.autograd.grad(sum(t.value for t in without_scr.values()), [method.latents],
+                                              retain_graph=True)[0]
+    method.engine.apply(terms, groups, {name: _KeepGrad(g.params) for name, g in groups.items()})
+    torch.testing.assert_close(method.latents.grad, latent_grad_without, rtol=1e-4, atol=1e-7)
+
+
+class _KeepGrad(torch.optim.Optimizer):
+    """An optimiser that changes nothing and keeps .grad, to read what the engine set."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none=True):
+        return None
+
+
+def test_per_batch_reset_restores_the_stage_1_generator(teacher):
+    method = _method(teacher, batches=0)
+    stage1 = {k: v.clone() for k, v in method.generator.state_dict().items()}
+    stream = method.synthesize()
+    next(stream)
+    assert any(not torch.equal(v, stage1[k]) for k, v in method.generator.state_dict().items())
+    method.begin_batch(method.next_labels())
+    assert all(torch.equal(v, stage1[k]) for k, v in method.generator.state_dict().items())
+
+
+def test_no_cgmm_skips_stage_1_and_draws_a_fresh_generator_and_standard_normal_latents(teacher):
+    method = _method(teacher, batches=0, cgmm=False, prior_iterations=10_000_000)  # stage 1 would never end
     assert isinstance(method.prior, StandardNormalPrior)
-    assert set(losses) == {"cls", "bn", "adv", "scr", "zcr"}
-    full, _ = _losses_after_two_batches(teacher)
+    first = {k: v.clone() for k, v in method.generator.state_dict().items()}
+    method.begin_batch(method.next_labels())
+    second = {k: v.clone() for k, v in method.generator.state_dict().items()}
+    method.begin_batch(method.next_labels())
+    third = method.generator.state_dict()
+    weights = [k for k, v in first.items() if k.endswith("weight") and v.dim() > 1]  # conv and linear
+    assert all(not torch.equal(first[k], second[k]) for k in weights)  # fresh random weights every batch
+    assert all(not torch.equal(second[k], third[k]) for k in weights)
+    z = method.sample_latents(torch.zeros(4000, dtype=torch.long))
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    full = _method(teacher, batches=0)
     assert isinstance(full.prior, ClassConditionalGMM)
 
 
-def test_latents_and_generator_update_on_different_losses(teacher):
-    """Eq. 13: latents and h_z see gMI + zcr; Eq. 14: generator and h_x see gMI + scr."""
-    method, losses = _losses_after_two_batches(teacher)
-    groups = method.update_losses(losses)
-    gmi = losses["cls"] + losses["bn"] + losses["adv"]
-    assert torch.allclose(groups["latents"], gmi + losses["zcr"])
-    assert torch.allclose(groups["generator"], gmi + losses["scr"])
-    # The image head gets no gradient from the latent loss, the latent head none from the generator's.
-    image_head_grads = torch.autograd.grad(groups["latents"], list(method.image_head.parameters()),
-                                           retain_graph=True, allow_unused=True)
-    assert all(g is None for g in image_head_grads)
-    latent_head_grads = torch.autograd.grad(groups["generator"], list(method.latent_head.parameters()),
-                                            allow_unused=True)
-    assert all(g is None for g in latent_head_grads)
+def test_stage_1_loss_falls(teacher):
+    torch.manual_seed(0)
+    method = D2CIP(teacher, D2CIPConfig(**{**TINY, "batch_size": 32, "prior_iterations": 0}), torch.device("cpu"))
+    labels = torch.arange(10).repeat(4)
+
+    def stage1_loss() -> float:
+        torch.manual_seed(123)  # the same latent draws and views for both measurements
+        with torch.no_grad():
+            images = method.generate(method.prior.sample(labels), labels)
+            from synth.hooks import recording
+
+            with recording(method.bn_hook):
+                logits = method.teacher(images)
+            return sum(float(t.value) for t in method.stage1_terms(logits, labels).values())
+
+    before = stage1_loss()
+    method.config.prior_iterations = 30
+    torch.manual_seed(0)
+    method.recover_prior()
+    after = stage1_loss()
+    assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.parametrize("flag, group", [("scr", "generator"), ("zcr", "latents")])
+def test_each_contrastive_ablation_removes_exactly_its_term_from_its_groups_update(teacher, flag, group):
+    """Same state, same random draws, the flag toggled: every other term keeps its value, and the update
+    loss of the group the term belonged to (Eq. 14 for L_scr, Eq. 13 for L_zcr) loses exactly that term."""
+    method = _method(teacher)
+
+    def terms_with(enabled: bool) -> dict[str, float]:
+        setattr(method.config, flag, enabled)
+        torch.manual_seed(7)
+        _, _, terms = _step(method)
+        return {name: t.value.item() for name, t in terms.items() if group in t.updates}
+
+    full, ablated = terms_with(True), terms_with(False)
+    assert set(full) - set(ablated) == {flag} and full[flag] > 0
+    for name, value in ablated.items():
+        assert value == pytest.approx(full[name], rel=1e-5), name
+    assert sum(full.values()) - sum(ablated.values()) == pytest.approx(full[flag], rel=1e-4)
+    if flag == "scr":
+        method.config.scr = False
+        assert method.teacher_view_count() == 1  # no second view is computed without L_scr
+
+
+def test_a8_stores_only_the_candidate_with_the_largest_disagreement(teacher, monkeypatch):
+    method = _method(teacher, batches=0, select_from=3)
+    candidates = [torch.full((8, 3, 32, 32), v) for v in (0.2, 0.6, 0.4)]
+    scores = {0.2: 1.0, 0.6: 3.0, 0.4: 2.0}
+    calls = iter(candidates)
+    monkeypatch.setattr(method, "invert_batch", lambda labels: next(calls))
+    monkeypatch.setattr(method, "informativeness", lambda images: scores[round(float(images[0, 0, 0, 0]), 1)])
+    pushed = []
+    monkeypatch.setattr(method, "after_inversion", lambda images, labels: pushed.append(float(images[0, 0, 0, 0])))
+    batch = next(method.synthesize())
+    assert float(batch.images[0, 0, 0, 0]) == pytest.approx(0.6)  # the largest score, not the last or first
+    assert len(pushed) == 3  # every candidate joins the contrastive banks
+    assert len(method.memory) == 8  # only the kept batch is replayed to the proxy student
+    assert int(method.memory.all()[0, 0, 0, 0]) == round(0.6 * 255)
+
+
+def test_a8_informativeness_is_eq_15_disagreement(teacher):
+    method = _method(teacher, batches=1)
+    torch.manual_seed(1)
+    images = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        t, s = method.teacher(images), method.student(images)
+    p = torch.log_softmax(t, 1)
+    kl = (p.exp() * (p - torch.log_softmax(s, 1))).sum(1)
+    agree = (t.argmax(1) == s.argmax(1)).float()
+    assert method.informativeness(images) == pytest.approx(float((kl * agree).mean()), rel=1e-5)
+
+
+def test_cycles_set_the_image_count():
+    assert D2CIP.planned_images(D2CIPConfig(batch_size=256, cycles=5)) == 1280
+    assert D2CIP.planned_images(D2CIPConfig()) is None
 
 
 def test_decision_adversarial_is_the_default_and_weights_follow_table_12():
@@ -88,22 +287,8 @@ def test_decision_adversarial_is_the_default_and_weights_follow_table_12():
 
 
 def test_memory_banks_stay_bounded(teacher):
-    method = D2CIP(teacher, D2CIPConfig(**TINY), torch.device("cpu"))
-    method.prepare(_NoArtifacts())
-    batches = method.synthesize()
-    for _ in range(4):  # 4 batches of 8 into banks of 16
-        next(batches)
+    method = _method(teacher, batches=4)  # 4 batches of 8 into banks of 16
     assert len(method.latent_bank) == 16 and len(method.image_bank) == 16
-
-
-def test_select_from_replays_only_the_most_informative_batch(teacher):
-    method = D2CIP(teacher, D2CIPConfig(**TINY, select_from=2), torch.device("cpu"))
-    method.prepare(_NoArtifacts())
-    batches = method.synthesize()
-    next(batches)
-    assert len(method.memory) == 0  # first of a pair: nothing replayed yet
-    next(batches)
-    assert len(method.memory) == 8  # one batch of the pair
 
 
 def test_prior_is_saved_in_the_dataset_and_reused_with_prior_flag(tmp_path, tiny_teacher):
@@ -133,3 +318,7 @@ def test_prior_is_saved_in_the_dataset_and_reused_with_prior_flag(tmp_path, tiny
     bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "third"), "--prior", str(prior_path),
                                     "--num-components", "3", *common])
     assert bad.exit_code != 0 and "K=5" in bad.output
+    # And a prior is meaningless without the cGMM.
+    bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "fourth"), "--prior", str(prior_path),
+                                    "--no-cgmm", *common])
+    assert bad.exit_code != 0 and "--no-cgmm" in bad.output

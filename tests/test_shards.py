@@ -162,6 +162,18 @@ def test_decode_sample_refuses_pickled_logits() -> None:
         shards.decode_sample(raw, manifest)
 
 
+def test_import_needs_no_torch_and_reader_streaming_do_not_cycle() -> None:
+    # In a fresh process: importing shards (and the streaming module first of all) must work, and only
+    # shards.stream (webdataset) may bring in torch.
+    code = ("import sys, shards; assert 'torch' not in sys.modules, 'import shards imported torch'; "
+            "import shards.streaming")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", "import shards.streaming, shards.reader"], cwd=REPO, check=True,
+                   timeout=120)
+    streaming_source = (REPO / "shards" / "streaming.py").read_text(encoding="utf-8")
+    assert "from .reader" not in streaming_source and "shards.reader import" not in streaming_source
+
+
 def test_load_arrays_with_worker_processes_matches(tmp_path: Path) -> None:
     write_dataset(tmp_path)
     serial = shards.load_arrays(tmp_path, progress=False)

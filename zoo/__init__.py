@@ -12,13 +12,14 @@ or name and what would fit.
 * :func:`load_classifier`, :func:`save_classifier` -- safe (``weights_only=True``) loading of the
   common checkpoint layouts and TorchScript, atomic saving;
 * :func:`default_teacher_path`, :func:`load_default_teacher` -- the project's WRN-16-2 FMNIST-32 teacher;
-* :func:`pick_device` -- ``"auto"`` picks CUDA when present.
+* :func:`pick_device` -- ``"auto"`` picks CUDA when present; :class:`Acceleration` -- the one switch for
+  channels_last layout and (on CUDA) bf16 autocast.
 """
 
 from .architectures import ARCHITECTURES, build_model, canonical_arch
 from .card import TeacherCard, card_path_for
 from .classifier import Classifier
-from .device import pick_device
+from .device import Acceleration, pick_device
 from .errors import NormalizationWarning, ZooError
 from .loading import (
     default_teacher_path,
@@ -41,6 +42,7 @@ __all__ = [
     "default_teacher_path",
     "load_default_teacher",
     "pick_device",
+    "Acceleration",
     "ZooError",
     "NormalizationWarning",
 ]

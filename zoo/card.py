@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atomicio import write_json_atomic
+
 from .errors import ZooError
 
 __all__ = ["TeacherCard", "card_path_for", "DEFAULT_MEAN", "DEFAULT_STD"]
@@ -135,15 +137,9 @@ class TeacherCard:
         return TeacherCard.from_dict(merged)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the card as JSON to ``path`` atomically (temporary file + rename); returns the path."""
+        """Writes the card as JSON to ``path`` atomically (:func:`atomicio.write_atomic`); returns the path."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=2)
         return path
 
     @classmethod

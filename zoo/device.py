@@ -8,11 +8,56 @@ silent fallback.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from .errors import ZooError
 
-__all__ = ["pick_device"]
+__all__ = ["Acceleration", "pick_device"]
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """The one switch for fast kernels, so CUDA and CPU paths are right by construction.
+
+    ``enabled`` gives, on CUDA, channels_last memory layout and bf16 autocast (no loss scaling needed: bf16
+    has fp32's exponent range). On the CPU it changes nothing: measured on this project's 2-core CPU, a
+    WRN-16-2's convolutions ran 1.2-1.3x faster in channels_last, but within a whole inversion step the
+    element-wise kernels of the backward pass slowed down by as much (mixed-layout adds and copies), and
+    bf16 has no fast path on a CPU without AVX-512 BF16. ``enabled=False`` runs plain fp32 NCHW everywhere,
+    the reference the fast path is compared against.
+    """
+
+    device: torch.device
+    enabled: bool = True
+
+    @property
+    def channels_last(self) -> bool:
+        return self.enabled and self.device.type == "cuda"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.enabled and self.device.type == "cuda" else None
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """``module`` on the device, in the layout its inputs will have."""
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A 4-D image batch in the fast layout (other tensors unchanged)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from atomicio import write_atomic
+
 from .architectures import ARCHITECTURES, build_model, canonical_arch
 from .card import DEFAULT_MEAN, DEFAULT_STD, TeacherCard, card_path_for, read_card_dict
 from .classifier import Classifier, is_torchscript
@@ -421,18 +423,6 @@ def load_classifier(
     return classifier.eval()
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_classifier(classifier: Classifier, path: PathLike, **card_updates: Any) -> TeacherCard:
     """Writes ``classifier.network``'s weights to ``path`` and its card to ``X.card.json``; returns the card.
 
@@ -462,14 +452,14 @@ def save_classifier(classifier: Classifier, path: PathLike, **card_updates: Any)
                 warnings.simplefilter("ignore", FutureWarning)
                 torch.jit.save(network, str(tmp))
 
-        _write_atomically(path, write_script)
+        write_atomic(path, write_script)
     else:
         state = network.state_dict()
         cpu_state: OrderedDict[str, torch.Tensor] = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
         metadata = getattr(state, "_metadata", None)
         if metadata is not None:
             cpu_state._metadata = metadata  # type: ignore[attr-defined]  # layer versions, as torch keeps them
-        _write_atomically(path, lambda tmp: torch.save(cpu_state, tmp))
+        write_atomic(path, lambda tmp: torch.save(cpu_state, tmp))
     card = updated.replace(sha256=_sha256(path))
     card.save(card_path_for(path))
     classifier.card = card

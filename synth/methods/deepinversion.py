@@ -13,20 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-import zoo
-
-from .base import SynthBatch, SynthConfig, SynthesisMethod, register
-from .hooks import BatchNormStatisticsHook, recording
-from .losses import bn_statistics_loss, class_prior_loss, image_l2_loss, total_variation_loss
+from ..base import SynthBatch, SynthConfig, SynthesisMethod
+from ..hooks import recording
+from ..losses import bn_statistics_loss, class_prior_loss, image_l2_loss, total_variation_loss
 
 
 @dataclass
 class DeepInversionConfig(SynthConfig):
     """Defaults from DeepInversion's CIFAR-10 recipe, rescaled to pixel-space images in [0, 1]."""
+
+    cpu_budget: ClassVar[dict[str, Any]] = {"batch_size": 64, "iterations": 60}
 
     iterations: int = field(default=2000, metadata={"help": "optimisation steps per batch"})
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate on the pixels"})
@@ -39,23 +39,17 @@ class DeepInversionConfig(SynthConfig):
     flip: bool = field(default=True, metadata={"help": "random horizontal flips before each step"})
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.iterations <= 0:
-            raise ValueError("batch_size and iterations must be positive")
+        super().__post_init__()
+        if self.iterations <= 0:
+            raise ValueError(f"iterations must be positive, got {self.iterations}")
 
 
-@register
 class DeepInversion(SynthesisMethod):
     name = "deepinversion"
     summary = "pixel optimisation: class prior + BN statistics + TV and L2 image priors (Yin et al. 2020)"
+    paper = "Yin et al., Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR 2020"
     config_class = DeepInversionConfig
     config: DeepInversionConfig
-
-    def __init__(self, teacher: zoo.Classifier, config: DeepInversionConfig, device: torch.device):
-        super().__init__(teacher, config, device)
-        self.teacher.eval().requires_grad_(False)
-        self.bn_hook = BatchNormStatisticsHook(teacher.network) if config.bn_weight > 0 else None
-        self.batches_done = 0
-        self.last_losses: dict[str, float] = {}
 
     def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -65,8 +59,8 @@ class DeepInversion(SynthesisMethod):
             view = torch.roll(view, shifts=(dy, dx), dims=(2, 3))
         if cfg.flip and torch.rand(()) < 0.5:
             view = view.flip(3)
-        with recording(self.bn_hook):
-            logits = self.teacher(view)
+        with recording(self.bn_hook), self.acceleration.autocast():
+            logits = self.teacher(self.acceleration.tensor(view)).float()
         tv_l1, tv_l2 = total_variation_loss(images)
         terms = {
             "cls": cfg.class_weight * class_prior_loss(logits, labels),
@@ -80,11 +74,10 @@ class DeepInversion(SynthesisMethod):
 
     def synthesize(self) -> Iterator[SynthBatch]:
         cfg = self.config
-        c, h, w = self.teacher.input_shape
         while True:
-            start = self.batches_done * cfg.batch_size
-            labels = ((torch.arange(cfg.batch_size) + start) % self.teacher.num_classes).to(self.device)
-            images = (0.5 + 0.2 * torch.randn(cfg.batch_size, c, h, w, device=self.device)).clamp_(0, 1)
+            labels = self.next_labels()
+            images = (0.5 + 0.2 * torch.randn(cfg.batch_size, self.channels, self.height, self.width,
+                                              device=self.device)).clamp_(0, 1)
             images.requires_grad_(True)
             optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=(0.5, 0.9))
             for _ in range(cfg.iterations):
@@ -97,12 +90,3 @@ class DeepInversion(SynthesisMethod):
                 self.last_losses = {k: float(v.detach()) for k, v in terms.items()}
             self.batches_done += 1
             yield SynthBatch(images.detach(), labels)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches_done = int(state["batches_done"])
-
-    def losses_of_last_step(self) -> dict[str, float]:
-        return self.last_losses

@@ -1,0 +1,196 @@
+"""Synthesis speed, measured side by side: this tree against an earlier commit, and where a step's time goes.
+
+    python -m pipelines.speed compare [--baseline REV] [--methods d2cip,gmi] [--num-images 256] [--rounds 2]
+    python -m pipelines.speed profile [--method d2cip] [--steps 10]
+    python -m pipelines.speed state
+
+``compare`` checks out ``REV`` (default: the last commit before the inversion core v2) into a temporary git
+worktree and runs the same ``synth run`` command in both trees, alternating (baseline, current, baseline,
+current, ...) so that load on a shared machine falls on both sides alike; it prints the images/s of every
+run (the manifest's figure: whole run, stage 1 included) and the ratio of the medians. Both sides get the
+same explicit options (the CPU budget of that commit), so the configs are equal by construction.
+
+``profile`` runs stage-2 batches of a method on the shipped teacher under ``torch.profiler`` and prints the
+time inside each named scope of the inversion core (``synth.generate``, ``synth.teacher``,
+``synth.proxy_student``, ``synth.losses``, ``synth.update`` - the backward passes and optimiser steps -, and
+``synth.proxy_kd``), per step, with the bound the teacher sets.
+
+``state`` measures the resume state written with every shard of ``synth run gmi`` (CPU budget, one 64-image
+batch done): its size and the time to serialise, check and write it, as stored now (the replay memory's
+rows, uint8) and as the previous version stored it (the memory bank's whole preallocated float32 buffer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: The last landed commit before the inversion core v2.
+DEFAULT_BASELINE = "7405505"
+#: The CPU budget of that commit, given explicitly to both sides.
+REFERENCE_OPTIONS = {
+    "d2cip": ["--batch-size", "64", "--inversion-steps", "20", "--kd-steps", "5", "--prior-iterations", "100"],
+    "gmi": ["--batch-size", "64", "--inversion-steps", "20", "--kd-steps", "5"],
+    "deepinversion": ["--batch-size", "64", "--iterations", "60"],
+}
+
+
+def _synth_run(tree: Path, method: str, out: Path, num_images: int) -> float:
+    command = [sys.executable, "-m", "synth.cli", "run", method, "--out", str(out), "--preset", "paper",
+               "--num-images", str(num_images), "--shard-size", str(num_images), "--device", "cpu", "--quiet",
+               *REFERENCE_OPTIONS[method]]
+    result = subprocess.run(command, cwd=tree, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed in {tree}:\n{result.stderr[-2000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return float(manifest["summary"]["synthesis_images_per_second"])
+
+
+def compare(baseline: str, methods: list[str], num_images: int, rounds: int) -> dict[str, dict[str, object]]:
+    here = Path(__file__).resolve().parents[1]
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
+        old_tree = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(old_tree), baseline], check=True,
+                       capture_output=True)
+        try:
+            for method in methods:
+                runs: dict[str, list[float]] = {"baseline": [], "current": []}
+                for round_index in range(rounds):
+                    for side, tree in (("baseline", old_tree), ("current", here)):
+                        out = Path(tmp) / f"{method}-{side}-{round_index}"
+                        started = time.perf_counter()
+                        runs[side].append(_synth_run(tree, method, out, num_images))
+                        print(f"{method:14s} {side:9s} round {round_index}: {runs[side][-1]:.2f} images/s "
+                              f"({time.perf_counter() - started:.0f} s)", flush=True)
+                ratio = statistics.median(runs["current"]) / statistics.median(runs["baseline"])
+                results[method] = {**runs, "ratio": ratio}
+                print(f"{method:14s} current/baseline = {ratio:.2f}x", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(old_tree)], check=False,
+                           capture_output=True)
+    return results
+
+
+SCOPES = ("synth.generate", "synth.teacher", "synth.proxy_student", "synth.losses", "synth.update",
+          "synth.proxy_kd")
+
+
+def profile(method_name: str, steps: int, batch_size: int) -> dict[str, float]:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import zoo
+    from synth.registry import get_method
+
+    torch.manual_seed(0)
+    teacher = zoo.load_classifier(zoo.default_teacher_path())
+    method_class = get_method(method_name)
+    values = {**method_class.config_class.own_cpu_budget(), "inversion_steps": steps, "batch_size": batch_size}
+    if "prior_iterations" in values:
+        values["prior_iterations"] = 2  # stage 1 is not what this measures
+    device = torch.device("cpu")
+    method = method_class(teacher, method_class.config_class(**values), device,
+                          acceleration=zoo.Acceleration(device, enabled=True))
+
+    class NoArtifacts:
+        def path(self, name: str) -> None:
+            return None
+
+        def save(self, name: str, write: object) -> None:
+            return None
+
+    method.prepare(NoArtifacts())
+    stream = method.synthesize()
+    next(stream)  # the first batch runs without the proxy student; profile a later one
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        next(stream)
+        wall = time.perf_counter() - started
+    totals = {event.key: event.cpu_time_total / 1e6 for event in prof.key_averages() if event.key in SCOPES}
+    per_step = {scope: totals.get(scope, 0.0) / steps for scope in SCOPES if scope != "synth.proxy_kd"}
+    per_step["synth.proxy_kd (per batch)"] = totals.get("synth.proxy_kd", 0.0)
+    per_step["wall per step"] = wall / steps
+
+    x = torch.rand(batch_size, *teacher.input_shape).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    teacher = zoo.Acceleration(device, enabled=True).module(teacher.eval().requires_grad_(False))
+    for _ in range(2):
+        torch.autograd.grad(teacher(x).sum(), x)
+    started = time.perf_counter()
+    for _ in range(5):
+        torch.autograd.grad(teacher(x).sum(), x)
+    per_step["teacher forward+backward, one view"] = (time.perf_counter() - started) / 5
+    return per_step
+
+
+def resume_state_cost() -> dict[str, dict[str, float]]:
+    import torch
+
+    import shards
+    import zoo
+    from synth.methods.gmi import GMI, GMIConfig
+
+    torch.manual_seed(0)
+    teacher = zoo.load_classifier(zoo.default_teacher_path())
+    method = GMI(teacher, GMIConfig(**GMIConfig.cpu_budget), torch.device("cpu"))
+    batch = next(method.synthesize())
+    current = method.state_dict()
+    previous = dict(current)
+    buffer = torch.zeros(method.config.memory_capacity, *batch.images.shape[1:])  # the old float32 buffer
+    buffer[: len(batch.images)] = batch.images
+    previous["memory"] = {"capacity": method.config.memory_capacity, "rows": buffer[: len(batch.images)]}
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, state in (("previous", previous), ("current", current)):
+            writer = shards.ShardWriter.open(Path(tmp) / name, identity={"x": name}, header={}, target_samples=10,
+                                             shard_size=1)
+            sample = shards.Sample("000000000", np.zeros((32, 32, 3), np.uint8), 0, np.zeros(10, np.float32))
+            started = time.perf_counter()
+            writer.commit_shard([sample], state={"method": state})
+            seconds = time.perf_counter() - started
+            size = (Path(tmp) / name / writer.manifest["resume_state"]).stat().st_size
+            figures[name] = {"bytes": size, "seconds": seconds}
+            print(f"{name:9s} resume state {size / 2**20:8.1f} MB, written in {seconds:.2f} s", flush=True)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser("compare", help="images/s of this tree against an earlier commit, interleaved")
+    cmp.add_argument("--baseline", default=DEFAULT_BASELINE)
+    cmp.add_argument("--methods", default="d2cip,gmi")
+    cmp.add_argument("--num-images", type=int, default=256)
+    cmp.add_argument("--rounds", type=int, default=2)
+    cmp.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    prof = sub.add_parser("profile", help="where one inversion step spends its time")
+    prof.add_argument("--method", default="d2cip")
+    prof.add_argument("--steps", type=int, default=10)
+    prof.add_argument("--batch-size", type=int, default=64)
+    sub.add_parser("state", help="size and write time of the resume state, now and as the previous version kept it")
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        results = compare(args.baseline, args.methods.split(","), args.num_images, args.rounds)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    elif args.command == "state":
+        resume_state_cost()
+    else:
+        for scope, seconds in profile(args.method, args.steps, args.batch_size).items():
+            print(f"{scope:40s} {seconds * 1000:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""The generator-based inversion loop every generator method plugs into (gMI, D2CIP, and those to come).
+
+One batch, as gMI frames it (D2CIP Sec. 3.1; CMI; Fast): learnable latents and a generator are optimised
+for ``inversion_steps`` steps against the frozen teacher; the finished batch is stored, joins the replay
+memory, and the in-loop *proxy student* learns from that memory by KD so that the adversarial term has
+something to disagree with. A method changes the loop only through these named points:
+
+==========================  ===============================================================================
+``build_generator()``       the generator module
+``generate(latents, y)``    images from latents *and labels* (a conditional generator uses ``y``)
+``sample_latents(y)``       the latent prior (N(0, I) here; D2CIP's class-conditional GMM)
+``begin_batch(y)``          per-batch set-up; returns the parameter groups (:class:`ParamGroup`) by name
+``teacher_view_count()``    augmented views the teacher sees per step (D2CIP's L_scr needs two)
+``losses(step)``            the named loss terms, each a :class:`Term` naming the groups it updates
+``after_inversion(x, y)``   after every inverted batch (D2CIP's memory banks)
+``end_batch(batch)``        after every *stored* batch (replay memory, proxy-student KD)
+``next_batch()``            one stored batch (D2CIP's A.8 selects one of several inverted candidates)
+==========================  ===============================================================================
+
+Loss plug-ins (:mod:`synth.plugins`) add terms and their own updates to any such method without touching its
+file. The updates are exact and fused: :class:`~synth.updates.UpdateEngine` gives each group the gradient of
+exactly the terms that name it, in the fewest backward passes. All views of a step go through the teacher
+in one forward pass, BN statistics read from the first view only (the teacher is in eval mode, so the other
+rows do not change them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+import zoo
+
+from . import augment
+from .base import SynthBatch, SynthConfig, SynthesisMethod
+from .generators import DCGANGenerator, reinitialise
+from .hooks import recording
+from .losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, distillation_loss
+from .memory import MemoryBank
+from .pixels import dequantise, quantise
+from .plugins import LossPlugin
+from .updates import ParamGroup, Term, UpdateDeclarationError, UpdateEngine, make_optimizers, term
+
+ResetMode = Literal["auto", "keep", "initial", "random"]
+
+
+@dataclass
+class InversionConfig(SynthConfig):
+    """Options of every generator-based method. Defaults follow CMI's CIFAR settings (D2CIP Table 12)."""
+
+    inversion_steps: int = field(default=200, metadata={
+        "help": "optimisation steps of generator and latents per batch"})
+    latent_dim: int = field(default=256, metadata={"help": "size of the generator's latent vector z"})
+    generator_width: int = field(default=64, metadata={"help": "base channel width of the generator"})
+    generator_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the generator"})
+    latent_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the latent vectors"})
+    class_weight: float = field(default=1.0, metadata={"help": "alpha: weight of the class prior L_cls (Eq. 1)"})
+    bn_weight: float = field(default=1.0, metadata={"help": "beta: weight of BN-statistics matching L_bn (Eq. 2)"})
+    adv_weight: float = field(default=0.5, metadata={"help": "gamma: weight of the adversarial term L_adv (Eq. 3)"})
+    decision_adversarial: bool = field(default=False, metadata={
+        "help": "restrict L_adv to samples where teacher and proxy student agree (D2CIP Eq. 15)"})
+    augment_views: bool = field(default=True, metadata={
+        "help": "show the teacher a random crop/flip of each image during inversion (as CMI does)"})
+    reset_generator: ResetMode = field(default="auto", metadata={
+        "help": "generator at the start of each batch: keep (persists across batches), initial (the weights the "
+                "run started from), random (fresh random weights, as CMI), auto (the method's choice)"})
+    proxy_student: str = field(default="wrn16_1", metadata={"help": "architecture of the in-loop proxy student"})
+    proxy_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the proxy student"})
+    kd_steps: int = field(default=5, metadata={"help": "proxy-student KD steps after each stored batch"})
+    kd_temperature: float = field(default=4.0, metadata={"help": "temperature of the proxy student's KD loss"})
+    memory_capacity: int = field(default=8192, metadata={"help": "images kept for replay to the proxy student"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("inversion_steps", "latent_dim", "generator_width", "memory_capacity"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kd_steps < 0:
+            raise ValueError(f"kd_steps must be >= 0, got {self.kd_steps}")
+
+
+@dataclass
+class InversionStep:
+    """What one optimisation step computed, handed to :meth:`GeneratorInversion.losses` and plug-ins."""
+
+    index: int  # step within the batch, from 0
+    labels: torch.Tensor
+    latents: torch.Tensor
+    images: torch.Tensor  # generator output, pixel space
+    views: list[torch.Tensor]  # what the teacher saw: one augmented batch per view
+    teacher_logits: torch.Tensor  # on views[0], float32
+    teacher_features: list[torch.Tensor]  # penultimate features, one tensor per view
+    student_logits: torch.Tensor | None  # proxy student on views[0]; None until it has learnt anything
+
+
+class GeneratorInversion(SynthesisMethod):
+    """The loop; a method subclasses it and overrides the points listed in the module docstring."""
+
+    accepts_plugins = True
+    config: InversionConfig
+    #: What ``reset_generator="auto"`` means for this method.
+    default_reset: ResetMode = "keep"
+    #: All views through the teacher in one forward pass (faster when one backward pass serves every
+    #: parameter group); a method whose update needs a second pass through the first view only sets False.
+    fuse_teacher_views: bool = True
+
+    def __init__(self, teacher: zoo.Classifier, config: InversionConfig, device: torch.device,
+                 plugins: Sequence[LossPlugin] = (), acceleration: zoo.Acceleration | None = None):
+        super().__init__(teacher, config, device, plugins, acceleration)
+        self.generator = self.acceleration.module(self.build_generator())
+        self.initial_generator_state = _clone_state(self.generator)
+        self.student = self.acceleration.module(self.build_proxy_student())
+        self.student_optimizer = torch.optim.SGD(self.student.parameters(), lr=config.proxy_lr, momentum=0.9,
+                                                 weight_decay=5e-4)
+        self.memory = MemoryBank(config.memory_capacity)  # quantised (uint8) images, as the shards store them
+        self.engine = UpdateEngine()
+        self.latents = torch.empty(0)
+        self._last_terms: dict[str, torch.Tensor] = {}
+        for plugin in self.plugins:
+            plugin.attach(self)
+
+    # -- extension points -------------------------------------------------------------------------------
+
+    def build_generator(self) -> nn.Module:
+        if self.height != self.width:
+            raise ValueError(f"the DCGAN generator makes square images; the teacher expects {self.height}x{self.width}")
+        return DCGANGenerator(self.config.latent_dim, self.channels, self.height, self.config.generator_width)
+
+    def generate(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] for ``latents``; ``labels`` are there for conditional generators."""
+        return self.acceleration.tensor(self.generator(latents))
+
+    def build_proxy_student(self) -> nn.Module:
+        network = zoo.build_model(self.config.proxy_student, self.num_classes, self.channels)
+        return zoo.Classifier(network, self.teacher.mean.flatten().tolist(), self.teacher.std.flatten().tolist())
+
+    def sample_latents(self, labels: torch.Tensor) -> torch.Tensor:
+        """The latent prior: z ~ N(0, I), independent of the label."""
+        return torch.randn(labels.shape[0], self.config.latent_dim, device=self.device)
+
+    def reset_mode(self) -> ResetMode:
+        mode = self.config.reset_generator
+        return self.default_reset if mode == "auto" else mode
+
+    def reset_generator(self) -> None:
+        """Start-of-batch generator: kept, restored to the run's initial weights, or freshly initialised."""
+        mode = self.reset_mode()
+        if mode == "initial":
+            self.generator.load_state_dict(self.initial_generator_state)
+        elif mode == "random":
+            reinitialise(self.generator)
+
+    def begin_batch(self, labels: torch.Tensor) -> dict[str, ParamGroup]:
+        """Prepares a batch and returns the parameter groups to optimise, by name."""
+        self.reset_generator()
+        self.latents = self.sample_latents(labels).detach().requires_grad_(True)
+        return {"generator": ParamGroup(list(self.generator.parameters()), self.config.generator_lr),
+                "latents": ParamGroup([self.latents], self.config.latent_lr)}
+
+    def teacher_view_count(self) -> int:
+        return 1
+
+    def teacher_view(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.config.augment_views:
+            return images
+        return self.acceleration.tensor(augment.random_resized_crop_flip(images, scale=(0.5, 1.0)))
+
+    def losses(self, step: InversionStep) -> dict[str, Term]:
+        """The terms of one step. gMI: :meth:`gmi_terms` (Eq. 4)."""
+        return self.gmi_terms(step)
+
+    #: Overall weight of L_gMI among a method's terms (D2CIP's lambda2); 1 in plain gMI.
+    gmi_scale: float = 1.0
+    #: The groups L_gMI updates.
+    gmi_groups: tuple[str, ...] = ("generator", "latents")
+
+    def gmi_terms(self, step: InversionStep) -> dict[str, Term]:
+        """The weighted terms of L_gMI = alpha L_cls + beta L_bn + gamma L_adv (D2CIP Eq. 1-4). A term with
+        weight 0 is absent; L_adv is absent until the proxy student has learnt from a stored batch."""
+        cfg, scale, groups = self.config, self.gmi_scale, self.gmi_groups
+        terms: dict[str, Term] = {}
+        if cfg.class_weight:
+            terms["cls"] = term(scale * cfg.class_weight * class_prior_loss(step.teacher_logits, step.labels), *groups)
+        if cfg.bn_weight:
+            terms["bn"] = term(scale * cfg.bn_weight * bn_statistics_loss(self.bn_hook), *groups)
+        if cfg.adv_weight and step.student_logits is not None:
+            adv = adversarial_kl_loss(step.teacher_logits, step.student_logits,
+                                      decision_adversarial=cfg.decision_adversarial)
+            terms["adv"] = term(scale * cfg.adv_weight * adv, *groups)
+        return terms
+
+    def after_inversion(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called after every inverted batch, stored or not. Nothing to do in gMI."""
+
+    def end_batch(self, batch: SynthBatch) -> None:
+        """Called after every stored batch: it joins the replay memory and the proxy student learns."""
+        self.memory.push(quantise(batch.images))
+        self.train_proxy_student()
+
+    def next_batch(self) -> SynthBatch:
+        """One stored batch: the next labels, inverted."""
+        labels = self.next_labels()
+        images = self.invert_batch(labels)
+        self.after_inversion(images, labels)
+        return SynthBatch(images, labels)
+
+    # -- the proxy student ------------------------------------------------------------------------------
+
+    @property
+    def proxy_has_learnt(self) -> bool:
+        return self.config.kd_steps > 0 and len(self.memory) > 0
+
+    def train_proxy_student(self) -> None:
+        """KD of the proxy student on batches replayed from the memory bank (CMI's KD phase)."""
+        if not self.proxy_has_learnt:
+            return
+        with record_function("synth.proxy_kd"):
+            self._proxy_kd_steps()
+
+    def _proxy_kd_steps(self) -> None:
+        self.student.train()
+        for _ in range(self.config.kd_steps):
+            pixels = dequantise(self.memory.sample(self.config.batch_size))
+            images = self.acceleration.tensor(augment.random_shift_flip(pixels))
+            with self.acceleration.autocast():
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images).float()
+                student_logits = self.student(images).float()
+            loss = distillation_loss(student_logits, teacher_logits, self.config.kd_temperature)
+            self.student_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.student_optimizer.step()
+        self.student.eval()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def invert_batch(self, labels: torch.Tensor) -> torch.Tensor:
+        """Optimises one batch; returns the final images (detached, pixel space)."""
+        groups = self.begin_batch(labels)
+        for plugin in self.plugins:
+            for name, group in plugin.begin_batch(labels).items():
+                if name in groups:
+                    raise UpdateDeclarationError(f"loss plug-in {plugin.name!r} adds a parameter group {name!r} "
+                                                 f"that {self.name} already has")
+                groups[name] = group
+        optimizers = make_optimizers(groups)
+        self.engine.reset()
+        needs_student = self.config.adv_weight > 0 and self.proxy_has_learnt
+        self.student.eval()
+        for index in range(self.config.inversion_steps):
+            with self.acceleration.autocast():
+                with record_function("synth.generate"):
+                    images = self.generate(self.latents, labels)
+                step = self.forward_step(index, labels, images, needs_student)
+            with record_function("synth.losses"):
+                terms = self.step_terms(step)
+            with record_function("synth.update"):
+                self.engine.apply(terms, groups, optimizers)
+            for plugin in self.plugins:
+                with record_function(f"synth.plugin.{plugin.name}"):
+                    plugin.after_step(step)
+            self._last_terms = {name: t.value.detach() for name, t in terms.items()}
+        with torch.no_grad(), self.acceleration.autocast():
+            return self.generate(self.latents, labels).detach().float()
+
+    def forward_step(self, index: int, labels: torch.Tensor, images: torch.Tensor,
+                     needs_student: bool) -> InversionStep:
+        """The teacher on every view (one forward pass, or one per view: :attr:`fuse_teacher_views`), BN
+        statistics from the first view only; the proxy student on the first view."""
+        n = images.shape[0]
+        views = [self.teacher_view(images) for _ in range(self.teacher_view_count())]
+        with record_function("synth.teacher"):
+            if self.fuse_teacher_views or len(views) == 1:
+                batch = views[0] if len(views) == 1 else self.acceleration.tensor(torch.cat(views))
+                with recording(self.bn_hook, first=n):
+                    logits, features = self.teacher.forward_with_features(batch)
+                per_view = list(features.float().split(n))
+            else:
+                with recording(self.bn_hook):
+                    logits, first = self.teacher.forward_with_features(views[0])
+                per_view = [first.float()] + [self.teacher.features(view).float() for view in views[1:]]
+        with record_function("synth.proxy_student"):
+            student_logits = self.student(views[0]).float() if needs_student else None
+        return InversionStep(index, labels, self.latents, images, views, logits[:n].float(), per_view,
+                             student_logits)
+
+    def step_terms(self, step: InversionStep) -> dict[str, Term]:
+        """The method's terms and every plug-in's, which may not reuse a name."""
+        terms = self.losses(step)
+        for plugin in self.plugins:
+            for name, value in plugin.losses(step).items():
+                if name in terms:
+                    raise UpdateDeclarationError(f"loss plug-in {plugin.name!r} adds a term {name!r} that "
+                                                 f"{self.name} already has; name it after the plug-in")
+                terms[name] = value
+        return terms
+
+    def synthesize(self) -> Iterator[SynthBatch]:
+        while True:
+            batch = self.next_batch()
+            self.end_batch(batch)
+            extra = [b for plugin in self.plugins for b in plugin.end_batch(batch)]
+            self.batches_done += 1
+            yield batch
+            yield from extra
+
+    # -- resumability ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({
+            "generator": self.generator.state_dict(),
+            "student": self.student.state_dict(),
+            "student_optimizer": self.student_optimizer.state_dict(),
+            "memory": self.memory.state_dict(),
+            "plugins": {plugin.name: plugin.state_dict() for plugin in self.plugins},
+        })
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.student.load_state_dict(state["student"])
+        self.student_optimizer.load_state_dict(state["student_optimizer"])
+        self.memory.load_state_dict(state["memory"], device=self.device)
+        saved = state.get("plugins", {})
+        for plugin in self.plugins:
+            if plugin.name not in saved:
+                raise ValueError(f"the resume state has no state for loss plug-in {plugin.name!r}")
+            plugin.load_state_dict(saved[plugin.name])
+
+    def losses_of_last_step(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self._last_terms.items()}
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
