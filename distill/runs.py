@@ -56,6 +56,7 @@ from distill.train import (
     evaluate,
     fit,
 )
+from timebudget import Deadline
 
 #: ``--cache auto`` decodes the whole set into memory below this many bytes, streams above it.
 MEMORY_CACHE_LIMIT = 4 * 1024**3
@@ -77,6 +78,8 @@ class RunOptions:
     eval_data: str | None = None
     eval_size: int | None = None
     max_eval_samples: int | None = None
+    progress_eval_samples: int | None = None  # evaluations before the last use a seeded subset of this many
+    time_budget: float | None = None  # seconds of wall time for the whole run (see distill.train.fit)
     out: Path | None = None
     resume: bool = False
     device: str = "auto"
@@ -346,6 +349,7 @@ def resolve_eval_data(eval_data: str | None, teacher_dataset: str | None, verbos
 def distill_from_shards(opts: RunOptions) -> JobResult:
     """``distill run``: train a student from a shard dataset's images and stored (or live) teacher logits."""
     wall_start = time.perf_counter()
+    deadline = Deadline(opts.time_budget) if opts.time_budget is not None else None
     device = zoo.pick_device(opts.device)
     out = opts.out or default_run_out(opts.shards, opts.student)
     check_out_dir(out, opts.resume)
@@ -406,12 +410,20 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     if teacher is not None and device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
     evaluate_fn = None
+    progress_eval_images = 0
     if eval_ds is not None:
         eval_source = real_source(eval_ds, batch_size=EVAL_BATCH, device=device, augment=False, shuffle=False,
                                   seed=0, workers=opts.workers)
+        progress_source = eval_source
+        progress_eval_images = len(eval_ds)
+        if opts.progress_eval_samples and opts.progress_eval_samples < len(eval_ds):
+            subset = eval_ds.subset(opts.progress_eval_samples, seed=opts.loop.seed)
+            progress_source = real_source(subset, batch_size=EVAL_BATCH, device=device, augment=False,
+                                          shuffle=False, seed=0, workers=opts.workers)
+            progress_eval_images = len(subset)
 
-        def evaluate_fn(model: nn.Module) -> float:
-            return evaluate(model, eval_source)
+        def evaluate_fn(model: nn.Module, final: bool) -> float:
+            return evaluate(model, eval_source if final else progress_source)
 
         if teacher is not None and teacher_acc is None:
             teacher_acc = evaluate(teacher, eval_source)
@@ -427,7 +439,9 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
 
     result = fit(student, source, objective, opts.loop, device=device, out_dir=out, run_config=run_config,
                  evaluate_fn=evaluate_fn, resume=opts.resume, progress=opts.progress,
-                 on_epoch=lambda history: report.write_log_csv(out / "log.csv", history))
+                 on_epoch=lambda history: report.write_log_csv(out / "log.csv", history), deadline=deadline,
+                 final_eval_images=len(eval_ds) if eval_ds is not None else 0,
+                 progress_eval_images=progress_eval_images)
 
     final_acc = result.final_accuracy
     student.to("cpu")
@@ -439,11 +453,14 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         "final_accuracy": final_acc,
         "best_accuracy": result.best_accuracy,
         "teacher_accuracy": teacher_acc,
-        "epochs": opts.loop.epochs,
-        "epochs_this_process": opts.loop.epochs - result.start_epoch,
+        "epochs": result.planned_epochs,
+        "epochs_requested": opts.loop.epochs,
+        "epochs_this_process": result.planned_epochs - result.start_epoch,
+        "time_budget_seconds": opts.time_budget,
         "images_per_second": result.images_per_second,
         "train_images": result.train_images,
         "train_seconds": result.train_seconds,
+        "eval_seconds": result.eval_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
         "peak_memory": report.peak_memory(device),
         "device": report.device_description(device),
@@ -514,7 +531,7 @@ def train_on_real(opts: TrainOptions) -> JobResult:
         "max_eval_samples": opts.max_eval_samples, **{f"loop.{k_}": v for k_, v in asdict(opts.loop).items()},
     }
 
-    def evaluate_fn(m: nn.Module) -> float:
+    def evaluate_fn(m: nn.Module, final: bool) -> float:
         assert eval_source is not None
         return evaluate(m, eval_source)
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from atomicio import write_atomic
 from distill.data import Batch
+from timebudget import Deadline
 
 #: Default KD temperature: 4, as RepDistiller / CRD use for CIFAR-sized students.
 DEFAULT_TEMPERATURE = 4.0
@@ -206,10 +207,20 @@ class FitResult:
     train_images: int
     train_seconds: float
     start_epoch: int  # epochs already done when this process started (0 for a fresh run)
+    planned_epochs: int  # the epochs run: config.epochs, or fewer when a time budget planned fewer
+    eval_seconds: float = 0.0  # spent in evaluations (this process)
 
     @property
     def images_per_second(self) -> float | None:
         return self.train_images / self.train_seconds if self.train_seconds > 0 else None
+
+
+def plan_epochs(requested: int, done: int, seconds_per_epoch: float, remaining: float, reserve: float) -> int:
+    """How many epochs in all fit a time budget: the ``done`` ones plus as many more of ``seconds_per_epoch``
+    as fit in ``remaining`` seconds less ``reserve`` (the final evaluation and saving), never fewer than
+    ``done`` nor more than ``requested``."""
+    more = int(max(0.0, remaining - reserve) // max(seconds_per_epoch, 1e-9))
+    return max(done, min(requested, done + more))
 
 
 def fit(
@@ -221,17 +232,28 @@ def fit(
     device: torch.device,
     out_dir: Path,
     run_config: dict[str, Any],
-    evaluate_fn: Callable[[nn.Module], float] | None = None,
+    evaluate_fn: Callable[[nn.Module, bool], float] | None = None,
     resume: bool = False,
     amp: bool = True,
     progress: bool = True,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+    deadline: Deadline | None = None,
+    final_eval_images: int = 0,
+    progress_eval_images: int = 0,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs of ``source`` under ``objective``.
 
-    ``model`` must already be on ``device``. After every epoch: evaluate (if ``evaluate_fn``), save
-    ``last.pt`` atomically, then call ``on_epoch(history)`` (used to rewrite log.csv). With ``resume``
-    and an existing ``last.pt`` the run continues after the checkpoint's epoch.
+    ``model`` must already be on ``device``. After every epoch: evaluate (if ``evaluate_fn`` and due;
+    ``evaluate_fn(model, final)`` is told whether this is the last evaluation, which must be on the full test
+    set), save ``last.pt`` atomically, then call ``on_epoch(history)`` (used to rewrite log.csv). With
+    ``resume`` and an existing ``last.pt`` the run continues after the checkpoint's epoch.
+
+    With a ``deadline`` the run ends at an epoch boundary within the budget: after the first epoch of this
+    process, the epochs that still fit are planned from its measured duration, keeping in reserve the time
+    of the final evaluation on ``final_eval_images`` images and counting the evaluations on
+    ``progress_eval_images`` every ``eval_every`` epochs (each estimated at a third of the training cost per
+    image: a forward pass without backward), and the cosine schedule is laid over the planned epochs, so the
+    learning rate still anneals to zero at the end. A resumed run plans again from its own first epoch.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file = checkpoint_path(out_dir)
@@ -242,6 +264,7 @@ def fit(
     history: list[dict[str, Any]] = []
     best: float | None = None
     start_epoch = 0
+    planned = config.epochs
     train_images, train_seconds = 0, 0.0
     if ckpt_file.exists():
         if not resume:
@@ -264,13 +287,15 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     steps_per_epoch = max(1, len(source))
-    total_steps = steps_per_epoch * config.epochs
-    for epoch in range(start_epoch, config.epochs):
+    eval_seconds = 0.0
+    epoch = start_epoch
+    while epoch < planned:
+        total_steps = steps_per_epoch * planned
         lr = cosine_lr(config.lr, epoch * steps_per_epoch, total_steps)  # logged: the epoch's first step
         model.train()
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        bar = tqdm(total=len(source), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+        bar = tqdm(total=len(source), desc=f"epoch {epoch + 1}/{planned}", unit="batch",
                    leave=False, disable=not progress, dynamic_ncols=True)
         started = time.perf_counter()
         for step, batch in enumerate(source.epoch(epoch)):
@@ -297,8 +322,22 @@ def fit(
         train_loss = float(loss_sum.item()) / seen
         if not math.isfinite(train_loss):
             raise DistillError(f"the training loss became {train_loss} in epoch {epoch + 1}; try a lower --lr")
-        due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
-        acc = evaluate_fn(model) if evaluate_fn is not None and due else None
+        if deadline is not None and epoch == start_epoch:
+            # Plan the epochs that fit from this epoch's measured cost; the final evaluation is kept in reserve.
+            per_image = seconds / seen / 3  # evaluation: forward only
+            per_epoch = seconds + per_image * progress_eval_images / max(config.eval_every, 1)
+            planned = plan_epochs(planned, epoch + 1, per_epoch, deadline.remaining() or 0.0,
+                                  reserve=per_image * final_eval_images)
+            if planned < config.epochs:
+                _say(progress, f"time budget: {planned} of {config.epochs} epochs fit; the learning-rate schedule "
+                               "is planned for them")
+        last = epoch + 1 == planned
+        due = (epoch + 1) % max(config.eval_every, 1) == 0 or last
+        acc = None
+        if evaluate_fn is not None and due:
+            eval_started = time.perf_counter()
+            acc = evaluate_fn(model, last)
+            eval_seconds += time.perf_counter() - eval_started
         if acc is not None:
             best = acc if best is None else max(best, acc)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "eval_acc": acc, "lr": lr,
@@ -309,9 +348,10 @@ def fit(
         save_checkpoint({
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,
+            "planned_epochs": planned,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": {"kind": "cosine-per-step", "base_lr": config.lr, "epochs": config.epochs,
+            "scheduler": {"kind": "cosine-per-step", "base_lr": config.lr, "epochs": planned,
                           "steps_per_epoch": steps_per_epoch},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
@@ -322,12 +362,13 @@ def fit(
             "config": run_config,
         }, ckpt_file)
         acc_text = f"  acc {100 * acc:.2f}%" if acc is not None else ""
-        _say(progress, f"epoch {epoch + 1}/{config.epochs}  loss {train_loss:.4f}{acc_text}  lr {lr:.4g}  "
+        _say(progress, f"epoch {epoch + 1}/{planned}  loss {train_loss:.4f}{acc_text}  lr {lr:.4g}  "
                        f"{seen / seconds:.0f} img/s  {seconds:.1f} s")
         if on_epoch is not None:
             on_epoch(history)
+        epoch += 1
     final = history[-1]["eval_acc"] if history else None
-    return FitResult(history, best, final, train_images, train_seconds, start_epoch)
+    return FitResult(history, best, final, train_images, train_seconds, start_epoch, planned, eval_seconds)
 
 
 def _say(enabled: bool, text: str) -> None:

@@ -252,11 +252,16 @@ def logit_stats(labels: np.ndarray, logits: np.ndarray) -> tuple[int, float]:
 
 
 def summary_from_shards(shards: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:
-    """teacher_agreement, mean_entropy and bytes_per_sample from the per-shard figures the writer records."""
+    """teacher_agreement, mean_entropy, bytes_per_sample and (when shards record it) the total
+    synthesis_seconds, from the per-shard figures the writer records."""
     if num_samples == 0:
         return {"teacher_agreement": None, "mean_entropy": None, "bytes_per_sample": None}
     agree = sum(int(e.get("agreement_count", 0)) for e in shards)
     entropy = math.fsum(float(e.get("entropy_sum", 0.0)) for e in shards)
     size = sum(int(e["bytes"]) for e in shards)
-    return {"teacher_agreement": agree / num_samples, "mean_entropy": entropy / num_samples,
-            "bytes_per_sample": size / num_samples}
+    summary = {"teacher_agreement": agree / num_samples, "mean_entropy": entropy / num_samples,
+               "bytes_per_sample": size / num_samples}
+    timed = [float(e["synthesis_seconds"]) for e in shards if "synthesis_seconds" in e]
+    if timed:
+        summary["synthesis_seconds"] = round(math.fsum(timed), 3)
+    return summary

@@ -72,7 +72,7 @@ _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = frozenset({
     "format", "format_version", "tool_version", "identity", "schema", "num_classes", "target_samples",
     "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "created", "updated",
-    "artifacts", "shard_size",
+    "artifacts", "shard_size", "stop",
 })
 
 
@@ -415,8 +415,11 @@ class ShardWriter:
                              "it to tensors, numbers, strings and containers of those") from error
         return buffer.getvalue()
 
-    def commit_shard(self, samples: list[Sample], state: dict[str, Any] | None = None) -> None:
-        """Writes ``samples`` as the next shard and, with it, the resume ``state`` (or clears it when None)."""
+    def commit_shard(self, samples: list[Sample], state: dict[str, Any] | None = None,
+                     seconds: float | None = None) -> None:
+        """Writes ``samples`` as the next shard and, with it, the resume ``state`` (or clears it when None).
+        ``seconds``, the wall time spent making these samples, is recorded with the shard; the summary's
+        ``synthesis_seconds`` is their sum over all runs of this dataset (what a time budget counts)."""
         checked, shape, num_classes = self._validate(samples)
         state_bytes = self._serialise_state(state) if state is not None else None
         index = self.num_shards
@@ -470,6 +473,8 @@ class ShardWriter:
             "agreement_count": agree,
             "entropy_sum": entropy_sum,
         }
+        if seconds is not None:
+            shard_entry["synthesis_seconds"] = round(float(seconds), 3)
         previous_state = self._manifest.get("resume_state")
 
         def record_shard(manifest: dict[str, Any]) -> None:
@@ -484,6 +489,7 @@ class ShardWriter:
             manifest["summary"] = {**manifest["summary"], **summary_from_shards(manifest["shards"],
                                                                                 manifest["num_samples"])}
             manifest["complete"] = False  # only finish() declares a dataset complete
+            manifest.pop("stop", None)
             manifest["resume_state"] = state_rel
 
         def withdraw() -> None:
@@ -557,19 +563,28 @@ class ShardWriter:
         self._commit_manifest(record_artifact, message)
         return dict(entry)
 
-    def finish(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(self, summary: dict[str, Any] | None = None, stop: dict[str, Any] | None = None) -> dict[str, Any]:
         """Marks the dataset complete, merges the caller's ``summary`` figures (e.g. diversity) into the
-        manifest's summary, drops the resume state and returns the final manifest."""
+        manifest's summary and returns the final manifest.
+
+        Without ``stop`` the dataset holds what was asked for and the resume state is dropped. With ``stop``
+        (why the run ended early, e.g. ``{"reason": "time_budget", ...}``, recorded as ``manifest["stop"]``)
+        it is a complete, usable dataset of the shards so far, and the resume state is kept, so that a later
+        run asking for more continues exactly where this one stopped."""
         extra = canonical_json(summary or {}, "summary")
+        stop = canonical_json(stop, "stop") if stop is not None else None
 
         def complete(manifest: dict[str, Any]) -> None:
             # teacher_agreement and mean_entropy always come from the stored logits, never from the caller.
             manifest["summary"] = {**manifest["summary"], **extra,
                                    **summary_from_shards(manifest["shards"], manifest["num_samples"])}
             manifest["complete"] = True
-            manifest["resume_state"] = None
+            manifest["stop"] = stop
+            if stop is None:
+                manifest["resume_state"] = None
 
         self._commit_manifest(
             complete, lambda error: f"{self.out_dir / MANIFEST_NAME}: could not finish the dataset ({error})")
-        shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)
+        if stop is None:
+            shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)
         return self.manifest

@@ -19,6 +19,7 @@ import click
 
 import shards
 import zoo
+from timebudget import parse_duration
 
 from .base import SynthesisMethod
 from .config import build_config, click_options
@@ -136,7 +137,7 @@ def run_group() -> None:
     """Synthesise a dataset with METHOD (see `synth list`)."""
 
 
-_RUN_OPTIONS = ("num_images", "shard_size", "seed", "device")
+_RUN_OPTIONS = ("num_images", "shard_size", "seed", "device", "time_budget")
 
 
 def _plugin_option_names(method_class: type[SynthesisMethod]) -> dict[str, set[str]]:
@@ -159,7 +160,8 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
     plugin_fields = _plugin_option_names(method_class)
 
     def command(out: str, num_images: int | None, shard_size: int | None, seed: int | None,
-                device: str | None, config_file: str | None, preset: str, quiet: bool, accelerate: bool,
+                device: str | None, time_budget: float | None, config_file: str | None, preset: str, quiet: bool,
+                accelerate: bool,
                 teacher: str | None, arch: str | None, num_classes: int | None, input_size: int | None,
                 mean: str | None, std: str | None, class_names: str | None, **values: Any) -> None:
         file_method, file_run = _read_pipeline_file(config_file, name)
@@ -182,13 +184,13 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
             planned = method_class.planned_images(config)
             run_values = {**preset_run, **({"num_images": planned} if planned else {}), "seed": 0,
                           "device": "auto", **file_run}
-            for key, value in zip(_RUN_OPTIONS, (num_images, shard_size, seed, device), strict=True):
+            for key, value in zip(_RUN_OPTIONS, (num_images, shard_size, seed, device, time_budget), strict=True):
                 if value is not None:
                     run_values[key] = value
             options = RunOptions(out=Path(out), num_images=int(run_values["num_images"]),
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
                                  device=str(run_values["device"]), progress=not quiet, preset=preset_name,
-                                 accelerate=accelerate)
+                                 accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")))
             classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
                                       num_classes, input_size, mean, std, class_names)
             run(method_class, config, classifier, options, plugins=plugins, log=lambda m: click.echo(m, err=True))
@@ -210,6 +212,10 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
         click.option("--seed", type=int, default=None,
                      help="random seed; the same seed gives the same bytes [default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto]"),
+        click.option("--time-budget", default=None, metavar="DURATION",
+                     help="stop at the first shard boundary after this much synthesis time (90s, 20m, 1h30m), "
+                          "counting earlier runs of this dataset: a complete, verified dataset that the same command "
+                          "with a larger budget continues; with --num-images, whichever comes first"),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="pipeline file (TOML): a [synth.METHOD] table of method options and a [synth.run] table "
                           "(num_images, shard_size, seed, device, teacher, arch); command-line options win"),
@@ -222,6 +228,15 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
     ]):
         command = option(command)
     return click.command(name, context_settings={"max_content_width": 110})(command)
+
+
+def _duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--time-budget") from None
 
 
 def _method_help(method_class: type[SynthesisMethod]) -> str:

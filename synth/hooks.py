@@ -36,8 +36,11 @@ class BatchNormStatisticsHook:
                 "(e.g. --bn-weight 0) or choose a teacher with BatchNorm"
             )
         self.batch_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.instance_means: list[torch.Tensor] = []
         self._active = False
         self._first: int | None = None
+        self._instance_means = False
+        self._batch_stats = True
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 
     def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -45,6 +48,10 @@ class BatchNormStatisticsHook:
             return
         # Only the first rows when several views share one forward pass (the teacher is in eval mode, so the
         # other rows do not change these rows' activations); float32 even under autocast.
+        if self._instance_means:  # every row: each view's per-sample channel means (CMI's features)
+            self.instance_means.append(inputs[0].float().mean(dim=list(range(2, inputs[0].dim()))))
+        if not self._batch_stats:
+            return
         x = inputs[0][: self._first].float()
         dims = [0] + list(range(2, x.dim()))
         # Population variance, as BatchNorm itself normalises with during training; one pass for both.
@@ -52,17 +59,33 @@ class BatchNormStatisticsHook:
         self.batch_stats.append((mean, var))
 
     @contextmanager
-    def recording(self, first: int | None = None) -> Iterator[BatchNormStatisticsHook]:
-        """Collects statistics for the forward passes run inside the ``with`` block, of the first ``first``
-        samples of each batch (all of them when ``None``)."""
-        self.batch_stats = []
+    def recording(self, first: int | None = None, instance_means: bool = False,
+                  batch_stats: bool = True) -> Iterator[BatchNormStatisticsHook]:
+        """Collects statistics for the forward passes run inside the ``with`` block: batch mean and variance
+        of the first ``first`` samples of each batch (all of them when ``None``; ``batch_stats=False`` keeps
+        those of an earlier recording), and with ``instance_means`` each sample's channel means at every
+        layer (:meth:`instance_features`)."""
+        if batch_stats:
+            self.batch_stats = []
+        self.instance_means = []
         self._active = True
         self._first = first
+        self._instance_means = instance_means
+        self._batch_stats = batch_stats
         try:
             yield self
         finally:
             self._active = False
             self._first = None
+            self._instance_means = False
+            self._batch_stats = True
+
+    def instance_features(self) -> torch.Tensor:
+        """[N, sum of channels]: every sample's per-channel means at the input of every BN layer, concatenated
+        (CMI's multi-layer feature for instance discrimination)."""
+        if not self.instance_means:
+            raise RuntimeError("no instance means recorded: use recording(instance_means=True)")
+        return torch.cat(self.instance_means, dim=1)
 
     def running_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The teacher's stored (running) mean and variance of every BN layer, in hook order."""
@@ -74,6 +97,7 @@ class BatchNormStatisticsHook:
         self._handles = []
 
 
-def recording(hook: BatchNormStatisticsHook | None, first: int | None = None) -> AbstractContextManager:
-    """``hook.recording(first)``, or a no-op when BN matching is switched off (no hook)."""
-    return hook.recording(first) if hook is not None else nullcontext()
+def recording(hook: BatchNormStatisticsHook | None, first: int | None = None, instance_means: bool = False,
+              batch_stats: bool = True) -> AbstractContextManager:
+    """``hook.recording(...)``, or a no-op when there is no hook."""
+    return hook.recording(first, instance_means, batch_stats) if hook is not None else nullcontext()

@@ -11,7 +11,10 @@ something to disagree with. A method changes the loop only through these named p
 ``sample_latents(y)``       the latent prior (N(0, I) here; D2CIP's class-conditional GMM)
 ``begin_batch(y)``          per-batch set-up; returns the parameter groups (:class:`ParamGroup`) by name
 ``teacher_view_count()``    augmented views the teacher sees per step (D2CIP's L_scr needs two)
+``make_views(x)``           the views themselves (CMI: one global and one local crop)
 ``losses(step)``            the named loss terms, each a :class:`Term` naming the groups it updates
+``after_step(step, terms)`` after each step's update (CMI keeps the best iterate)
+``batch_result(y)``         the batch's images (the last iterate; CMI: the best)
 ``after_inversion(x, y)``   after every inverted batch (D2CIP's memory banks)
 ``end_batch(batch)``        after every *stored* batch (replay memory, proxy-student KD)
 ``next_batch()``            one stored batch (D2CIP's A.8 selects one of several inverted candidates)
@@ -96,6 +99,7 @@ class InversionStep:
     teacher_logits: torch.Tensor  # on views[0], float32
     teacher_features: list[torch.Tensor]  # penultimate features, one tensor per view
     student_logits: torch.Tensor | None  # proxy student on views[0]; None until it has learnt anything
+    instance_features: list[torch.Tensor] | None = None  # per view, when the method asks (CMI)
 
 
 class GeneratorInversion(SynthesisMethod):
@@ -108,6 +112,10 @@ class GeneratorInversion(SynthesisMethod):
     #: All views through the teacher in one forward pass (faster when one backward pass serves every
     #: parameter group); a method whose update needs a second pass through the first view only sets False.
     fuse_teacher_views: bool = True
+    #: Record every sample's per-channel means at each BN layer's input, per view (CMI's features).
+    records_instance_means: bool = False
+    #: Yield the iterate with the lowest total loss rather than the last (CMI and Fast do).
+    keeps_best_iterate: bool = False
 
     def __init__(self, teacher: zoo.Classifier, config: InversionConfig, device: torch.device,
                  plugins: Sequence[LossPlugin] = (), acceleration: zoo.Acceleration | None = None):
@@ -120,6 +128,7 @@ class GeneratorInversion(SynthesisMethod):
         self.memory = MemoryBank(config.memory_capacity)  # quantised (uint8) images, as the shards store them
         self.engine = UpdateEngine()
         self.latents = torch.empty(0)
+        self._best: tuple[float, torch.Tensor] | None = None  # (total loss, images) when keeping the best
         self._last_terms: dict[str, torch.Tensor] = {}
         for plugin in self.plugins:
             plugin.attach(self)
@@ -170,6 +179,31 @@ class GeneratorInversion(SynthesisMethod):
             return images
         return self.acceleration.tensor(augment.random_resized_crop_flip(images, scale=(0.5, 1.0)))
 
+    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """What the teacher sees this step: ``teacher_view_count()`` augmented views; BN matching, the class
+        prior and the proxy student use the first."""
+        return [self.teacher_view(images) for _ in range(self.teacher_view_count())]
+
+    def after_step(self, step: InversionStep, terms: dict[str, Term]) -> None:
+        """After each step's update: remembers the step's images when they are the best so far (the images
+        the step's losses were computed on, i.e. before its update) if :attr:`keeps_best_iterate`."""
+        if not self.keeps_best_iterate:
+            return
+        total = float(sum(t.value.detach() for t in terms.values()))
+        if self._best is None or total < self._best[0]:
+            self._best = (total, step.images.detach().float())
+            self.on_new_best(step)
+
+    def on_new_best(self, step: InversionStep) -> None:
+        """Called when :meth:`after_step` keeps a new best iterate (CMI keeps its features too)."""
+
+    def batch_result(self, labels: torch.Tensor) -> torch.Tensor:
+        """The images this batch yields: the best iterate's, or the generator's output after the last step."""
+        if self.keeps_best_iterate and self._best is not None:
+            return self._best[1]
+        with torch.no_grad(), self.acceleration.autocast():
+            return self.generate(self.latents, labels).detach().float()
+
     def losses(self, step: InversionStep) -> dict[str, Term]:
         """The terms of one step. gMI: :meth:`gmi_terms` (Eq. 4)."""
         return self.gmi_terms(step)
@@ -187,12 +221,20 @@ class GeneratorInversion(SynthesisMethod):
         if cfg.class_weight:
             terms["cls"] = term(scale * cfg.class_weight * class_prior_loss(step.teacher_logits, step.labels), *groups)
         if cfg.bn_weight:
-            terms["bn"] = term(scale * cfg.bn_weight * bn_statistics_loss(self.bn_hook), *groups)
+            terms["bn"] = term(scale * cfg.bn_weight * self.bn_loss(), *groups)
         if cfg.adv_weight and step.student_logits is not None:
             adv = adversarial_kl_loss(step.teacher_logits, step.student_logits,
                                       decision_adversarial=cfg.decision_adversarial)
             terms["adv"] = term(scale * cfg.adv_weight * adv, *groups)
         return terms
+
+    def bn_loss(self) -> torch.Tensor:
+        """L_bn of the step just run (D2CIP Eq. 2); Fast blends in its running synthetic statistics."""
+        return bn_statistics_loss(self.bn_hook)
+
+    def wants_adversarial(self) -> bool:
+        """Whether this batch's steps include L_adv: once the proxy student has learnt something."""
+        return self.config.adv_weight > 0 and self.proxy_has_learnt
 
     def after_inversion(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Called after every inverted batch, stored or not. Nothing to do in gMI."""
@@ -250,7 +292,8 @@ class GeneratorInversion(SynthesisMethod):
                 groups[name] = group
         optimizers = make_optimizers(groups)
         self.engine.reset()
-        needs_student = self.config.adv_weight > 0 and self.proxy_has_learnt
+        self._best = None
+        needs_student = self.wants_adversarial()
         self.student.eval()
         for index in range(self.config.inversion_steps):
             with self.acceleration.autocast():
@@ -261,33 +304,42 @@ class GeneratorInversion(SynthesisMethod):
                 terms = self.step_terms(step)
             with record_function("synth.update"):
                 self.engine.apply(terms, groups, optimizers)
+            self.after_step(step, terms)
             for plugin in self.plugins:
                 with record_function(f"synth.plugin.{plugin.name}"):
                     plugin.after_step(step)
             self._last_terms = {name: t.value.detach() for name, t in terms.items()}
-        with torch.no_grad(), self.acceleration.autocast():
-            return self.generate(self.latents, labels).detach().float()
+        return self.batch_result(labels)
 
     def forward_step(self, index: int, labels: torch.Tensor, images: torch.Tensor,
                      needs_student: bool) -> InversionStep:
         """The teacher on every view (one forward pass, or one per view: :attr:`fuse_teacher_views`), BN
         statistics from the first view only; the proxy student on the first view."""
         n = images.shape[0]
-        views = [self.teacher_view(images) for _ in range(self.teacher_view_count())]
+        views = self.make_views(images)
+        means = self.records_instance_means
+        instance: list[torch.Tensor] | None = None
         with record_function("synth.teacher"):
             if self.fuse_teacher_views or len(views) == 1:
                 batch = views[0] if len(views) == 1 else self.acceleration.tensor(torch.cat(views))
-                with recording(self.bn_hook, first=n):
+                with recording(self.bn_hook, first=n, instance_means=means):
                     logits, features = self.teacher.forward_with_features(batch)
                 per_view = list(features.float().split(n))
+                if means:
+                    instance = list(self.bn_hook.instance_features().split(n))
             else:
-                with recording(self.bn_hook):
+                with recording(self.bn_hook, instance_means=means):
                     logits, first = self.teacher.forward_with_features(views[0])
-                per_view = [first.float()] + [self.teacher.features(view).float() for view in views[1:]]
+                per_view, instance = [first.float()], [self.bn_hook.instance_features()] if means else None
+                for view in views[1:]:
+                    with recording(self.bn_hook, instance_means=means, batch_stats=False):
+                        per_view.append(self.teacher.features(view).float())
+                    if instance is not None:
+                        instance.append(self.bn_hook.instance_features())
         with record_function("synth.proxy_student"):
             student_logits = self.student(views[0]).float() if needs_student else None
         return InversionStep(index, labels, self.latents, images, views, logits[:n].float(), per_view,
-                             student_logits)
+                             student_logits, instance)
 
     def step_terms(self, step: InversionStep) -> dict[str, Term]:
         """The method's terms and every plug-in's, which may not reuse a name."""

@@ -20,12 +20,19 @@ def class_prior_loss(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torc
     return F.cross_entropy(teacher_logits, labels)
 
 
-def bn_statistics_loss(hook: BatchNormStatisticsHook) -> torch.Tensor:
+def bn_statistics_loss(hook: BatchNormStatisticsHook,
+                       synthetic_running: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                       momentum: float = 0.0) -> torch.Tensor:
     """Distance between the batch statistics of the synthetic batch and the teacher's BN statistics.
 
     D2CIP Eq. 2: sum over BN layers l of ||mu_l(x') - mu_l||_2 + ||sigma^2_l(x') - sigma^2_l||_2, the
     feature-distribution regulariser of DeepInversion (Yin et al. 2020, Eq. 4) as CMI uses it. ``hook``
     must have recorded exactly one teacher forward pass.
+
+    With ``synthetic_running`` (per layer, a running estimate of earlier synthetic batches' mean and
+    variance) the batch's statistics are first blended with it, ``(1 - m) * batch + m * running``: Fast's
+    momentum feature regulariser (Fang et al. 2022), which matches the statistics of the synthetic data seen
+    so far rather than of one small batch.
     """
     if not hook.batch_stats:
         raise RuntimeError("bn_statistics_loss needs a teacher forward pass inside hook.recording()")
@@ -34,8 +41,12 @@ def bn_statistics_loss(hook: BatchNormStatisticsHook) -> torch.Tensor:
             f"recorded {len(hook.batch_stats)} BN activations for {len(hook.layers)} layers; "
             "run exactly one teacher forward pass per recording"
         )
-    total = hook.batch_stats[0][0].new_zeros(())
-    for (mean, var), (running_mean, running_var) in zip(hook.batch_stats, hook.running_stats(), strict=True):
+    stats = hook.batch_stats
+    if synthetic_running is not None:
+        stats = [((1 - momentum) * mean + momentum * run_mean, (1 - momentum) * var + momentum * run_var)
+                 for (mean, var), (run_mean, run_var) in zip(stats, synthetic_running, strict=True)]
+    total = stats[0][0].new_zeros(())
+    for (mean, var), (running_mean, running_var) in zip(stats, hook.running_stats(), strict=True):
         total = total + torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
     return total
 

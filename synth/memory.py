@@ -48,12 +48,15 @@ class MemoryBank:
             return self._rows[: self._size]
         return torch.cat([self._rows[self._next:], self._rows[: self._next]])
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` rows drawn uniformly with replacement."""
+    def sample(self, n: int, generator: torch.Generator | None = None, replacement: bool = True) -> torch.Tensor:
+        """``n`` rows drawn uniformly, with replacement; without it, ``min(n, len(self))`` distinct rows."""
         if self._rows is None or self._size == 0:
             raise RuntimeError("cannot sample from an empty memory bank")
-        index = torch.randint(self._size, (n,), generator=generator, device="cpu").to(self._rows.device)
-        return self._rows[index]
+        if replacement:
+            index = torch.randint(self._size, (n,), generator=generator, device="cpu")
+        else:
+            index = torch.randperm(self._size, generator=generator, device="cpu")[:n]
+        return self._rows[index.to(self._rows.device)]
 
     def state_dict(self) -> dict:
         """Only the rows held, as a copy: a view of the preallocated buffer would make ``torch.save`` write

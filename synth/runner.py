@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import shards
 import zoo
+from timebudget import Deadline, format_duration
 
 from .base import SynthConfig, SynthesisMethod
 from .diversity import diversity_report, subsample, teacher_features
@@ -42,6 +43,7 @@ class RunOptions:
     progress: bool = True
     preset: str = "paper"
     accelerate: bool = True  # zoo.Acceleration: channels_last (and bf16 autocast on CUDA)
+    time_budget: float | None = None  # seconds; stop at the first shard boundary after it
     diversity_samples: int = 2_000
 
     def __post_init__(self) -> None:
@@ -49,6 +51,8 @@ class RunOptions:
             raise ValueError(f"--num-images must be positive, got {self.num_images}")
         if self.shard_size <= 0:
             raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"--time-budget must be positive, got {self.time_budget}")
 
 
 class WriterArtifacts:
@@ -153,9 +157,17 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     header = {"method": method_header, "teacher": teacher.card.to_dict()}
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=options.num_images,
                                      shard_size=options.shard_size)
+    # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
+    deadline = Deadline(options.time_budget, already_spent=float(writer.manifest["summary"].get("synthesis_seconds")
+                                                                 or 0.0))
     if writer.num_committed >= options.num_images:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
         return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options))
+    if deadline.expired():
+        log(f"{out}: its time budget ({format_duration(deadline.seconds)}) is spent with {writer.num_committed} "
+            "samples; give a larger --time-budget to continue")
+        return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options),
+                             stop=_budget_stop(deadline, options))
 
     torch.manual_seed(options.seed)
     acceleration = zoo.Acceleration(device, enabled=options.accelerate)
@@ -175,8 +187,9 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
 
     bar = tqdm(total=options.num_images, initial=next_index, unit="img", desc=f"synth {method_class.name}",
                disable=not options.progress, dynamic_ncols=True)
-    started = time.perf_counter()
+    started = shard_started = time.perf_counter()
     produced = 0
+    out_of_time = False
     for batch in method.synthesize():
         pixels, logits = quantise_and_label(teacher, batch.images)
         labels = batch.labels.cpu().tolist()
@@ -190,25 +203,39 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
             next_index += 1
             produced += 1
         bar.n = next_index
-        bar.set_postfix({k: f"{v:.3g}" for k, v in method.losses_of_last_step().items()}, refresh=True)
+        postfix = {k: f"{v:.3g}" for k, v in method.losses_of_last_step().items()}
+        if deadline.seconds is not None:
+            postfix["budget left"] = format_duration(deadline.remaining() or 0)
+        bar.set_postfix(postfix, refresh=True)
         while len(pending) >= options.shard_size:
             head, pending = pending[: options.shard_size], pending[options.shard_size:]
+            now = time.perf_counter()
             writer.commit_shard(head, state={"method": method.state_dict(), "rng": rng_state(),
-                                             "pending": _pack(pending)})
-        if next_index >= options.num_images:
+                                             "pending": _pack(pending)}, seconds=now - shard_started)
+            shard_started = now
+            if deadline.expired():  # the first shard boundary after the budget
+                out_of_time = next_index < options.num_images or bool(pending)
+                break
+        if out_of_time or next_index >= options.num_images:
             break
-    if pending:
-        writer.commit_shard(pending, state=None)
+    if pending and not out_of_time:
+        writer.commit_shard(pending, state=None, seconds=time.perf_counter() - shard_started)
     bar.close()
     elapsed = time.perf_counter() - started
     summary = dataset_summary(out, teacher, device, options)
     summary["synthesis_seconds_this_run"] = round(elapsed, 2)
     summary["synthesis_images_per_second"] = round(produced / elapsed, 2) if elapsed > 0 else None
     summary["peak_memory_bytes"] = peak_memory_bytes(device)
-    manifest = writer.finish(summary)
+    manifest = writer.finish(summary, stop=_budget_stop(deadline, options) if out_of_time else None)
+    stopped = f"; stopped by the time budget ({format_duration(deadline.seconds)})" if out_of_time else ""
     log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-        f"({produced} new, {summary['synthesis_images_per_second']} images/s)")
+        f"({produced} new, {summary['synthesis_images_per_second']} images/s){stopped}")
     return manifest
+
+
+def _budget_stop(deadline: Deadline, options: RunOptions) -> dict[str, Any]:
+    return {"reason": "time_budget", "time_budget_seconds": deadline.seconds,
+            "synthesis_seconds": round(deadline.elapsed(), 2), "requested_images": options.num_images}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

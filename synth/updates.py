@@ -47,11 +47,13 @@ def term(value: torch.Tensor, *updates: str) -> Term:
 
 @dataclass
 class ParamGroup:
-    """Tensors optimised together with one Adam (learning rate ``lr``)."""
+    """Tensors optimised together: by a fresh Adam (learning rate ``lr``) per batch, or by ``optimizer`` when
+    given, whose state then persists across batches (CMI's projection head)."""
 
     params: list[torch.Tensor]
     lr: float
     betas: tuple[float, float] = (0.5, 0.999)
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass
@@ -150,5 +152,7 @@ def _graph_leaves(value: torch.Tensor) -> set[int]:
 
 
 def make_optimizers(groups: Mapping[str, ParamGroup]) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per group, created per batch as CMI re-creates its optimiser for every synthesis round."""
-    return {name: torch.optim.Adam(group.params, lr=group.lr, betas=group.betas) for name, group in groups.items()}
+    """One Adam per group, created per batch as CMI re-creates its optimiser for every synthesis round, unless
+    the group brings its own persistent optimiser."""
+    return {name: group.optimizer or torch.optim.Adam(group.params, lr=group.lr, betas=group.betas)
+            for name, group in groups.items()}

@@ -287,3 +287,42 @@ def test_train_on_large_imagefolder_streams_through_a_loader(tmp_path: Path, mon
     assert metrics["data_path"] == "loader" and metrics["train_images"] == 2 * 24
     assert metrics["dataset"]["image_shape"] == [16, 16, 3] and metrics["final_accuracy"] is not None
     assert zoo.load_classifier(out / "model.pt").card.class_names == ["class0", "class1"]
+
+
+@needs_fmnist
+def test_time_budget_plans_the_epochs_that_fit_and_anneals_over_them(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "budget"
+    result = _run(_base(dataset, out, "--epochs", "500", "--time-budget", "4s", "--eval-data", "fmnist32",
+                        "--max-eval-samples", "300", "--eval-every", "1000"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_requested"] == 500 and 2 <= metrics["epochs"] < 500
+    assert metrics["time_budget_seconds"] == 4.0
+    assert metrics["wall_seconds"] < 4.0 + 3.0  # ends at an epoch boundary near the budget
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert len(rows) == metrics["epochs"]
+    lrs = [float(row["lr"]) for row in rows]
+    # The cosine schedule spans the planned epochs: the last epoch starts low, which it would not if the
+    # schedule still spanned 500 epochs.
+    assert lrs[-1] < 0.3 * lrs[0]
+    assert rows[-1]["eval_acc"] != ""  # the final evaluation happened
+
+
+@needs_fmnist
+def test_progress_evaluations_use_a_subset_and_the_last_the_whole_test_set(dataset: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import distill.runs as runs
+
+    sizes = []
+    real_evaluate = runs.evaluate
+
+    def counting_evaluate(model, source, amp=True):
+        sizes.append(source.num_samples)
+        return real_evaluate(model, source, amp)
+
+    monkeypatch.setattr(runs, "evaluate", counting_evaluate)
+    out = tmp_path / "evals"
+    result = _run(_base(dataset, out, "--epochs", "3", "--eval-data", "fmnist32", "--max-eval-samples", "500",
+                        "--eval-every", "1", "--progress-eval-samples", "100"))
+    assert result.exit_code == 0, result.output
+    assert sizes == [100, 100, 500]

@@ -1,0 +1,196 @@
+"""Equal-wall-time benchmark: for the same minutes on this machine, which method gives the better student?
+
+    python -m pipelines.walltime pipelines/fmnist32_cpu_walltime.toml [--rows d2cip,fast-2] [--fresh]
+
+For every row (a method and its options) and every total budget T in ``[budget] totals`` (ascending), the
+rule is: synthesis runs with ``synth run --time-budget share x T`` (continuing the row's dataset from the
+previous budget, so the points of one row share their synthesis), then a fresh student is distilled with
+``distill run --time-budget`` set to whatever is left of T after the synthesis wall time spent so far
+(process start-up, teacher loading and dataset summary included), evaluated on the real test set. Every
+figure is measured by this script around the two public commands, in one run, on one machine.
+
+Recorded per point: images made, synthesis and distillation wall time, synthesis images/s, distillation
+images/s, train seconds / wall seconds of distillation, student accuracy and student/teacher. Written as
+``results.json``, ``results.md`` (one table per budget, and the curve's data) and ``accuracy_vs_walltime.png``
+(student accuracy against total wall time, one line per method). Finished points are reused on a re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import zoo
+from timebudget import format_duration, parse_duration
+
+from .benchmark import _distill, _run, _slug, _synth, teacher_accuracy, write_row_config
+
+
+class WallTimeBenchmark:
+    def __init__(self, pipeline: dict[str, Any], fresh: bool):
+        self.spec = pipeline["benchmark"]
+        self.budget = pipeline["budget"]
+        self.rows = pipeline["rows"]
+        self.out = Path(self.spec["out"])
+        self.teacher = Path(self.spec["teacher"]) if self.spec.get("teacher") else zoo.default_teacher_path()
+        self.totals = sorted(parse_duration(t) for t in self.budget["totals"])
+        self.share = float(self.budget["synthesis_share"])
+        if not 0 < self.share < 1:
+            raise ValueError("synthesis_share must be between 0 and 1")
+        self.fresh = fresh
+        self.results: dict[str, list[dict[str, Any]]] = {}
+
+    def row(self, row: dict[str, Any]) -> None:
+        name, method = row["name"], row["method"]
+        directory = self.out / _slug(name)
+        if self.fresh and directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dataset = directory / "dataset"
+        config = directory / "synth.toml"
+        write_row_config(config, method, row.get("options", {}))
+        synth_wall = 0.0
+        points = []
+        for total in self.totals:
+            label = format_duration(total)
+            point_dir = directory / f"total-{label}"
+            point_file = point_dir / "point.json"
+            if point_file.exists():
+                point = json.loads(point_file.read_text())
+                synth_wall = point["synthesis_wall_seconds"]
+                points.append(point)
+                continue
+            point_dir.mkdir(parents=True, exist_ok=True)
+            synth_wall += _run(_synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
+                                      "--config", str(config), "--preset", "cpu", "--num-images", "10000000",
+                                      "--shard-size", str(self.budget["shard_size"]),
+                                      "--time-budget", f"{self.share * total:.1f}s",
+                                      "--seed", str(self.spec.get("seed", 0)), "--quiet"),
+                               point_dir / "synth.log")
+            manifest = json.loads((dataset / "manifest.json").read_text())
+            left = max(30.0, total - synth_wall)
+            student = point_dir / "student"
+            if student.exists():
+                shutil.rmtree(student)
+            distill_wall = _run(_distill("run", "--shards", str(dataset), "--out", str(student),
+                                         "--student", self.spec["student"], "--eval-data", self.spec["eval_data"],
+                                         "--epochs", str(self.budget["distill_max_epochs"]),
+                                         "--batch-size", str(self.budget["distill_batch_size"]),
+                                         "--time-budget", f"{left:.1f}s", "--seed", str(self.spec.get("seed", 0)),
+                                         "--quiet"),
+                                point_dir / "distill.log")
+            metrics = json.loads((student / "metrics.json").read_text())
+            summary = manifest.get("summary", {})
+            point = {
+                "total_budget_seconds": total, "images": manifest["num_samples"],
+                "synthesis_wall_seconds": synth_wall,
+                "synthesis_seconds": summary.get("synthesis_seconds"),
+                "synthesis_images_per_second": manifest["num_samples"] / synth_wall,
+                "distill_wall_seconds": distill_wall, "distill_epochs": metrics["epochs"],
+                "distill_images_per_second": metrics.get("images_per_second"),
+                "distill_train_seconds": metrics.get("train_seconds"),
+                "distill_train_share": metrics.get("train_seconds", 0) / max(distill_wall, 1e-9),
+                "total_wall_seconds": synth_wall + distill_wall,
+                "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
+                "teacher_agreement": summary.get("teacher_agreement"),
+            }
+            point_file.write_text(json.dumps(point, indent=2))
+            points.append(point)
+            print(f"   {name} @ {label}: {point['images']} images, accuracy {point['accuracy']:.2%}, "
+                  f"wall {point['total_wall_seconds']:.0f} s", flush=True)
+        self.results[name] = points
+
+    def run(self, only: set[str] | None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.teacher_acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
+        for row in self.rows:
+            if only and row["name"] not in only:
+                continue
+            print(f"== {row['name']}", flush=True)
+            self.row(row)
+            self.write()
+
+    def write(self) -> None:
+        environment = {"python": platform.python_version(), "torch": torch.__version__,
+                       "cpu_threads": torch.get_num_threads(),
+                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else f"CPU, {os.cpu_count()} cores"}
+        payload = {"benchmark": self.spec, "budget": self.budget, "environment": environment,
+                   "teacher_accuracy": self.teacher_acc, "rows": self.results}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=2))
+        (self.out / "results.md").write_text(format_tables(self.spec, self.budget, self.teacher_acc, self.results,
+                                                          environment))
+        plot_curves(self.results, self.teacher_acc, self.out / "accuracy_vs_walltime.png", environment["device"])
+
+
+def format_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: float,
+                  results: dict[str, list[dict[str, Any]]], environment: dict[str, Any]) -> str:
+    lines = [f"# {spec.get('title', spec['name'])}", "",
+             f"Teacher {teacher_acc:.2%} on the real {spec['eval_data']} test set; student {spec['student']}; "
+             f"synthesis gets {budget['synthesis_share']:.0%} of each total budget (`synth run --time-budget`), "
+             f"distillation whatever wall time is left (`distill run --time-budget`). Machine: "
+             f"{environment['device']}, torch {environment['torch']}, {environment['cpu_threads']} threads.", ""]
+    totals = sorted({p["total_budget_seconds"] for points in results.values() for p in points})
+    for total in totals:
+        lines += [f"## Total budget {format_duration(total)}", "",
+                  "| method | images | synthesis s | synthesis img/s | distill s | distill epochs | distill img/s "
+                  "| distill train/wall | total s | accuracy | student/teacher | teacher agreement |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, points in results.items():
+            for p in points:
+                if p["total_budget_seconds"] != total:
+                    continue
+                agreement = p.get("teacher_agreement")
+                lines.append(
+                    f"| {name} | {p['images']:,} | {p['synthesis_wall_seconds']:.0f} "
+                    f"| {p['synthesis_images_per_second']:.2f} | {p['distill_wall_seconds']:.0f} "
+                    f"| {p['distill_epochs']} | {p['distill_images_per_second'] or 0:,.0f} "
+                    f"| {p['distill_train_share']:.2f} | {p['total_wall_seconds']:.0f} | {p['accuracy']:.2%} "
+                    f"| {p['ratio']:.3f} | {'–' if agreement is None else f'{agreement:.1%}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, points in results.items():
+        points = sorted(points, key=lambda p: p["total_wall_seconds"])
+        ax.plot([p["total_wall_seconds"] / 60 for p in points], [100 * p["accuracy"] for p in points],
+                marker="o", label=name)
+    ax.axhline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlabel("total wall time, synthesis + distillation (minutes)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(f"Student accuracy at equal wall time ({machine})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/fmnist32_cpu_walltime.toml")
+    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--fresh", action="store_true", help="recompute points even if their results are on disk")
+    args = parser.parse_args(argv)
+    benchmark = WallTimeBenchmark(tomllib.loads(args.pipeline.read_text()), args.fresh)
+    benchmark.run(set(args.rows.split(",")) if args.rows else None)
+    print((benchmark.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
