@@ -48,7 +48,7 @@ def test_fast_meta_generator_moves_by_exactly_the_reptile_update_of_its_fast_cop
     for p, fast in zip(reference, adapted, strict=True):
         p.grad = p.detach() - fast
     optimizer.step()
-    for got, want, old, fast in zip(after, reference, before, adapted, strict=True):
+    for got, want in zip(after, reference, strict=True):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-7)
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))  # the meta generator learnt
     assert any(not torch.equal(a, b) for a, b in zip(after, adapted, strict=True))  # but is not the copy
