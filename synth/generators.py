@@ -69,10 +69,18 @@ class NearestUpsampleConv2d(nn.Module):
 
 
 def reinitialise(module: nn.Module) -> None:
-    """Draws fresh random weights for every layer of ``module`` (CMI's per-round generator reset)."""
+    """Fresh random weights, drawn as CMI's ``reset_model`` draws them for every synthesis round (the DCGAN
+    initialisation): convolution and linear weights N(0, 0.02) with zero bias, BatchNorm scale N(1, 0.02) with
+    zero shift and reset running statistics."""
     for layer in module.modules():
-        if layer is not module and hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, NearestUpsampleConv2d)):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            if getattr(layer, "bias", None) is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+            nn.init.normal_(layer.weight, 1.0, 0.02)
+            nn.init.zeros_(layer.bias)
 
 
 class DCGANGenerator(nn.Module):
