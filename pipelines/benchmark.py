@@ -1,6 +1,6 @@
 """Run a benchmark pipeline file and record a results table (markdown + JSON).
 
-    python -m pipelines.benchmark pipelines/fmnist32_cpu.toml [--rows d2cip,gmi] [--fresh]
+    python -m pipelines.benchmark pipelines/fmnist32_cpu.toml [--rows "d2cip;gmi"] [--fresh]
 
 Each row goes through the two public commands exactly as a user runs them: ``synth run METHOD`` into its
 own dataset directory, then ``distill run --shards DIR`` with the same student, epochs and batch size for
@@ -300,12 +300,13 @@ def format_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline", type=Path, help="benchmark pipeline file (TOML), e.g. pipelines/fmnist32_cpu.toml")
-    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--rows", default=None,
+                        help="row names to run, separated by semicolons (names may hold commas) [default: all]")
     parser.add_argument("--fresh", action="store_true", help="recompute rows even if their results are on disk")
     args = parser.parse_args(argv)
     pipeline = tomllib.loads(args.pipeline.read_text())
     benchmark = Benchmark(pipeline, args.fresh)
-    benchmark.run(set(args.rows.split(",")) if args.rows else None)
+    benchmark.run({name.strip() for name in args.rows.split(";")} if args.rows else None)
     print((benchmark.out / "results.md").read_text())
 
 
