@@ -1,6 +1,6 @@
 """Equal-wall-time benchmark: for the same minutes on this machine, which method gives the better student?
 
-    python -m pipelines.walltime pipelines/fmnist32_cpu_walltime.toml [--rows d2cip,fast-2] [--fresh]
+    python -m pipelines.walltime pipelines/fmnist32_cpu_walltime.toml [--rows 'd2cip;fast-2'] [--fresh]
 
 For every row (a method and its options) and every total budget T in ``[budget] totals`` (ascending), the
 rule is: synthesis runs with ``synth run --time-budget share x T`` (continuing the row's dataset from the
@@ -184,11 +184,11 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/fmnist32_cpu_walltime.toml")
-    parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--rows", default=None, help="row names to run, separated by semicolons (names may hold commas) [default: all]")
     parser.add_argument("--fresh", action="store_true", help="recompute points even if their results are on disk")
     args = parser.parse_args(argv)
     benchmark = WallTimeBenchmark(tomllib.loads(args.pipeline.read_text()), args.fresh)
-    benchmark.run(set(args.rows.split(",")) if args.rows else None)
+    benchmark.run({name.strip() for name in args.rows.split(";")} if args.rows else None)
     print((benchmark.out / "results.md").read_text())
 
 

@@ -285,11 +285,7 @@ class GeneratorInversion(SynthesisMethod):
         """Optimises one batch; returns the final images (detached, pixel space)."""
         groups = self.begin_batch(labels)
         for plugin in self.plugins:
-            for name, group in plugin.begin_batch(labels).items():
-                if name in groups:
-                    raise UpdateDeclarationError(f"loss plug-in {plugin.name!r} adds a parameter group {name!r} "
-                                                 f"that {self.name} already has")
-                groups[name] = group
+            self._merge_from_plugin(groups, plugin.begin_batch(labels), plugin.name, "a parameter group")
         optimizers = make_optimizers(groups)
         self.engine.reset()
         self._best = None
@@ -345,12 +341,16 @@ class GeneratorInversion(SynthesisMethod):
         """The method's terms and every plug-in's, which may not reuse a name."""
         terms = self.losses(step)
         for plugin in self.plugins:
-            for name, value in plugin.losses(step).items():
-                if name in terms:
-                    raise UpdateDeclarationError(f"loss plug-in {plugin.name!r} adds a term {name!r} that "
-                                                 f"{self.name} already has; name it after the plug-in")
-                terms[name] = value
+            self._merge_from_plugin(terms, plugin.losses(step), plugin.name, "a term")
         return terms
+
+    def _merge_from_plugin(self, own: dict, added: dict, plugin: str, kind: str) -> None:
+        """Adds a plug-in's groups or terms; a name the method (or an earlier plug-in) uses is an error."""
+        for name, value in added.items():
+            if name in own:
+                raise UpdateDeclarationError(f"loss plug-in {plugin!r} adds {kind} {name!r} that {self.name} "
+                                             "already has; name it after the plug-in")
+            own[name] = value
 
     def synthesize(self) -> Iterator[SynthBatch]:
         while True:

@@ -36,3 +36,26 @@ def tiny_teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_teacher(tmp_path_factory) -> Path:
     return make_teacher(tmp_path_factory.mktemp("teacher2") / "teacher.pt", seed=1)
+
+
+@pytest.fixture
+def engine_gradients():
+    """``engine_gradients(engine, terms, groups)``: applies the terms with optimisers that only record each
+    group's gradients (before any step could change them); returns ``{group: [grad or None, ...]}``."""
+
+    def apply(engine, terms, groups):
+        captured = {}
+
+        class Capture(torch.optim.Optimizer):
+            def __init__(self, params, name):
+                super().__init__(params, {})
+                self.name = name
+
+            def step(self, closure=None):
+                captured[self.name] = [None if p.grad is None else p.grad.clone()
+                                       for g in self.param_groups for p in g["params"]]
+
+        engine.apply(terms, groups, {name: Capture(group.params, name) for name, group in groups.items()})
+        return captured
+
+    return apply

@@ -91,7 +91,7 @@ def test_one_real_update_step_moves_every_parameter_group_in_the_fewest_passes(t
     assert method.engine.passes_run - passes_before == passes
 
 
-def test_fused_update_equals_the_literal_eq_13_and_14(teacher):
+def test_fused_update_equals_the_literal_eq_13_and_14(teacher, engine_gradients):
     """Latents and h_z get d(L_gMI + L_zcr), generator and h_x get d(L_scr + L_gMI): compared with a
     separate autograd call per group, computed by hand on the same graph."""
     method = _method(teacher)
@@ -106,18 +106,7 @@ def test_fused_update_equals_the_literal_eq_13_and_14(teacher):
     scr_to_latents = torch.autograd.grad(terms["scr"].value, [method.latents], retain_graph=True)[0]
     assert scr_to_latents.abs().sum() > 0
 
-    captured = {}
-
-    class Capture(torch.optim.Optimizer):
-        def __init__(self, params, name):
-            super().__init__(params, {})
-            self.name = name
-
-        def step(self, closure=None):
-            captured[self.name] = [None if p.grad is None else p.grad.clone()
-                                   for g in self.param_groups for p in g["params"]]
-
-    method.engine.apply(terms, groups, {name: Capture(g.params, name) for name, g in groups.items()})
+    captured = engine_gradients(method.engine, terms, groups)
     for name, grads in expected.items():
         for got, want in zip(captured[name], grads, strict=True):
             if want is None:

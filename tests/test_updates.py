@@ -17,25 +17,7 @@ def _toy():
     return a, b, c, groups
 
 
-def _grads_after_apply(engine, terms, groups):
-    # SGD-free check: read the gradients the engine sets, before any optimiser could change them.
-    captured = {}
-
-    class Capture(torch.optim.Optimizer):
-        def __init__(self, params, name):
-            super().__init__(params, {})
-            self.name = name
-
-        def step(self, closure=None):
-            captured[self.name] = [p.grad.clone() if p.grad is not None else None
-                                   for g in self.param_groups for p in g["params"]]
-
-    optimizers = {name: Capture(group.params, name) for name, group in groups.items()}
-    engine.apply(terms, groups, optimizers)
-    return captured
-
-
-def test_each_group_gets_the_gradient_of_exactly_the_terms_that_name_it():
+def test_each_group_gets_the_gradient_of_exactly_the_terms_that_name_it(engine_gradients):
     a, b, c, groups = _toy()
     shared = (a * b).sum() ** 2  # depends on a and b
     only_a = (a * b * 3).sum()  # depends on a and b, but updates a only (like L_scr reaching the latents)
@@ -46,7 +28,7 @@ def test_each_group_gets_the_gradient_of_exactly_the_terms_that_name_it():
     leaked_b = torch.autograd.grad(shared + only_a, b, retain_graph=True)[0]
     expected_c = torch.autograd.grad(own_c, c, retain_graph=True)[0]
     engine = UpdateEngine()
-    grads = _grads_after_apply(engine, terms, groups)
+    grads = engine_gradients(engine, terms, groups)
     assert torch.allclose(grads["a"][0], expected_a)
     assert torch.allclose(grads["b"][0], expected_b)
     assert torch.allclose(grads["c"][0], expected_c)
@@ -55,7 +37,7 @@ def test_each_group_gets_the_gradient_of_exactly_the_terms_that_name_it():
     assert engine.passes_run == 2
 
 
-def test_one_pass_when_no_excluded_term_reaches_a_group():
+def test_one_pass_when_no_excluded_term_reaches_a_group(engine_gradients):
     """D2CIP without L_scr: L_zcr depends on the latents only, so one backward serves generator and latents."""
     a, b, _, groups = _toy()
     gmi = (a.sin() * b).sum()
@@ -66,7 +48,7 @@ def test_one_pass_when_no_excluded_term_reaches_a_group():
     engine = UpdateEngine()
     plan = engine.plan(terms, pair)
     assert len(plan) == 1 and set(plan[0].groups) == {"a", "b"}
-    grads = _grads_after_apply(engine, terms, pair)
+    grads = engine_gradients(engine, terms, pair)
     assert torch.allclose(grads["a"][0], expected_a)
     assert torch.allclose(grads["b"][0], expected_b)
     assert engine.passes_run == 1
