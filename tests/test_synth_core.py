@@ -265,8 +265,8 @@ def test_resume_state_is_sized_by_what_it_holds(tmp_path, tiny_teacher, monkeypa
     sizes = []
     commit = shards.ShardWriter.commit_shard
 
-    def recording_commit(self, samples, state=None):
-        commit(self, samples, state)
+    def recording_commit(self, samples, state=None, **kwargs):
+        commit(self, samples, state, **kwargs)
         if state is not None:
             sizes.append((self.out_dir / self.manifest["resume_state"]).stat().st_size)
 
