@@ -1,7 +1,7 @@
 """Synthesis speed, measured side by side: this tree against an earlier commit, and where a step's time goes.
 
     python -m pipelines.speed compare [--baseline REV] [--methods d2cip,gmi] [--num-images 256] [--rounds 2]
-    python -m pipelines.speed profile [--method d2cip] [--steps 10]
+    python -m pipelines.speed profile [--method d2cip] [--steps 10] [--fuse-views on|off]
     python -m pipelines.speed state
 
 ``compare`` checks out ``REV`` (default: the last commit before the inversion core v2) into a temporary git
@@ -86,7 +86,7 @@ SCOPES = ("synth.generate", "synth.teacher", "synth.proxy_student", "synth.losse
           "synth.proxy_kd")
 
 
-def profile(method_name: str, steps: int, batch_size: int) -> dict[str, float]:
+def profile(method_name: str, steps: int, batch_size: int, fuse_views: bool | None = None) -> dict[str, float]:
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -103,6 +103,8 @@ def profile(method_name: str, steps: int, batch_size: int) -> dict[str, float]:
     device = torch.device("cpu")
     method = method_class(teacher, method_class.config_class(**values), device,
                           acceleration=zoo.Acceleration(device, enabled=True))
+    if fuse_views is not None:  # same losses and gradients either way (tests/test_d2cip.py); only the time differs
+        method.fuse_teacher_views = fuse_views
 
     class NoArtifacts:
         def path(self, name: str) -> None:
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     prof.add_argument("--method", default="d2cip")
     prof.add_argument("--steps", type=int, default=10)
     prof.add_argument("--batch-size", type=int, default=64)
+    prof.add_argument("--fuse-views", choices=("method", "on", "off"), default="method",
+                      help="the teacher's views as one concatenated forward (on) or one forward each (off)")
     sub.add_parser("state", help="size and write time of the resume state, now and as the previous version kept it")
     args = parser.parse_args(argv)
     if args.command == "compare":
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "state":
         resume_state_cost()
     else:
-        for scope, value in profile(args.method, args.steps, args.batch_size).items():
+        fuse = {"method": None, "on": True, "off": False}[args.fuse_views]
+        for scope, value in profile(args.method, args.steps, args.batch_size, fuse).items():
             shown = f"{value:8.2f}x" if scope.startswith("measured") else f"{value * 1000:8.1f} ms"
             print(f"{scope:58s} {shown}")
 
