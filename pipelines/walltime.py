@@ -184,7 +184,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/fmnist32_cpu_walltime.toml")
-    parser.add_argument("--rows", default=None, help="row names to run, separated by semicolons (names may hold commas) [default: all]")
+    parser.add_argument("--rows", default=None, help="row names to run, separated by semicolons [default: all]")
     parser.add_argument("--fresh", action="store_true", help="recompute points even if their results are on disk")
     args = parser.parse_args(argv)
     benchmark = WallTimeBenchmark(tomllib.loads(args.pipeline.read_text()), args.fresh)

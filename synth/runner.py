@@ -158,6 +158,9 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=options.num_images,
                                      shard_size=options.shard_size)
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
+    # The first shard's seconds start here too (method set-up included), so the shards' seconds, summed, are
+    # never less than what the deadline measured.
+    run_started = time.perf_counter()
     deadline = Deadline(options.time_budget, already_spent=float(writer.manifest["summary"].get("synthesis_seconds")
                                                                  or 0.0))
     if writer.num_committed >= options.num_images:
@@ -187,7 +190,8 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
 
     bar = tqdm(total=options.num_images, initial=next_index, unit="img", desc=f"synth {method_class.name}",
                disable=not options.progress, dynamic_ncols=True)
-    started = shard_started = time.perf_counter()
+    started = time.perf_counter()
+    shard_started = run_started
     produced = 0
     out_of_time = False
     for batch in method.synthesize():
