@@ -7,7 +7,8 @@
 ``compare`` checks out ``REV`` (default: the last commit before the inversion core v2) into a temporary git
 worktree and runs the same ``synth run`` command in both trees, alternating (baseline, current, baseline,
 current, ...) so that load on a shared machine falls on both sides alike; it prints the images/s of every
-run (the manifest's figure: whole run, stage 1 included) and the ratio of the medians. Both sides get the
+run (the manifest's figure: the synthesis loop, without D2CIP's stage 1, on both sides) with the whole
+process's wall seconds beside it, and the ratio of the medians. Both sides get the
 same explicit options (the CPU budget of that commit), so the configs are equal by construction.
 
 ``profile`` runs stage-2 batches of a method on the shipped teacher under ``torch.profiler`` and prints the
