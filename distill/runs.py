@@ -20,12 +20,10 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,17 +31,7 @@ import realdata
 import shards
 import zoo
 from distill import report
-from distill.data import (
-    HostBatch,
-    LoaderSource,
-    ShardBatches,
-    TensorSource,
-    default_workers,
-    epoch_seed,
-    identity_collate,
-    raise_stream_errors,
-    rebatch,
-)
+from distill.sources import real_source, shard_source
 from distill.train import (
     DEFAULT_TEMPERATURE,
     CrossEntropy,
@@ -58,8 +46,6 @@ from distill.train import (
 )
 from timebudget import Deadline
 
-#: ``--cache auto`` decodes the whole set into memory below this many bytes, streams above it.
-MEMORY_CACHE_LIMIT = 4 * 1024**3
 #: Whether ``--augment auto`` applies crop+flip when training on *stored* logits: no, measured (module docstring).
 AUGMENT_STORED_LOGITS = False
 EVAL_BATCH = 1024
@@ -181,50 +167,6 @@ def _load_eval(spec: str | None, size: int | None, max_samples: int | None, seed
     return ds
 
 
-def real_source(ds: realdata.RealDataset, *, batch_size: int, device: torch.device, augment: bool,
-                shuffle: bool, seed: int, workers: int | None) -> TensorSource | LoaderSource:
-    """An in-memory (on-device on CUDA) source for in-memory sets, a DataLoader source for big folders."""
-    if ds.in_memory:
-        return TensorSource(
-            ds.uint8_nhwc(), torch.from_numpy(ds.labels), None, batch_size=batch_size, device=device,
-            augment=augment, shuffle=shuffle, seed=seed,
-            on_device=device.type == "cuda" and _fits_on_gpu(ds.nbytes, device),
-        )
-    n_workers = default_workers() if workers is None else workers
-
-    def make(epoch: int) -> Iterator[HostBatch]:
-        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        loader = torch.utils.data.DataLoader(
-            _Uint8View(ds), batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=n_workers,
-            collate_fn=_collate_uint8, persistent_workers=False,
-        )
-        yield from loader
-
-    return LoaderSource(make, num_samples=len(ds), batch_size=batch_size, device=device, augment=augment,
-                        seed=seed, training=shuffle)
-
-
-class _Uint8View(torch.utils.data.Dataset):
-    def __init__(self, ds: realdata.RealDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.ds.image(i), int(self.ds.labels[i])
-
-
-def _collate_uint8(items: list[tuple[np.ndarray, int]]) -> HostBatch:
-    return np.stack([x for x, _ in items]), np.asarray([y for _, y in items], dtype=np.int64), None
-
-
-def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
-    # Keep at least half the free GPU memory for the model, activations and the teacher.
-    free, _total = torch.cuda.mem_get_info(device)
-    return nbytes < free // 2
-
-
 def _resolve_augment(flag: str, live_teacher: bool, supervised: bool) -> bool:
     if flag == "on":
         return True
@@ -276,52 +218,6 @@ def _student_card_kwargs(card: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ distill run
-
-
-def _shard_source(opts: RunOptions, manifest: dict[str, Any], device: torch.device, augment: bool,
-                  with_logits: bool) -> tuple[TensorSource | LoaderSource, str]:
-    h, w, c = manifest["schema"]["image"]["shape"]
-    n = int(manifest["num_samples"])
-    k = int(manifest["num_classes"])
-    decoded = n * (h * w * c + 2 * k + 8)
-    mode = opts.cache
-    if mode == "auto":
-        mode = "memory" if decoded < MEMORY_CACHE_LIMIT else "stream"
-    workers = default_workers() if opts.workers is None else opts.workers
-    batch_size, seed = opts.loop.batch_size, opts.loop.seed
-    if mode == "memory":
-        arrays = shards.load_arrays(opts.shards, workers=workers, progress=opts.progress)
-        logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
-        source = TensorSource(
-            torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels), logits,
-            batch_size=batch_size, device=device, augment=augment, seed=seed,
-            on_device=device.type == "cuda" and _fits_on_gpu(decoded, device),
-        )
-        return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
-    return stream_source(opts.shards, n, batch_size=batch_size, device=device, augment=augment, seed=seed,
-                         workers=workers, with_logits=with_logits), "stream"
-
-
-def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
-                  seed: int, workers: int, with_logits: bool = True) -> LoaderSource:
-    """WebDataset streaming of the shards (verified as they stream), batched in ``DataLoader`` workers.
-
-    Each epoch pins the stream's epoch (shard order and shuffle buffer are seeded by ``(seed, epoch)``), so a
-    resumed run sees the same order; the epoch ends when every shard was read once (no resampling, so the
-    per-worker remainders are regrouped into full batches in the main process).
-    """
-    pipeline = shards.stream(location, shuffle=1000, seed=seed)
-
-    def make(epoch: int) -> Iterator[HostBatch]:
-        pipeline.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            ShardBatches(pipeline, batch_size, with_logits), batch_size=None, num_workers=workers,
-            collate_fn=identity_collate, persistent_workers=False,
-        )
-        yield from rebatch(raise_stream_errors(loader), batch_size)
-
-    return LoaderSource(make, num_samples=num_samples, batch_size=batch_size, device=device, augment=augment,
-                        seed=seed)
 
 
 def resolve_eval_data(eval_data: str | None, teacher_dataset: str | None, verbose: bool) -> str | None:
@@ -403,7 +299,9 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
 
     augment = _resolve_augment(opts.augment, teacher is not None, supervised=False)
     _configure_device(device)
-    source, data_path = _shard_source(opts, manifest, device, augment, with_logits=teacher is None)
+    source, data_path = shard_source(opts.shards, manifest, cache=opts.cache, workers=opts.workers,
+                                     batch_size=opts.loop.batch_size, seed=opts.loop.seed, device=device,
+                                     augment=augment, with_logits=teacher is None, progress=opts.progress)
     student.to(device)
     objective = (LiveTeacherKD(teacher.to(device), opts.temperature, amp=True) if teacher is not None
                  else StoredLogitsKD(opts.temperature))
@@ -580,7 +478,5 @@ __all__ = [
     "check_fits",
     "default_run_out",
     "distill_from_shards",
-    "real_source",
-    "stream_source",
     "train_on_real",
 ]

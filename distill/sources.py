@@ -1,0 +1,119 @@
+"""Where ``distill`` batches come from: real datasets (in memory or through a ``DataLoader``) and shard
+datasets (decoded into memory, or streamed and verified as they stream)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+import realdata
+import shards
+from distill.data import (
+    HostBatch,
+    LoaderSource,
+    ShardBatches,
+    TensorSource,
+    default_workers,
+    epoch_seed,
+    identity_collate,
+    raise_stream_errors,
+    rebatch,
+)
+
+#: ``--cache auto`` decodes the whole set into memory below this many bytes, streams above it.
+MEMORY_CACHE_LIMIT = 4 * 1024**3
+
+
+def real_source(ds: realdata.RealDataset, *, batch_size: int, device: torch.device, augment: bool,
+                shuffle: bool, seed: int, workers: int | None) -> TensorSource | LoaderSource:
+    """An in-memory (on-device on CUDA) source for in-memory sets, a DataLoader source for big folders."""
+    if ds.in_memory:
+        return TensorSource(
+            ds.uint8_nhwc(), torch.from_numpy(ds.labels), None, batch_size=batch_size, device=device,
+            augment=augment, shuffle=shuffle, seed=seed,
+            on_device=device.type == "cuda" and _fits_on_gpu(ds.nbytes, device),
+        )
+    n_workers = default_workers() if workers is None else workers
+
+    def make(epoch: int) -> Iterator[HostBatch]:
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        loader = torch.utils.data.DataLoader(
+            _Uint8View(ds), batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=n_workers,
+            collate_fn=_collate_uint8, persistent_workers=False,
+        )
+        yield from loader
+
+    return LoaderSource(make, num_samples=len(ds), batch_size=batch_size, device=device, augment=augment,
+                        seed=seed, training=shuffle)
+
+
+class _Uint8View(torch.utils.data.Dataset):
+    def __init__(self, ds: realdata.RealDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.ds.image(i), int(self.ds.labels[i])
+
+
+def _collate_uint8(items: list[tuple[np.ndarray, int]]) -> HostBatch:
+    return np.stack([x for x, _ in items]), np.asarray([y for _, y in items], dtype=np.int64), None
+
+
+def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    # Keep at least half the free GPU memory for the model, activations and the teacher.
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes < free // 2
+
+
+def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers: int | None, batch_size: int,
+                 seed: int, device: torch.device, augment: bool, with_logits: bool,
+                 progress: bool) -> tuple[TensorSource | LoaderSource, str]:
+    """The shards as batches: decoded into memory (``cache`` "memory", or "auto" below
+    :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took."""
+    h, w, c = manifest["schema"]["image"]["shape"]
+    n = int(manifest["num_samples"])
+    k = int(manifest["num_classes"])
+    decoded = n * (h * w * c + 2 * k + 8)
+    mode = cache
+    if mode == "auto":
+        mode = "memory" if decoded < MEMORY_CACHE_LIMIT else "stream"
+    workers = default_workers() if workers is None else workers
+    if mode == "memory":
+        arrays = shards.load_arrays(location, workers=workers, progress=progress)
+        logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
+        source = TensorSource(
+            torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels), logits,
+            batch_size=batch_size, device=device, augment=augment, seed=seed,
+            on_device=device.type == "cuda" and _fits_on_gpu(decoded, device),
+        )
+        return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
+    return stream_source(location, n, batch_size=batch_size, device=device, augment=augment, seed=seed,
+                         workers=workers, with_logits=with_logits), "stream"
+
+
+def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
+                  seed: int, workers: int, with_logits: bool = True) -> LoaderSource:
+    """WebDataset streaming of the shards (verified as they stream), batched in ``DataLoader`` workers.
+
+    Each epoch pins the stream's epoch (shard order and shuffle buffer are seeded by ``(seed, epoch)``), so a
+    resumed run sees the same order; the epoch ends when every shard was read once (no resampling, so the
+    per-worker remainders are regrouped into full batches in the main process).
+    """
+    pipeline = shards.stream(location, shuffle=1000, seed=seed)
+
+    def make(epoch: int) -> Iterator[HostBatch]:
+        pipeline.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            ShardBatches(pipeline, batch_size, with_logits), batch_size=None, num_workers=workers,
+            collate_fn=identity_collate, persistent_workers=False,
+        )
+        yield from rebatch(raise_stream_errors(loader), batch_size)
+
+    return LoaderSource(make, num_samples=num_samples, batch_size=batch_size, device=device, augment=augment,
+                        seed=seed)
