@@ -305,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="recompute rows even if their results are on disk")
     args = parser.parse_args(argv)
     pipeline = tomllib.loads(args.pipeline.read_text())
+    if "totals" in pipeline.get("budget", {}):  # an equal-wall-time pipeline
+        from . import walltime
+
+        walltime.main(argv)
+        return
     benchmark = Benchmark(pipeline, args.fresh)
     benchmark.run({name.strip() for name in args.rows.split(";")} if args.rows else None)
     print((benchmark.out / "results.md").read_text())

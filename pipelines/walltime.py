@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import zoo
+from atomicio import write_atomic, write_json_atomic
 from timebudget import format_duration, parse_duration
 
 from .benchmark import _distill, _run, _slug, _synth, teacher_accuracy, write_row_config
@@ -46,7 +47,6 @@ class WallTimeBenchmark:
         if not 0 < self.share < 1:
             raise ValueError("synthesis_share must be between 0 and 1")
         self.fresh = fresh
-        self.results: dict[str, list[dict[str, Any]]] = {}
 
     def row(self, row: dict[str, Any]) -> None:
         name, method = row["name"], row["method"]
@@ -58,7 +58,6 @@ class WallTimeBenchmark:
         config = directory / "synth.toml"
         write_row_config(config, method, row.get("options", {}))
         synth_wall = 0.0
-        points = []
         for total in self.totals:
             label = format_duration(total)
             point_dir = directory / f"total-{label}"
@@ -66,7 +65,6 @@ class WallTimeBenchmark:
             if point_file.exists():
                 point = json.loads(point_file.read_text())
                 synth_wall = point["synthesis_wall_seconds"]
-                points.append(point)
                 continue
             point_dir.mkdir(parents=True, exist_ok=True)
             synth_wall += _run(_synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
@@ -102,11 +100,9 @@ class WallTimeBenchmark:
                 "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
                 "teacher_agreement": summary.get("teacher_agreement"),
             }
-            point_file.write_text(json.dumps(point, indent=2))
-            points.append(point)
+            write_json_atomic(point_file, point, indent=2)
             print(f"   {name} @ {label}: {point['images']} images, accuracy {point['accuracy']:.2%}, "
                   f"wall {point['total_wall_seconds']:.0f} s", flush=True)
-        self.results[name] = points
 
     def run(self, only: set[str] | None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -118,17 +114,29 @@ class WallTimeBenchmark:
             self.row(row)
             self.write()
 
+    def finished_points(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row's finished points on disk, in pipeline order: the tables cover rows run by other
+        processes too (two 1-thread lanes side by side each run some rows into the same folder)."""
+        found = {}
+        for row in self.rows:
+            files = [self.out / _slug(row["name"]) / f"total-{format_duration(t)}" / "point.json" for t in self.totals]
+            points = [json.loads(f.read_text()) for f in files if f.exists()]
+            if points:
+                found[row["name"]] = points
+        return found
+
     def write(self) -> None:
         environment = {"python": platform.python_version(), "torch": torch.__version__,
                        "cpu_threads": torch.get_num_threads(),
                        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                        else f"CPU, {os.cpu_count()} cores"}
+        results = self.finished_points()
         payload = {"benchmark": self.spec, "budget": self.budget, "environment": environment,
-                   "teacher_accuracy": self.teacher_acc, "rows": self.results}
-        (self.out / "results.json").write_text(json.dumps(payload, indent=2))
-        (self.out / "results.md").write_text(format_tables(self.spec, self.budget, self.teacher_acc, self.results,
-                                                          environment))
-        plot_curves(self.results, self.teacher_acc, self.out / "accuracy_vs_walltime.png", environment["device"])
+                   "teacher_accuracy": self.teacher_acc, "rows": results}
+        write_json_atomic(self.out / "results.json", payload, indent=2)
+        write_atomic(self.out / "results.md",
+                     format_tables(self.spec, self.budget, self.teacher_acc, results, environment))
+        plot_curves(results, self.teacher_acc, self.out / "accuracy_vs_walltime.png", environment["device"])
 
 
 def format_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: float,
@@ -177,7 +185,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
