@@ -18,6 +18,7 @@ slots hold ``nn.Identity``), so generator checkpoints of either form load into t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,41 @@ def reinitialise(module: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.reset_running_stats()
-            nn.init.normal_(layer.weight, 1.0, 0.02)
-            nn.init.zeros_(layer.bias)
+            if layer.affine:
+                nn.init.normal_(layer.weight, 1.0, 0.02)
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, CategoricalFeatureEmbedding):
+            layer.reset_parameters()
+
+
+NormLayer = Callable[[int, int], nn.Module]
+"""Builds a generator's normalisation layer from (channels, spatial size)."""
+
+
+def _batch_norm(channels: int, size: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
+
+
+def dcgan_body(width: int, channels: int, init_size: int, norm_layer: NormLayer = _batch_norm) -> list[nn.Module]:
+    """The DCGAN generator's layers after its linear projection, normalisation layers from ``norm_layer``:
+    norm, (up+conv), norm, LeakyReLU, (up+conv), norm, LeakyReLU, conv to ``channels``."""
+    return [
+        norm_layer(2 * width, init_size),
+        nn.Identity(),  # the 2x upsampling, fused into the next layer
+        NearestUpsampleConv2d(2 * width, 2 * width),
+        norm_layer(2 * width, 2 * init_size),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Identity(),
+        NearestUpsampleConv2d(2 * width, width),
+        norm_layer(width, 4 * init_size),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(width, channels, 3, padding=1),
+    ]
+
+
+def _check_size(image_size: int) -> None:
+    if image_size % 4:
+        raise ValueError(f"the DCGAN generator needs an image size divisible by 4, got {image_size}")
 
 
 class DCGANGenerator(nn.Module):
@@ -88,28 +122,84 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, latent_dim: int = 256, channels: int = 3, image_size: int = 32, width: int = 64):
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"DCGANGenerator needs an image size divisible by 4, got {image_size}")
+        _check_size(image_size)
         self.latent_dim = latent_dim
         self.init_size = image_size // 4
         self.width = width
         self.project = nn.Linear(latent_dim, 2 * width * self.init_size**2)
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(2 * width),
-            nn.Identity(),  # the 2x upsampling, fused into the next layer
-            NearestUpsampleConv2d(2 * width, 2 * width),
-            nn.BatchNorm2d(2 * width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Identity(),
-            NearestUpsampleConv2d(2 * width, width),
-            nn.BatchNorm2d(width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, channels, 3, padding=1),
-        )
+        self.body = nn.Sequential(*dcgan_body(width, channels, self.init_size))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.project(z).view(z.shape[0], 2 * self.width, self.init_size, self.init_size)
         return torch.sigmoid(self.body(h))
+
+
+class CategoricalFeatureEmbedding(nn.Module):
+    """CPSC-DFKD's CFE block (papers/cpsc-dfkd.txt, Sec. 3.2): BatchNorm's normalisation without its shared
+    affine (gamma_c, beta_c of the paper's Eq. 3), then a class-dependent scale and shift map,
+
+        CFE(x | y) = W_y * (x - mu) / sqrt(sigma^2 + eps) + b_y,    W_y, b_y in R^{d x m}
+
+    Read as d = channels and m = H x W spatial positions: one scale and one shift per channel *and* position
+    for every class (the paper calls them feature maps, not vectors). Initialised to the identity affine
+    (W = 1, b = 0), as BatchNorm initialises gamma and beta, so every class starts from the same generator.
+    """
+
+    def __init__(self, channels: int, num_classes: int, size: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.weight = nn.Parameter(torch.empty(num_classes, channels, size, size))
+        self.bias = nn.Parameter(torch.empty(num_classes, channels, size, size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.weight[labels] + self.bias[labels]
+
+
+class ConditionalDCGANGenerator(nn.Module):
+    """G(z | y): (z [N, latent_dim], labels [N]) -> images [N, channels, size, size] in [0, 1].
+
+    The DCGAN generator with the label at its input (z concatenated with the one-hot label, as the
+    conditional GAN of Mirza & Osindero 2014) and its first ``cfe_layers`` normalisation layers (counted from
+    the input; ``None``: all three) replaced by :class:`CategoricalFeatureEmbedding`; ``cfe_layers=0`` is the
+    plain-BN generator conditioned at the input only.
+    """
+
+    num_norm_layers = 3
+
+    def __init__(self, latent_dim: int, num_classes: int, channels: int = 3, image_size: int = 32,
+                 width: int = 64, cfe_layers: int | None = None):
+        super().__init__()
+        _check_size(image_size)
+        cfe_layers = self.num_norm_layers if cfe_layers is None else cfe_layers
+        if not 0 <= cfe_layers <= self.num_norm_layers:
+            raise ValueError(f"cfe_layers must be between 0 and {self.num_norm_layers}, got {cfe_layers}")
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.init_size = image_size // 4
+        self.width = width
+        built = 0
+
+        def norm_layer(channels: int, size: int) -> nn.Module:
+            nonlocal built
+            built += 1
+            if built <= cfe_layers:
+                return CategoricalFeatureEmbedding(channels, num_classes, size)
+            return nn.BatchNorm2d(channels)
+
+        self.project = nn.Linear(latent_dim + num_classes, 2 * width * self.init_size**2)
+        self.body = nn.Sequential(*dcgan_body(width, channels, self.init_size, norm_layer))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(labels, self.num_classes).to(z.dtype)
+        h = self.project(torch.cat([z, onehot], dim=1)).view(z.shape[0], 2 * self.width, self.init_size,
+                                                              self.init_size)
+        for layer in self.body:
+            h = layer(h, labels) if isinstance(layer, CategoricalFeatureEmbedding) else layer(h)
+        return torch.sigmoid(h)
 
 
 class ProjectionHead(nn.Module):

@@ -17,6 +17,7 @@ something to disagree with. A method changes the loop only through these named p
 ``batch_result(y)``         the batch's images (the last iterate; CMI: the best)
 ``after_inversion(x, y)``   after every inverted batch (D2CIP's memory banks)
 ``end_batch(batch)``        after every *stored* batch (replay memory, proxy-student KD)
+``proxy_student_loss(x)``   the proxy student's objective on replayed images (KD; CPSC: L_IKD + L_SCL)
 ``next_batch()``            one stored batch (D2CIP's A.8 selects one of several inverted candidates)
 ==========================  ===============================================================================
 
@@ -100,6 +101,7 @@ class InversionStep:
     teacher_features: list[torch.Tensor]  # penultimate features, one tensor per view
     student_logits: torch.Tensor | None  # proxy student on views[0]; None until it has learnt anything
     instance_features: list[torch.Tensor] | None = None  # per view, when the method asks (CMI)
+    student_features: torch.Tensor | None = None  # proxy student's penultimate features, when asked (CPSC)
 
 
 class GeneratorInversion(SynthesisMethod):
@@ -116,6 +118,8 @@ class GeneratorInversion(SynthesisMethod):
     records_instance_means: bool = False
     #: Yield the iterate with the lowest total loss rather than the last (CMI and Fast do).
     keeps_best_iterate: bool = False
+    #: Also give each step the proxy student's penultimate features (CPSC-DFKD's contrast needs them).
+    wants_student_features: bool = False
 
     def __init__(self, teacher: zoo.Classifier, config: InversionConfig, device: torch.device,
                  plugins: Sequence[LossPlugin] = (), acceleration: zoo.Acceleration | None = None):
@@ -264,16 +268,19 @@ class GeneratorInversion(SynthesisMethod):
         with record_function("synth.proxy_kd"):
             self._proxy_kd_steps()
 
+    def proxy_student_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """What the proxy student minimises on a replayed batch: KD from the teacher at ``kd_temperature``."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()
+        return distillation_loss(self.student(images).float(), teacher_logits, self.config.kd_temperature)
+
     def _proxy_kd_steps(self) -> None:
         self.student.train()
         for _ in range(self.config.kd_steps):
             pixels = dequantise(self.memory.sample(self.config.batch_size))
             images = self.acceleration.tensor(augment.random_shift_flip(pixels))
             with self.acceleration.autocast():
-                with torch.no_grad():
-                    teacher_logits = self.teacher(images).float()
-                student_logits = self.student(images).float()
-            loss = distillation_loss(student_logits, teacher_logits, self.config.kd_temperature)
+                loss = self.proxy_student_loss(images)
             self.student_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.student_optimizer.step()
@@ -332,10 +339,17 @@ class GeneratorInversion(SynthesisMethod):
                         per_view.append(self.teacher.features(view).float())
                     if instance is not None:
                         instance.append(self.bn_hook.instance_features())
-        with record_function("synth.proxy_student"):
-            student_logits = self.student(views[0]).float() if needs_student else None
+        student_logits = student_features = None
+        if needs_student:
+            with record_function("synth.proxy_student"):
+                if self.wants_student_features:
+                    student_logits, student_features = self.student.forward_with_features(views[0])
+                    student_features = student_features.float()
+                else:
+                    student_logits = self.student(views[0])
+                student_logits = student_logits.float()
         return InversionStep(index, labels, self.latents, images, views, logits[:n].float(), per_view,
-                             student_logits, instance)
+                             student_logits, instance, student_features)
 
     def step_terms(self, step: InversionStep) -> dict[str, Term]:
         """The method's terms and every plug-in's, which may not reuse a name."""

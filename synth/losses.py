@@ -119,3 +119,34 @@ def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: tor
     logits = anchors @ candidates.t() / temperature
     targets = torch.arange(anchors.shape[0], device=anchors.device)
     return F.cross_entropy(logits, targets)
+
+
+def logit_discrepancy_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                           l2_weight: float) -> torch.Tensor:
+    """CPSC-DFKD's L_IKD (papers/cpsc-dfkd.txt, Sec. 3.3): KL(teacher || student) + alpha * L2 of the logits.
+
+    The L2 part is the mean squared difference of the logits (per logit, averaged over the batch), so that
+    alpha in the paper's recommended [3, 7] weighs it against a KL of comparable size. The proxy student
+    minimises this discrepancy; the generator maximises it.
+    """
+    return kl_divergence(teacher_logits, student_logits) + l2_weight * F.mse_loss(student_logits, teacher_logits)
+
+
+def supervised_contrastive_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
+                                temperature: float = 0.07) -> torch.Tensor:
+    """CPSC-DFKD's L_SCL (Sec. 3.5), the supervised contrastive loss of Khosla et al. (2020, Eq. 2, L_out)
+    across two views.
+
+    Anchor i is ``anchors[i]`` (the teacher's penultimate feature of image i); the candidates are every
+    image's other view (the student's feature, mapped to the teacher's size). The positives of anchor i are
+    the candidates of every sample with its label (its own student view included), the rest are negatives:
+
+        L = -mean_i 1/|P(i)| sum_{p in P(i)} log( exp(a_i . c_p / tau) / sum_k exp(a_i . c_k / tau) )
+
+    on L2-normalised features.
+    """
+    a = F.normalize(anchors, dim=1)
+    c = F.normalize(candidates, dim=1)
+    log_prob = (a @ c.t() / temperature).log_softmax(dim=1)
+    positives = (labels[:, None] == labels[None, :]).to(log_prob.dtype)
+    return -((log_prob * positives).sum(dim=1) / positives.sum(dim=1)).mean()

@@ -252,11 +252,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def dataset_summary(out: Path, teacher: zoo.Classifier, device: torch.device, options: RunOptions) -> dict[str, Any]:
-    """The diversity figure recorded in the manifest, on a fixed subsample of the stored images."""
+    """Figures recorded in the manifest: the teacher's agreement with the asked label per class (does a
+    conditional method make the class it is asked for?), and diversity on a fixed subsample of the images."""
     arrays = shards.load_arrays(out, progress=False)
+    per_class = shards.summarize(arrays)["per_class"]
+    summary: dict[str, Any] = {"per_class_agreement": [row["teacher_agreement"] for row in per_class]}
     index = subsample(len(arrays.labels), options.diversity_samples, seed=options.seed)
     try:
         features = teacher_features(teacher, arrays.images[index], device)
     except zoo.ZooError as error:  # e.g. a TorchScript teacher exposes no penultimate features
-        return {"diversity": {"unavailable": str(error)}}
-    return {"diversity": diversity_report(features)}
+        return {**summary, "diversity": {"unavailable": str(error)}}
+    return {**summary, "diversity": diversity_report(features)}

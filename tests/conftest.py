@@ -38,6 +38,32 @@ def other_teacher(tmp_path_factory) -> Path:
     return make_teacher(tmp_path_factory.mktemp("teacher2") / "teacher.pt", seed=1)
 
 
+@pytest.fixture(scope="session")
+def calibrated_teacher() -> zoo.Classifier:
+    """A random ResNet-8 whose BN statistics are those of a "training set" of smooth random images, so that BN
+    matching has a reachable target, as with a real teacher."""
+    torch.manual_seed(0)
+    network = zoo.build_model("resnet8", 10, 3)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batches
+    network.train()
+    with torch.no_grad():
+        for _ in range(5):
+            network((torch.nn.functional.avg_pool2d(torch.rand(64, 3, 32, 32), 5, 1, 2) - 0.5) / 0.25)
+    return zoo.Classifier(network.eval(), (0.5,) * 3, (0.25,) * 3)
+
+
+class NoArtifacts:
+    """Stands in for a dataset's artifact store when a test drives a method directly."""
+
+    def path(self, name):
+        return None
+
+    def save(self, name, write):
+        pass
+
+
 @pytest.fixture
 def engine_gradients():
     """``engine_gradients(engine, terms, groups)``: applies the terms with optimisers that only record each

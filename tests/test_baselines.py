@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zoo
 from synth.hooks import BatchNormStatisticsHook
 from synth.losses import bn_statistics_loss
 from synth.methods.cmi import CMI, CMIConfig, contrastive_instance_loss
@@ -18,17 +17,8 @@ TINY = dict(batch_size=8, kd_steps=1, proxy_student="resnet8", latent_dim=16, ge
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    network = zoo.build_model("resnet8", 10, 3)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-    network.train()
-    with torch.no_grad():
-        for _ in range(3):
-            network((F.avg_pool2d(torch.rand(32, 3, 32, 32), 5, 1, 2) - 0.5) / 0.25)
-    return zoo.Classifier(network.eval(), (0.5,) * 3, (0.25,) * 3)
+def teacher(calibrated_teacher):
+    return calibrated_teacher
 
 
 def _params(module: torch.nn.Module) -> list[torch.Tensor]:

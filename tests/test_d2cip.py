@@ -10,49 +10,30 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
-import zoo
 from synth.cli import main
 from synth.inversion import InversionStep
 from synth.methods.d2cip import D2CIP, D2CIPConfig
 from synth.priors import ClassConditionalGMM, StandardNormalPrior
 from synth.updates import make_optimizers
 
+from conftest import NoArtifacts
+
 TINY = dict(batch_size=8, inversion_steps=1, kd_steps=1, proxy_student="resnet8", prior_iterations=2,
             memory_capacity=32, bank_size=16, latent_dim=16, generator_width=8)
 
 
-class _NoArtifacts:
-    def path(self, name):
-        return None
-
-    def save(self, name, write):
-        pass
-
-
 @pytest.fixture(scope="module")
-def teacher():
-    """A random ResNet-8 whose BN statistics are those of a "training set" of smooth random images, so
-    that BN matching has a reachable target, as with a real teacher."""
-    torch.manual_seed(0)
-    network = zoo.build_model("resnet8", 10, 3)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batches
-    network.train()
-    with torch.no_grad():
-        for _ in range(5):
-            network((F.avg_pool2d(torch.rand(64, 3, 32, 32), 5, 1, 2) - 0.5) / 0.25)
-    return zoo.Classifier(network.eval(), (0.5,) * 3, (0.25,) * 3)
+def teacher(calibrated_teacher):
+    return calibrated_teacher
 
 
 def _method(teacher, batches: int = 2, **flags) -> D2CIP:
     """A D2CIP after ``batches`` stored batches (banks filled, proxy student trained), same seed every time."""
     torch.manual_seed(0)
     method = D2CIP(teacher, D2CIPConfig(**{**TINY, **flags}), torch.device("cpu"))
-    method.prepare(_NoArtifacts())
+    method.prepare(NoArtifacts())
     stream = method.synthesize()
     for _ in range(batches):
         next(stream)

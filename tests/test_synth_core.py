@@ -20,6 +20,8 @@ from synth.cli import main
 from synth.methods.gmi import GMI, GMIConfig
 from synth.runner import RunOptions, run
 
+from conftest import NoArtifacts
+
 TINY_GMI = ["--batch-size", "8", "--inversion-steps", "2", "--kd-steps", "1", "--proxy-student", "resnet8",
             "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "64", "--device", "cpu",
             "--quiet", "--preset", "paper"]
@@ -219,7 +221,7 @@ def test_a_loss_plugin_joins_any_generator_method_with_its_options_terms_updates
         config_values.update(prior_iterations=2, bank_size=16)
     host = method_class(teacher, method_class.config_class(**config_values), torch.device("cpu"), plugins=[plugin])
     critic_before = plugin.critic.weight.detach().clone()
-    host.prepare(_NoArtifacts())
+    host.prepare(NoArtifacts())
     next(host.synthesize())
     assert "toy" in host.losses_of_last_step()
     assert plugin.steps == 2 and not torch.equal(plugin.critic.weight, critic_before)
@@ -238,14 +240,6 @@ def test_plugins_are_refused_by_methods_without_a_generator_objective(temp_modul
     with pytest.raises(ValueError, match="does not take loss plug-ins"):
         method(teacher, method.config_class(batch_size=8), torch.device("cpu"),
                plugins=[module.ToyCritic(module.ToyOptions(toy_weight=1.0))])
-
-
-class _NoArtifacts:
-    def path(self, name):
-        return None
-
-    def save(self, name, write):
-        pass
 
 
 def test_run_help_is_a_screen_with_the_paper_not_the_derivation():

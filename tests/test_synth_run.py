@@ -46,6 +46,11 @@ def test_gmi_run_writes_a_verified_dataset_whose_logits_match_the_teacher(tmp_pa
     assert sum(manifest["class_counts"]) == 40
     assert "pairwise_separability" in manifest["summary"]["diversity"]
     assert shards.verify(out) == []
+    # Per class, the share of its images the teacher assigns to it: 1 where every image is, else less.
+    arrays = shards.load_arrays(out, progress=False)
+    predicted = arrays.logits.astype(np.float32).argmax(axis=1)
+    expected = [float((predicted[arrays.labels == c] == c).mean()) for c in range(10)]
+    assert manifest["summary"]["per_class_agreement"] == pytest.approx(expected)
 
     # Every stored logit is the teacher's output on exactly the stored (decoded, uint8) image.
     arrays = shards.load_arrays(out, progress=False)
@@ -88,6 +93,7 @@ METHOD_ARGS = {
     "deepinversion": ["--batch-size", "8", "--iterations", "3", "--device", "cpu", "--quiet", "--preset", "paper"],
     "cmi": [*FAST_GMI, "--latent-dim", "16", "--generator-width", "8", "--bank-size", "32", "--negatives", "16"],
     "fast": [*FAST_GMI, "--latent-dim", "16", "--generator-width", "8", "--warmup", "1"],
+    "cpsc": [*FAST_GMI, "--latent-dim", "16", "--generator-width", "8"],
 }
 
 

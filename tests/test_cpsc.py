@@ -1,0 +1,189 @@
+"""CPSC-DFKD: the CFE block, the adapter, each loss flag, and the directions of the two players' updates.
+
+Every test runs the method's own code on a small calibrated teacher and checks numbers: outputs per label,
+gradients (with and without a term), discrepancies before and after a real update.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from synth.cli import main
+from synth.generators import CategoricalFeatureEmbedding, ConditionalDCGANGenerator
+from synth.losses import logit_discrepancy_loss, supervised_contrastive_loss
+from synth.methods.cpsc import CPSC, CPSCConfig
+from synth.updates import make_optimizers
+
+TINY = dict(batch_size=8, inversion_steps=1, kd_steps=2, proxy_student="resnet8", memory_capacity=32,
+            latent_dim=16, generator_width=8)
+
+
+def _method(teacher, batches: int = 1, **flags) -> CPSC:
+    """A CPSC after ``batches`` stored batches (its proxy student has learnt), same seed every time."""
+    torch.manual_seed(0)
+    method = CPSC(teacher, CPSCConfig(**{**TINY, **flags}), torch.device("cpu"))
+    stream = method.synthesize()
+    for _ in range(batches):
+        next(stream)
+    return method
+
+
+def _step(method: CPSC):
+    labels = method.next_labels()
+    groups = method.begin_batch(labels)
+    method.engine.reset()
+    images = method.generate(method.latents, labels)
+    step = method.forward_step(0, labels, images, needs_student=method.wants_adversarial())
+    return groups, step
+
+
+def test_cfe_block_output_depends_on_the_label_and_only_on_it():
+    torch.manual_seed(0)
+    block = CategoricalFeatureEmbedding(4, num_classes=3, size=5)
+    x = torch.randn(1, 4, 5, 5).repeat(4, 1, 1, 1)
+    labels = torch.tensor([0, 1, 0, 2])
+    block.eval()  # running statistics: each row normalised on its own, so equal inputs give equal rows
+    assert torch.equal(block(x, labels)[0], block(x, labels)[1])  # identity affine for every class at first
+    with torch.no_grad():
+        block.weight.normal_(1.0, 0.5)
+        block.bias.normal_(0.0, 0.5)
+    out = block(x, labels)
+    assert torch.equal(out[0], out[2])
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[3])
+    # The maps are per channel *and* position: one class's scale differs across positions of one channel.
+    assert block.weight.shape == (3, 4, 5, 5)
+
+
+@pytest.mark.parametrize("cfe_layers, expected", [(None, 3), (1, 1), (0, 0)])
+def test_conditional_generator_puts_cfe_in_the_first_n_normalisation_layers(cfe_layers, expected):
+    generator = ConditionalDCGANGenerator(16, 10, 3, 32, 8, cfe_layers)
+    kinds = [type(m).__name__ for m in generator.body if "Norm" in type(m).__name__
+             or isinstance(m, CategoricalFeatureEmbedding)]
+    assert kinds == ["CategoricalFeatureEmbedding"] * expected + ["BatchNorm2d"] * (3 - expected)
+    z = torch.randn(6, 16)
+    images = generator(z, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert images.shape == (6, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+
+
+def test_adapter_exists_only_when_the_feature_sizes_differ(calibrated_teacher):
+    same = CPSC(calibrated_teacher, CPSCConfig(**TINY), torch.device("cpu"))  # resnet8: 64 and 64
+    assert same.adapter is None
+    other = CPSC(calibrated_teacher, CPSCConfig(**{**TINY, "proxy_student": "wrn16_2"}), torch.device("cpu"))
+    assert other.adapter is not None
+    assert other.adapted(torch.randn(5, 128)).shape == (5, 64)
+    adapter_params = {id(p) for p in other.adapter.parameters()}
+    assert adapter_params <= {id(p) for g in other.student_optimizer.param_groups for p in g["params"]}
+
+
+def test_full_cpsc_has_every_term_on_the_generator_only(calibrated_teacher):
+    method = _method(calibrated_teacher)
+    groups, step = _step(method)
+    terms = method.losses(step)
+    assert {name: set(t.updates) for name, t in terms.items()} == {
+        "ikd": {"generator"}, "scl": {"generator"}, "ce": {"generator"}, "bn": {"generator"}}
+    assert set(groups) == {"generator"}  # z is noise, not optimised, by default
+    assert not method.latents.requires_grad
+    # Values: -L_IKD and L_SCL recomputed literally from what the step saw.
+    discrepancy = logit_discrepancy_loss(step.teacher_logits, step.student_logits, 5.0)
+    torch.testing.assert_close(terms["ikd"].value, -discrepancy)
+    contrast = supervised_contrastive_loss(step.teacher_features[0], step.student_features, step.labels, 0.07)
+    torch.testing.assert_close(terms["scl"].value, 0.7 * contrast)
+
+
+@pytest.mark.parametrize("flag", ["ikd", "ce", "scl", "bn"])
+def test_each_loss_flag_removes_exactly_its_term_and_its_share_of_the_generator_gradient(calibrated_teacher, flag):
+    method = _method(calibrated_teacher)
+    _, step = _step(method)
+    params = list(method.generator.parameters())
+
+    def gradient(terms):
+        total = sum(t.value for t in terms.values())
+        return torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+
+    full = method.losses(step)
+    setattr(method.config, flag, False)
+    ablated = method.losses(step)
+    assert set(full) - set(ablated) == {flag} and set(ablated) <= set(full)
+    with_term, without = gradient(full), gradient(ablated)
+    alone = gradient({flag: full[flag]})
+    changed = False
+    for g_full, g_off, g_term in zip(with_term, without, alone, strict=True):
+        if g_full is None:
+            continue
+        g_off = torch.zeros_like(g_full) if g_off is None else g_off
+        g_term = torch.zeros_like(g_full) if g_term is None else g_term
+        scale = float(g_full.abs().max()) + 1e-12  # float32 cancellation in the difference of two sums
+        torch.testing.assert_close(g_full - g_off, g_term, rtol=0, atol=1e-4 * scale)
+        changed |= not torch.allclose(g_full, g_off)
+    assert changed, f"--no-{flag} left the generator's gradient unchanged"
+
+
+def _discrepancy(method: CPSC, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(logit_discrepancy_loss(method.teacher(images), method.student(images),
+                                            method.config.ikd_l2_weight))
+
+
+def test_student_step_lowers_the_discrepancy_and_generator_step_raises_it(calibrated_teacher):
+    method = _method(calibrated_teacher, proxy_lr=0.02)
+    # The proxy student (minimises L_IKD + L_SCL) on the images it replays.
+    from synth.pixels import dequantise
+
+    replayed = dequantise(method.memory.sample(8))
+    method.student.eval()
+    before = _discrepancy(method, replayed)
+    method.train_proxy_student()
+    assert _discrepancy(method, replayed) < before
+
+    # The generator, with -L_IKD only, on a fixed batch of (z, y): the discrepancy rises.
+    cfg = method.config
+    cfg.ce = cfg.scl = cfg.bn = False
+    cfg.generator_lr = 1e-2
+    labels = method.next_labels()
+    groups = method.begin_batch(labels)
+    optimizers = make_optimizers(groups)
+    method.engine.reset()
+    before = _discrepancy(method, method.generate(method.latents, labels))
+    for index in range(3):
+        images = method.generate(method.latents, labels)
+        step = method.forward_step(index, labels, images, needs_student=True)
+        method.engine.apply(method.losses(step), groups, optimizers)
+    assert _discrepancy(method, method.generate(method.latents, labels)) > before
+
+
+def test_first_batch_learns_from_ce_and_bn_only_and_the_generator_persists(calibrated_teacher):
+    method = _method(calibrated_teacher, batches=0)
+    assert not method.wants_adversarial()
+    before = [p.detach().clone() for p in method.generator.parameters()]
+    stream = method.synthesize()
+    next(stream)
+    assert set(method.losses_of_last_step()) == {"ce", "bn"}
+    moved = [not torch.equal(b, p) for b, p in zip(before, method.generator.parameters(), strict=True)]
+    assert all(moved)  # CFE maps included: each class's maps got a gradient
+    after_first = [p.detach().clone() for p in method.generator.parameters()]
+    next(stream)
+    assert set(method.losses_of_last_step()) == {"ikd", "scl", "ce", "bn"}
+    # Kept, not reset, between batches: the second batch started from the first's weights and moved on.
+    assert any(not torch.equal(a, p) for a, p in zip(after_first, method.generator.parameters(), strict=True))
+
+
+def test_resume_state_round_trips_the_adapter(calibrated_teacher):
+    method = _method(calibrated_teacher, proxy_student="wrn16_2")
+    state = method.state_dict()
+    torch.manual_seed(5)
+    again = CPSC(calibrated_teacher, CPSCConfig(**{**TINY, "proxy_student": "wrn16_2"}), torch.device("cpu"))
+    again.load_state_dict(state)
+    for a, b in zip(method.adapter.parameters(), again.adapter.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert len(again.student_optimizer.param_groups) == 2
+
+
+def test_cpsc_help_shows_every_option_with_the_papers_default():
+    help_text = CliRunner().invoke(main, ["run", "cpsc", "--help"]).output
+    for option in ("--cfe / --no-cfe", "--cfe-layers", "--ikd / --no-ikd", "--ce / --no-ce", "--scl / --no-scl",
+                   "--bn / --no-bn", "--ikd-l2-weight", "[default: 5.0]", "[default: 0.7]", "--scl-temperature"):
+        assert option in help_text, option
+    bad = CliRunner().invoke(main, ["run", "cpsc", "--out", "x", "--cfe-layers", "7"])
+    assert bad.exit_code == 2 and "cfe_layers" in bad.output
