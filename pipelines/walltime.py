@@ -39,7 +39,7 @@ import zoo
 from atomicio import write_atomic, write_json_atomic
 from timebudget import format_duration, parse_duration
 
-from .benchmark import _distill, _run, _slug, _synth, teacher_accuracy, write_row_config
+from .benchmark import _distill, _run, _slug, _synth, _worst_class, teacher_accuracy, write_row_config
 
 
 class WallTimeBenchmark:
@@ -111,6 +111,7 @@ class WallTimeBenchmark:
                 "total_wall_seconds": synth_wall + distill_wall,
                 "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
                 "teacher_agreement": summary.get("teacher_agreement"),
+                "worst_class_agreement": _worst_class(summary.get("per_class_agreement")),
             }
             write_json_atomic(point_file, point, indent=2)
             print(f"   {name} @ {label}: {point['images']} images, accuracy {point['accuracy']:.2%}, "
@@ -172,19 +173,20 @@ def format_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: flo
     for total in totals:
         lines += [f"## Total budget {format_duration(total)}", "",
                   "| method | images | synthesis s | synthesis img/s | distill s | distill epochs | distill img/s "
-                  "| distill train/wall | total s | accuracy | student/teacher | teacher agreement |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| distill train/wall | total s | accuracy | student/teacher | teacher agreement | worst class |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, points in results.items():
             for p in points:
                 if p["total_budget_seconds"] != total:
                     continue
-                agreement = p.get("teacher_agreement")
+                agreement, worst = p.get("teacher_agreement"), p.get("worst_class_agreement")
                 lines.append(
                     f"| {name} | {p['images']:,} | {p['synthesis_wall_seconds']:.0f} "
                     f"| {p['synthesis_images_per_second']:.2f} | {p['distill_wall_seconds']:.0f} "
                     f"| {p['distill_epochs']} | {p['distill_images_per_second'] or 0:,.0f} "
                     f"| {p['distill_train_share']:.2f} | {p['total_wall_seconds']:.0f} | {p['accuracy']:.2%} "
-                    f"| {p['ratio']:.3f} | {'–' if agreement is None else f'{agreement:.1%}'} |")
+                    f"| {p['ratio']:.3f} | {'–' if agreement is None else f'{agreement:.1%}'} "
+                    f"| {'–' if worst is None else f'{worst:.1%}'} |")
         lines.append("")
     return "\n".join(lines)
 

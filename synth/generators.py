@@ -4,7 +4,8 @@
 low-resolution feature map, two nearest-neighbour upsamplings with 3x3 convolutions, BatchNorm and
 LeakyReLU). It ends in a sigmoid: images leave it in pixel space [0, 1], and the teacher's own
 normalisation (held by :class:`zoo.Classifier`) is applied by the teacher, so a generator never needs to
-know it.
+know it. :class:`ConditionalDCGANGenerator` is the same network made conditional for CPSC-DFKD: the label at
+its input and its BatchNorms replaced by :class:`CategoricalFeatureEmbedding` blocks.
 
 Each "2x nearest-neighbour upsampling, then 3x3 convolution" pair is :class:`NearestUpsampleConv2d`: the
 same function of the same weights, computed on the low-resolution grid. Upsampling duplicates pixels, so
