@@ -43,6 +43,7 @@ from distill.train import (
     check_out_dir,
     evaluate,
     fit,
+    per_class_accuracy,
 )
 from timebudget import Deadline
 
@@ -309,6 +310,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         teacher.to(memory_format=torch.channels_last)
     evaluate_fn = None
     progress_eval_images = 0
+    final_per_class: list[float | None] = []  # the final evaluation's accuracy on each true class
     if eval_ds is not None:
         eval_source = real_source(eval_ds, batch_size=EVAL_BATCH, device=device, augment=False, shuffle=False,
                                   seed=0, workers=opts.workers)
@@ -321,7 +323,10 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
             progress_eval_images = len(subset)
 
         def evaluate_fn(model: nn.Module, final: bool) -> float:
-            return evaluate(model, eval_source if final else progress_source)
+            if not final:
+                return evaluate(model, progress_source, num_classes=k)
+            accuracy, final_per_class[:] = per_class_accuracy(model, eval_source, k)
+            return accuracy
 
         if teacher is not None and teacher_acc is None:
             teacher_acc = evaluate(teacher, eval_source)
@@ -360,6 +365,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         "train_seconds": result.train_seconds,
         "eval_seconds": result.eval_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
+        "per_class_accuracy": final_per_class or None,
         "peak_memory": report.peak_memory(device),
         "device": report.device_description(device),
         "data_path": data_path,

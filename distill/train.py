@@ -135,21 +135,38 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: BatchSource, amp: bool = True) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` over one pass of ``source`` (in eval mode)."""
+def class_hits(model: nn.Module, source: BatchSource, num_classes: int, amp: bool = True) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """``(correct, total)`` per true class, int64 [num_classes], of ``model`` over one pass of ``source``."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64)
-    total = 0
+    correct = torch.zeros(num_classes, dtype=torch.int64)
+    total = torch.zeros(num_classes, dtype=torch.int64)
     try:
         for batch in source.epoch(0):
-            with torch.no_grad(), _autocast(batch.images.device, amp):
+            with _autocast(batch.images.device, amp):
                 logits = model(batch.images)
-            correct = correct.to(logits.device) + (logits.argmax(1) == batch.labels).sum()
-            total += len(batch)
+            labels = batch.labels.cpu()
+            hit = (logits.argmax(1).cpu() == labels).long()
+            correct += torch.bincount(labels, weights=hit, minlength=num_classes).long()[:num_classes]
+            total += torch.bincount(labels, minlength=num_classes)[:num_classes]
     finally:
         model.train(was_training)
-    return float(correct.item()) / max(1, total)
+    return correct, total
+
+
+def evaluate(model: nn.Module, source: BatchSource, amp: bool = True, num_classes: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` over one pass of ``source`` (in eval mode)."""
+    correct, total = class_hits(model, source, num_classes, amp)
+    return float(correct.sum()) / max(1, int(total.sum()))
+
+
+def per_class_accuracy(model: nn.Module, source: BatchSource, num_classes: int,
+                       amp: bool = True) -> tuple[float, list[float | None]]:
+    """``(top-1 accuracy, accuracy on each true class)``; a class absent from ``source`` is None."""
+    correct, total = class_hits(model, source, num_classes, amp)
+    per_class = [float(c) / int(t) if t else None for c, t in zip(correct, total, strict=True)]
+    return float(correct.sum()) / max(1, int(total.sum())), per_class
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -253,7 +270,8 @@ def fit(
     of the final evaluation on ``final_eval_images`` images and counting the evaluations on
     ``progress_eval_images`` every ``eval_every`` epochs (each estimated at half the training cost per
     image: a forward pass without backward, as measured on a CPU), and the cosine schedule is laid over the
-    planned epochs, so the learning rate still anneals to zero at the end. A resumed run plans again from its own first epoch.
+    planned epochs, so the learning rate still anneals to zero at the end. A resumed run plans again from its
+    own first epoch.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file = checkpoint_path(out_dir)

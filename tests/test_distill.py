@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import zoo
 from distill import report
 from distill.cli import main
 from distill.data import TensorSource, augment_batch, rebatch
-from distill.train import kd_loss
+from distill.train import kd_loss, per_class_accuracy
 
 needs_fmnist = pytest.mark.skipif(
     not (realdata.fmnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
@@ -122,6 +123,21 @@ def test_tensor_source_epochs_are_seeded_permutations() -> None:
     assert torch.allclose(batch.images[:, 0, 0, 0] * 255, batch.labels.float())
 
 
+def test_per_class_accuracy_counts_each_true_class() -> None:
+    """A model that answers "class 0" for images below 0.5 and "class 1" otherwise, on labels 0, 0, 1, 2."""
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            high = (x.flatten(1).mean(1) > 0.5).float()
+            return torch.stack([1 - high, high, torch.zeros_like(high), torch.zeros_like(high)], dim=1)
+
+    images = torch.tensor([0, 255, 255, 255], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 2, 2, 1).contiguous()
+    labels = torch.tensor([0, 0, 1, 2])
+    source = TensorSource(images, labels, None, batch_size=2, device=torch.device("cpu"), seed=0)
+    accuracy, per_class = per_class_accuracy(Threshold(), source, num_classes=4)
+    assert accuracy == 0.5 and per_class == [0.5, 1.0, 0.0, None]
+
+
 def test_kd_loss_and_rebatch() -> None:
     s = torch.randn(4, 10)
     assert kd_loss(s, s.clone(), 4.0).abs() < 1e-6 and kd_loss(s, -s, 4.0) > 0
@@ -152,6 +168,7 @@ def test_run_writes_all_outputs(dataset: Path, tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["data_path"] == "memory" and metrics["images_per_second"] > 0
     assert 0 <= metrics["final_accuracy"] <= 1 and metrics["peak_memory"]["bytes"] > 0
+    assert len(metrics["per_class_accuracy"]) == 10
     assert metrics["dataset"]["num_samples"] == N and len(metrics["dataset"]["manifest_sha256"]) == 64
     assert _log_epochs(out) == [1, 2]
     student = zoo.load_classifier(out / "student.pt")
@@ -302,9 +319,10 @@ def test_time_budget_plans_the_epochs_that_fit_and_anneals_over_them(dataset: Pa
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert len(rows) == metrics["epochs"]
     lrs = [float(row["lr"]) for row in rows]
-    # The cosine schedule spans the planned epochs: the last epoch starts low, which it would not if the
-    # schedule still spanned 500 epochs.
-    assert lrs[-1] < 0.3 * lrs[0]
+    # The cosine schedule spans the planned epochs: the last of n epochs starts at base * (1 + cos(pi (n-1)/n)) / 2
+    # (0.05 of 0.1 for n = 2), not at the ~0.1 of a schedule that still spanned 500 epochs.
+    n = len(lrs)
+    assert lrs[-1] == pytest.approx(lrs[0] * 0.5 * (1 + math.cos(math.pi * (n - 1) / n)), rel=1e-4)
     assert rows[-1]["eval_acc"] != ""  # the final evaluation happened
 
 
@@ -314,13 +332,18 @@ def test_progress_evaluations_use_a_subset_and_the_last_the_whole_test_set(datas
     import distill.runs as runs
 
     sizes = []
-    real_evaluate = runs.evaluate
+    real_evaluate, real_per_class = runs.evaluate, runs.per_class_accuracy
 
-    def counting_evaluate(model, source, amp=True):
+    def counting_evaluate(model, source, **kwargs):
         sizes.append(source.num_samples)
-        return real_evaluate(model, source, amp)
+        return real_evaluate(model, source, **kwargs)
+
+    def counting_per_class(model, source, num_classes):  # the final evaluation: per class too
+        sizes.append(source.num_samples)
+        return real_per_class(model, source, num_classes)
 
     monkeypatch.setattr(runs, "evaluate", counting_evaluate)
+    monkeypatch.setattr(runs, "per_class_accuracy", counting_per_class)
     out = tmp_path / "evals"
     result = _run(_base(dataset, out, "--epochs", "3", "--eval-data", "fmnist32", "--max-eval-samples", "500",
                         "--eval-every", "1", "--progress-eval-samples", "100"))
