@@ -128,6 +128,9 @@ def main() -> None:
               help="Wall time for the whole run (90s, 20m, 1h30m): after the first epoch the epochs that fit are "
                    "planned (the final full evaluation kept in reserve) and the cosine schedule is laid over them; "
                    "the run ends at an epoch boundary and records the plan.")
+@click.option("--budget-covers", type=click.Choice(["all", "training"]), default="all", show_default=True,
+              help="What --time-budget pays for: all (the whole run, evaluations included) or training (evaluations "
+                   "are timed and reported but not charged: for benchmarks, where they cost every method the same).")
 @click.option("--progress-eval-samples", type=int, default=None,
               help="Evaluations before the last use a seeded subset of this many test images; the last one always "
                    "uses the whole test set. [default: 2000 on a CPU, all on CUDA]")

@@ -67,6 +67,7 @@ class RunOptions:
     max_eval_samples: int | None = None
     progress_eval_samples: int | None = None  # evaluations before the last use a seeded subset of this many
     time_budget: float | None = None  # seconds of wall time for the whole run (see distill.train.fit)
+    budget_covers: str = "all"  # "training": evaluations are not charged to the time budget
     out: Path | None = None
     resume: bool = False
     device: str = "auto"
@@ -343,6 +344,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     result = fit(student, source, objective, opts.loop, device=device, out_dir=out, run_config=run_config,
                  evaluate_fn=evaluate_fn, resume=opts.resume, progress=opts.progress,
                  on_epoch=lambda history: report.write_log_csv(out / "log.csv", history), deadline=deadline,
+                 charge_evaluations=opts.budget_covers == "all",
                  final_eval_images=len(eval_ds) if eval_ds is not None else 0,
                  progress_eval_images=progress_eval_images)
 
@@ -360,6 +362,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         "epochs_requested": opts.loop.epochs,
         "epochs_this_process": result.planned_epochs - result.start_epoch,
         "time_budget_seconds": opts.time_budget,
+        "time_budget_covers": opts.budget_covers if opts.time_budget is not None else None,
         "images_per_second": result.images_per_second,
         "train_images": result.train_images,
         "train_seconds": result.train_seconds,

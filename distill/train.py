@@ -255,6 +255,7 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
     deadline: Deadline | None = None,
+    charge_evaluations: bool = True,
     final_eval_images: int = 0,
     progress_eval_images: int = 0,
 ) -> FitResult:
@@ -271,7 +272,9 @@ def fit(
     ``progress_eval_images`` every ``eval_every`` epochs (each estimated at half the training cost per
     image: a forward pass without backward, as measured on a CPU), and the cosine schedule is laid over the
     planned epochs, so the learning rate still anneals to zero at the end. A resumed run plans again from its
-    own first epoch.
+    own first epoch. With ``charge_evaluations=False`` the budget covers training only: evaluations are timed
+    and reported, their seconds given back to the deadline, and nothing is reserved for the final one (for a
+    benchmark, where evaluation costs every method the same).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file = checkpoint_path(out_dir)
@@ -343,9 +346,9 @@ def fit(
         if deadline is not None and epoch == start_epoch:
             # Plan the epochs that fit from this epoch's measured cost; the final evaluation is kept in reserve.
             per_image = seconds / seen / 2  # evaluation: forward only (measured at about half a training step)
-            per_epoch = seconds + per_image * progress_eval_images / max(config.eval_every, 1)
-            planned = plan_epochs(planned, epoch + 1, per_epoch, deadline.remaining() or 0.0,
-                                  reserve=per_image * final_eval_images)
+            evaluations = per_image * progress_eval_images / max(config.eval_every, 1) if charge_evaluations else 0.0
+            planned = plan_epochs(planned, epoch + 1, seconds + evaluations, deadline.remaining() or 0.0,
+                                  reserve=per_image * final_eval_images if charge_evaluations else 0.0)
             if planned < config.epochs:
                 _say(progress, f"time budget: {planned} of {config.epochs} epochs fit; the learning-rate schedule "
                                "is planned for them")
@@ -355,7 +358,10 @@ def fit(
         if evaluate_fn is not None and due:
             eval_started = time.perf_counter()
             acc = evaluate_fn(model, last)
-            eval_seconds += time.perf_counter() - eval_started
+            spent = time.perf_counter() - eval_started
+            eval_seconds += spent
+            if deadline is not None and not charge_evaluations:
+                deadline.credit(spent)
         if acc is not None:
             best = acc if best is None else max(best, acc)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "eval_acc": acc, "lr": lr,

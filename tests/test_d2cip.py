@@ -11,14 +11,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import NoArtifacts
 
 from synth.cli import main
 from synth.inversion import InversionStep
 from synth.methods.d2cip import D2CIP, D2CIPConfig
 from synth.priors import ClassConditionalGMM, StandardNormalPrior
 from synth.updates import make_optimizers
-
-from conftest import NoArtifacts
 
 TINY = dict(batch_size=8, inversion_steps=1, kd_steps=1, proxy_student="resnet8", prior_iterations=2,
             memory_capacity=32, bank_size=16, latent_dim=16, generator_width=8)

@@ -327,6 +327,20 @@ def test_time_budget_plans_the_epochs_that_fit_and_anneals_over_them(dataset: Pa
 
 
 @needs_fmnist
+def test_budget_covering_training_gives_evaluation_time_back(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "training-budget"
+    result = _run(_base(dataset, out, "--epochs", "500", "--time-budget", "3s", "--budget-covers", "training",
+                        "--eval-data", "fmnist32", "--max-eval-samples", "2000", "--eval-every", "1",
+                        "--progress-eval-samples", "2000"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["time_budget_covers"] == "training" and 2 <= metrics["epochs"] < 500
+    # Evaluating 2,000 images after every epoch is not charged: training alone stays near the budget.
+    assert metrics["wall_seconds"] - metrics["eval_seconds"] < 3.0 + 3.0
+    assert metrics["eval_seconds"] > 0 and len(_log_epochs(out)) == metrics["epochs"]
+
+
+@needs_fmnist
 def test_progress_evaluations_use_a_subset_and_the_last_the_whole_test_set(dataset: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import distill.runs as runs

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import NoArtifacts
 
 import shards
 import zoo
@@ -19,8 +20,6 @@ from synth import registry
 from synth.cli import main
 from synth.methods.gmi import GMI, GMIConfig
 from synth.runner import RunOptions, run
-
-from conftest import NoArtifacts
 
 TINY_GMI = ["--batch-size", "8", "--inversion-steps", "2", "--kd-steps", "1", "--proxy-student", "resnet8",
             "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "64", "--device", "cpu",

@@ -63,6 +63,10 @@ class Deadline:
         """Seconds used so far, earlier runs included."""
         return self.already_spent + (time.monotonic() - self._started)
 
+    def credit(self, seconds: float) -> None:
+        """Gives back ``seconds`` just spent on work the budget does not cover (e.g. a benchmark's evaluation)."""
+        self.already_spent -= seconds
+
     def remaining(self) -> float | None:
         return None if self.seconds is None else max(0.0, self.seconds - self.elapsed())
 
