@@ -23,11 +23,12 @@ from timebudget import parse_duration
 
 from .base import SynthesisMethod
 from .config import build_config, click_options
+from .errors import SynthError
 from .presets import PresetError, preset_values, resolve_preset
 from .registry import all_methods, all_plugins, get_method
 from .runner import RunOptions, run
 
-USER_ERRORS: tuple[type[Exception], ...] = (zoo.ZooError, shards.ShardError, ValueError, RuntimeError,
+USER_ERRORS: tuple[type[Exception], ...] = (zoo.ZooError, shards.ShardError, SynthError, ValueError, RuntimeError,
                                             FileNotFoundError)
 
 
