@@ -128,6 +128,12 @@ def main() -> None:
               help="Wall time for the whole run (90s, 20m, 1h30m): after the first epoch the epochs that fit are "
                    "planned (the final full evaluation kept in reserve) and the cosine schedule is laid over them; "
                    "the run ends at an epoch boundary and records the plan.")
+@click.option("--synthetic-weight", type=float, default=1.0, show_default=True,
+              help="Sets with condensed samples (synth --condensed): weight of the KD expectation over the "
+                   "synthetic samples of each batch.")
+@click.option("--condensed-weight", type=float, default=1.0, show_default=True,
+              help="Sets with condensed samples: weight of the KD expectation over the condensed samples of each "
+                   "batch (the condensed share of the batches is reported per epoch).")
 @click.option("--progress-eval-samples", type=int, default=None,
               help="Evaluations before the last use a seeded subset of this many test images; the last one always "
                    "uses the whole test set. [default: 2000 on a CPU, all on CUDA]")
