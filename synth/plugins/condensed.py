@@ -20,9 +20,12 @@ What the paper specifies, and where it lives here:
   backward per step: the price of the plug-in).
 * **Losses** (silent in the paper; the standard non-saturating GAN loss, with which DiffAugment was shown):
   L_D = E_real softplus(-D(f_c, y_c)) + E_syn softplus(D(f_s, y_s)) and L_FA = E_syn softplus(-D(f_s, y_s)).
-  The discriminator takes one Adam step (lr 2e-4, betas 0.5/0.999, the GAN default) after each host step, on
-  detached features; its real batch draws, for every synthetic sample, a condensed image of the same class,
-  so both sides hold the same classes.
+  The discriminator takes one Adam step (betas 0.5/0.999) after each host step, on detached features; its
+  real batch draws, for every synthetic sample, a condensed image of the same class, so both sides hold the
+  same classes. Its learning rate, 4e-3, is four times the hosts' generator rate (the two-time-scale rule of
+  Heusel et al. 2017): a batch lasts only a few host steps, and on the toy case of tests/test_condensed.py a
+  discriminator at the GAN default 2e-4 lags so far behind that L_FA follows a near-random critic and the
+  features drift away from the condensed ones instead of toward them.
 * **The student learns from both** (the paper's student objective, two KL expectations): the condensed images
   are stored in the dataset, first and once, marked ``source: condensed`` with their teacher logits;
   ``distill run`` weights the two expectations (``--synthetic-weight``, ``--condensed-weight``).
@@ -72,7 +75,8 @@ class CondensedOptions:
     unconditional_discriminator: bool = field(default=False, metadata={
         "help": "real/fake only, without the class (the paper's ablation)"})
     discriminator_width: int = field(default=256, metadata={"help": "hidden width of the feature discriminator"})
-    discriminator_lr: float = field(default=2e-4, metadata={"help": "Adam learning rate of the discriminator"})
+    discriminator_lr: float = field(default=4e-3, metadata={
+        "help": "Adam learning rate of the discriminator (4x the hosts' generator rate, TTUR)"})
     condensed_augment: bool = field(default=True, metadata={
         "help": "DiffAugment (colour, translation, cutout) on both sides of the discriminator"})
 
