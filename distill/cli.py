@@ -131,6 +131,12 @@ def main() -> None:
 @click.option("--budget-covers", type=click.Choice(["all", "training"]), default="all", show_default=True,
               help="What --time-budget pays for: all (the whole run, evaluations included) or training (evaluations "
                    "are timed and reported but not charged: for benchmarks, where they cost every method the same).")
+@click.option("--synthetic-weight", type=float, default=1.0, show_default=True,
+              help="Sets with condensed samples (synth --condensed): weight of the KD expectation over the "
+                   "synthetic samples of each batch.")
+@click.option("--condensed-weight", type=float, default=1.0, show_default=True,
+              help="Sets with condensed samples: weight of the KD expectation over the condensed samples of each "
+                   "batch (the condensed share of the batches is reported per epoch).")
 @click.option("--progress-eval-samples", type=int, default=None,
               help="Evaluations before the last use a seeded subset of this many test images; the last one always "
                    "uses the whole test set. [default: 2000 on a CPU, all on CUDA]")

@@ -37,6 +37,7 @@ class Batch:
     images: torch.Tensor  # float32 [0, 1], N×C×H×W (channels_last strides on CUDA)
     labels: torch.Tensor  # int64 [N]
     logits: torch.Tensor | None = None  # float32 [N, classes]: the teacher's stored logits, if any
+    condensed: torch.Tensor | None = None  # bool [N]: which samples are condensed images (mixed shard sets)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -111,6 +112,7 @@ class TensorSource:
         seed: int = 0,
         channels_last: bool | None = None,
         on_device: bool | None = None,
+        condensed: torch.Tensor | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"TensorSource wants uint8 N×H×W×C images, got {images.dtype} {tuple(images.shape)}")
@@ -125,6 +127,7 @@ class TensorSource:
         self.images = images.to(store)
         self.labels = labels.to(store, torch.int64)
         self.logits = None if logits is None else logits.to(store)  # stays float16 until batched
+        self.condensed = None if condensed is None else condensed.to(store, torch.bool)
         if device.type == "cuda" and not on_device:
             # Pinned pages let the per-batch copy run asynchronously.
             self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
@@ -152,9 +155,12 @@ class TensorSource:
             logits = None
             if self.logits is not None:
                 logits = self.logits.index_select(0, idx).to(self.device, non_blocking=True).float()
+            condensed = None
+            if self.condensed is not None:
+                condensed = self.condensed.index_select(0, idx).to(self.device, non_blocking=True)
             if aug_gen is not None:
                 images = augment_batch(images, aug_gen)
-            yield Batch(to_float_nchw(images, self.channels_last), labels, logits)
+            yield Batch(to_float_nchw(images, self.channels_last), labels, logits, condensed)
 
 
 #: One host batch: uint8 N×H×W×C images, int64 labels, float16/32 logits or None (numpy or torch).

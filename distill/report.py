@@ -22,6 +22,8 @@ from atomicio import write_atomic, write_json_atomic
 
 #: Columns of log.csv, one row per epoch.
 LOG_COLUMNS = ("epoch", "train_loss", "eval_acc", "lr", "images_per_s", "seconds")
+#: Columns added only when a run has them (a mixed synthetic + condensed set).
+OPTIONAL_COLUMNS = ("condensed_share", "condensed_share_min", "condensed_share_max")
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -38,10 +40,11 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 def write_log_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
     """Rewrite the whole log from ``history`` (the checkpoint's copy), so a resumed run never repeats a row."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(LOG_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    columns = list(LOG_COLUMNS) + [c for c in OPTIONAL_COLUMNS if any(c in row for row in history)]
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
     _write(path, buf.getvalue().encode())
 
 

@@ -31,6 +31,7 @@ import realdata
 import shards
 import zoo
 from distill import report
+from distill.mixed import SyntheticCondensedKD
 from distill.sources import real_source, shard_source
 from distill.train import (
     DEFAULT_TEMPERATURE,
@@ -74,6 +75,8 @@ class RunOptions:
     workers: int | None = None
     cache: str = "auto"  # auto | memory | stream
     augment: str = "auto"  # auto | on | off
+    synthetic_weight: float = 1.0  # mixed sets: weight of the KD expectation over synthetic samples
+    condensed_weight: float = 1.0  # mixed sets: weight of the KD expectation over condensed samples
     progress: bool = True
     command: str = ""
 
@@ -301,12 +304,22 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
 
     augment = _resolve_augment(opts.augment, teacher is not None, supervised=False)
     _configure_device(device)
+    # A set with condensed samples (synth --condensed) learns from the paper's two KD expectations.
+    sources = manifest.get("source_counts") or {}
+    mixed = int(sources.get("condensed", 0)) > 0
     source, data_path = shard_source(opts.shards, manifest, cache=opts.cache, workers=opts.workers,
                                      batch_size=opts.loop.batch_size, seed=opts.loop.seed, device=device,
-                                     augment=augment, with_logits=teacher is None, progress=opts.progress)
+                                     augment=augment, with_logits=teacher is None, progress=opts.progress,
+                                     with_sources=mixed)
     student.to(device)
-    objective = (LiveTeacherKD(teacher.to(device), opts.temperature, amp=True) if teacher is not None
-                 else StoredLogitsKD(opts.temperature))
+    objective: Any
+    if mixed:
+        objective = SyntheticCondensedKD(opts.temperature, opts.synthetic_weight, opts.condensed_weight,
+                                         teacher.to(device) if teacher is not None else None)
+    elif teacher is not None:
+        objective = LiveTeacherKD(teacher.to(device), opts.temperature, amp=True)
+    else:
+        objective = StoredLogitsKD(opts.temperature)
     if teacher is not None and device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
     evaluate_fn = None
@@ -340,6 +353,8 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         "in_channels": c, "num_classes": k, "augment": augment, "teacher": opts.teacher,
         "eval_data": opts.eval_data, **{f"loop.{k_}": v for k_, v in asdict(opts.loop).items()},
     }
+    if mixed:
+        run_config.update(synthetic_weight=opts.synthetic_weight, condensed_weight=opts.condensed_weight)
 
     result = fit(student, source, objective, opts.loop, device=device, out_dir=out, run_config=run_config,
                  evaluate_fn=evaluate_fn, resume=opts.resume, progress=opts.progress,
@@ -379,6 +394,10 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         "config": run_config,
         "command": opts.command,
     }
+    if mixed:
+        shares = [row["condensed_share"] for row in result.history if "condensed_share" in row]
+        metrics["sources"] = {**sources, "condensed_share_of_batches": sum(shares) / len(shares) if shares else None,
+                              "synthetic_weight": opts.synthetic_weight, "condensed_weight": opts.condensed_weight}
     _write_outputs(out, metrics, result, f"{arch} distilled from {opts.shards}", teacher_acc)
     return JobResult(out, metrics, _summary_line(final_acc, teacher_acc))
 

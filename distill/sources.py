@@ -73,9 +73,10 @@ def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
 
 def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers: int | None, batch_size: int,
                  seed: int, device: torch.device, augment: bool, with_logits: bool,
-                 progress: bool) -> tuple[TensorSource | LoaderSource, str]:
+                 progress: bool, with_sources: bool = False) -> tuple[TensorSource | LoaderSource, str]:
     """The shards as batches: decoded into memory (``cache`` "memory", or "auto" below
-    :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took."""
+    :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took. ``with_sources``:
+    batches say which samples are condensed images (``meta["source"]``), from memory only."""
     h, w, c = manifest["schema"]["image"]["shape"]
     n = int(manifest["num_samples"])
     k = int(manifest["num_classes"])
@@ -84,6 +85,9 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
     if mode == "auto":
         mode = "memory" if decoded < MEMORY_CACHE_LIMIT else "stream"
     workers = default_workers() if workers is None else workers
+    if with_sources and mode != "memory":
+        raise shards.ShardError(f"{location}: mixes condensed and synthetic samples, whose two KD terms need the "
+                                "per-sample source; streaming does not carry it. Use --cache memory.")
     if mode == "memory":
         arrays = shards.load_arrays(location, workers=workers, progress=progress)
         logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
@@ -91,6 +95,8 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
             torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels), logits,
             batch_size=batch_size, device=device, augment=augment, seed=seed,
             on_device=device.type == "cuda" and _fits_on_gpu(decoded, device),
+            condensed=torch.tensor([m.get("source") == "condensed" for m in arrays.meta], dtype=torch.bool)
+            if with_sources else None,
         )
         return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
     return stream_source(location, n, batch_size=batch_size, device=device, augment=augment, seed=seed,

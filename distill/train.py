@@ -366,6 +366,9 @@ def fit(
             best = acc if best is None else max(best, acc)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "eval_acc": acc, "lr": lr,
                "images_per_s": seen / seconds, "seconds": seconds}
+        epoch_stats = getattr(objective, "epoch_stats", None)  # e.g. the condensed share of the batches
+        if epoch_stats is not None:
+            row.update(epoch_stats())
         history.append(row)
         train_images += seen
         train_seconds += seconds

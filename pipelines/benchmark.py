@@ -16,7 +16,11 @@ single-seed differences of a few points are noise at these budgets. Row options:
   (``synth run d2cip --prior``), so ablations of stage 2 share one stage 1; its synthesis time then
   excludes stage 1, and the table says so;
 * ``match_time_of = "ROW"``: scales this row's per-batch steps so that its synthesis wall time equals ROW's
-  (same seed), for comparisons at equal time.
+  (same seed), for comparisons at equal time;
+* ``condensed_ipc = N``: first ``synth condense --data REAL_DATA --ipc N`` (once per N and seed, settings from
+  the ``[condense]`` table), then the row runs with ``--condensed`` on it (``options = { fa_weight = 0 }``: the
+  naive-mixing baseline); with ``kind = "condensed-only"`` the row instead trains the student on the condensed
+  images alone (``distill train --data imagefolder:DIR --teacher T``: KD from the teacher, no synthesis).
 
 Figures recorded per row: student test accuracy, student/teacher ratio, synthesis wall time and images/s,
 distillation images/s, peak memory of each stage, bytes per stored sample, teacher agreement and
@@ -108,6 +112,7 @@ class Benchmark:
     def __init__(self, pipeline: dict[str, Any], fresh: bool):
         self.spec = pipeline["benchmark"]
         self.budget = pipeline["budget"]
+        self.condense = pipeline.get("condense", {})
         self.rows = pipeline.get("rows", [])
         self.out = Path(self.spec["out"])
         self.fresh = fresh
@@ -154,9 +159,37 @@ class Benchmark:
                 "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes"),
             }
 
+    def condensed_set(self, ipc: int, seed: int) -> Path:
+        """``synth condense`` of the real training split, ``ipc`` images per class (made once, then reused)."""
+        path = self.out / "condensed" / f"ipc-{ipc}-seed-{seed}"
+        if not (path / "condense.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            settings = [arg for key, value in self.condense.items()
+                        for arg in (f"--{key.replace('_', '-')}", str(value))]
+            _run(_synth("condense", "--data", self.spec["real_data"], "--ipc", str(ipc), "--out", str(path),
+                        "--seed", str(seed), "--quiet", *settings), path.parent / f"{path.name}.log")
+        return path
+
+    def condensed_only_run(self, row: dict[str, Any], seed: int) -> dict[str, Any]:
+        """The student trained on the condensed images alone, by KD from the teacher."""
+        condensed = self.condensed_set(int(row["condensed_ipc"]), seed)
+        student = self.run_dir(row["name"], seed) / "student"
+        if not (student / "metrics.json").exists():
+            shutil.rmtree(student, ignore_errors=True)
+            _run(_distill("train", "--data", f"imagefolder:{condensed}", "--arch", self.spec["student"],
+                          "--teacher", str(self.teacher), "--out", str(student),
+                          *self.distill_args(seed)[2:]), student.parent / "distill.log")
+        metrics = json.loads((student / "metrics.json").read_text())
+        return {"method": "condense", "seed": seed, "options": {"ipc": row["condensed_ipc"]}, "matched": False,
+                "shared_prior": False, "accuracy": metrics["final_accuracy"],
+                "distill_images_per_second": metrics.get("images_per_second"),
+                "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes")}
+
     def row_options(self, row: dict[str, Any], seed: int) -> dict[str, Any]:
         method = row["method"]
         options = {**preset_values("cpu", get_method(method))[0], **row.get("options", {})}
+        if row.get("condensed_ipc"):
+            options["condensed"] = str(self.condensed_set(int(row["condensed_ipc"]), seed))
         if row.get("match_time_of"):
             target = self.runs[(row["match_time_of"], seed)]["synthesis_seconds"]
             base = next(r for (name, s), r in self.runs.items()
@@ -218,7 +251,8 @@ class Benchmark:
         seeds = [int(s) for s in row.get("seeds", self.seeds)]
         runs = []
         for seed in seeds:
-            run = self.method_run(row, seed)
+            only = row.get("kind") == "condensed-only"
+            run = self.condensed_only_run(row, seed) if only else self.method_run(row, seed)
             self.runs[(row["name"], seed)] = run
             runs.append(run)
             print(f"   seed {seed}: accuracy {run['accuracy']:.2%}  synthesis {run['synthesis_seconds']:.0f} s",

@@ -72,7 +72,7 @@ _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = frozenset({
     "format", "format_version", "tool_version", "identity", "schema", "num_classes", "target_samples",
     "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "created", "updated",
-    "artifacts", "shard_size", "stop",
+    "artifacts", "shard_size", "stop", "source_counts",
 })
 
 
@@ -486,6 +486,12 @@ class ShardWriter:
             manifest["num_samples"] = self.num_committed + len(checked)
             counts = np.bincount(labels, minlength=num_classes)
             manifest["class_counts"] = [int(a + b) for a, b in zip(manifest["class_counts"], counts, strict=True)]
+            # Samples per meta "source" (synthetic, condensed, ...), so a reader knows the mix without decoding.
+            sources = dict(manifest.get("source_counts") or {})
+            for sample in checked:
+                source = str(sample.meta.get("source", "unspecified"))
+                sources[source] = sources.get(source, 0) + 1
+            manifest["source_counts"] = dict(sorted(sources.items()))
             manifest["summary"] = {**manifest["summary"], **summary_from_shards(manifest["shards"],
                                                                                 manifest["num_samples"])}
             manifest["complete"] = False  # only finish() declares a dataset complete

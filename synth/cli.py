@@ -4,6 +4,7 @@
     synth run METHOD --out DIR [options]     synthesise (resumes if DIR holds a partial run)
     synth inspect DIR                        summary, per-class counts, agreement, diversity, sample grid
     synth verify DIR                         checks every shard; non-zero exit on any problem
+    synth condense --data SPEC --ipc N --out DIR   real data -> condensed images for --condensed (not data-free)
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from timebudget import parse_duration
 
 from .base import SynthesisMethod
 from .config import build_config, click_options
+from .errors import SynthError
 from .presets import PresetError, preset_values, resolve_preset
 from .registry import all_methods, all_plugins, get_method
 from .runner import RunOptions, run
 
-USER_ERRORS: tuple[type[Exception], ...] = (zoo.ZooError, shards.ShardError, ValueError, RuntimeError,
+USER_ERRORS: tuple[type[Exception], ...] = (zoo.ZooError, shards.ShardError, SynthError, ValueError, RuntimeError,
                                             FileNotFoundError)
 
 
@@ -273,6 +275,39 @@ def _read_pipeline_file(path: str | None, method: str) -> tuple[dict[str, Any], 
         raise click.ClickException(f"{path}: not valid TOML: {error}") from error
     synth_table = data.get("synth", {})
     return dict(synth_table.get(method, {})), dict(synth_table.get("run", {}))
+
+
+def _condense_command(command: Any) -> Any:
+    from .condense import CondenseConfig
+
+    return click_options(CondenseConfig)(command)
+
+
+@main.command()
+@click.option("--data", required=True, metavar="SPEC",
+              help="real labelled dataset whose training split is condensed (fmnist32, cifar10:PATH, imagefolder:PATH)")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="new folder for the condensed images")
+@click.option("--size", type=int, default=None, help="resize imagefolder images to N×N")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+@_condense_command
+def condense(data: str, out: str, size: int | None, device: str, quiet: bool, **values: Any) -> None:
+    """Condense REAL data by distribution matching (Zhao & Bilen 2023) into a few images per class.
+
+    Not data-free: for a user who holds the training data and wants to try `synth run METHOD --condensed OUT`
+    (condensed-data-guided inversion). OUT gets OUT/<class>/<n>.png and condense.json, written whole or not at
+    all; `distill train --data imagefolder:OUT` trains on it directly.
+    """
+    from .condense import CondenseConfig
+    from .condense import condense as run_condense
+
+    try:
+        config = build_config(CondenseConfig, None, values)
+        info = run_condense(data, Path(out), config, device=device, size=size,
+                            log=None if quiet else (lambda m: click.echo(m, err=True)))
+    except USER_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{out}: {info['num_classes']} classes x {config.ipc} condensed images from {data}")
 
 
 @main.command()

@@ -367,6 +367,8 @@ class GeneratorInversion(SynthesisMethod):
             own[name] = value
 
     def synthesize(self) -> Iterator[SynthBatch]:
+        for plugin in self.plugins:  # e.g. the condensed samples: first, once per dataset
+            yield from plugin.initial_batches()
         while True:
             batch = self.next_batch()
             self.end_batch(batch)

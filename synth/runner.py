@@ -143,8 +143,12 @@ def dataset_identity(method: str, config: SynthConfig, seed: int, teacher: zoo.C
 def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.Classifier,
         options: RunOptions, plugins: list[LossPlugin] | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run)."""
+    """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run),
+    plus the samples plug-ins add (condensed images), which are stored first."""
     plugins = list(plugins or [])
+    for plugin in plugins:  # bad plug-in input is refused before anything is written
+        plugin.check(teacher)
+    target = options.num_images + sum(plugin.extra_samples() for plugin in plugins)
     device = zoo.pick_device(options.device)
     teacher = teacher.to(device).eval()
     out = Path(options.out)
@@ -155,7 +159,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     if plugins:
         method_header["plugins"] = plugin_configs(plugins)
     header = {"method": method_header, "teacher": teacher.card.to_dict()}
-    writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=options.num_images,
+    writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=target,
                                      shard_size=options.shard_size)
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
     # The first shard's seconds start here too (method set-up included), so the shards' seconds, summed, are
@@ -163,7 +167,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     run_started = time.perf_counter()
     deadline = Deadline(options.time_budget, already_spent=float(writer.manifest["summary"].get("synthesis_seconds")
                                                                  or 0.0))
-    if writer.num_committed >= options.num_images:
+    if writer.num_committed >= target:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
         return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options))
     if deadline.expired():
@@ -188,7 +192,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
         log(f"{out}: {writer.num_committed} samples stored but no resume state; continuing with a fresh method state")
     next_index = writer.num_committed + len(pending)
 
-    bar = tqdm(total=options.num_images, initial=next_index, unit="img", desc=f"synth {method_class.name}",
+    bar = tqdm(total=target, initial=next_index, unit="img", desc=f"synth {method_class.name}",
                disable=not options.progress, dynamic_ncols=True)
     started = time.perf_counter()
     shard_started = run_started
@@ -199,7 +203,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
         labels = batch.labels.cpu().tolist()
         height, width = pixels.shape[1:3]
         for i in range(len(labels)):
-            if next_index >= options.num_images:
+            if next_index >= target:
                 break
             meta = {"source": batch.source, "resolution": [int(height), int(width)], **batch.meta}
             pending.append(shards.Sample(key=f"{next_index:09d}", image=pixels[i], label=int(labels[i]),
@@ -218,9 +222,9 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
                                              "pending": _pack(pending)}, seconds=now - shard_started)
             shard_started = now
             if deadline.expired():  # the first shard boundary after the budget
-                out_of_time = next_index < options.num_images or bool(pending)
+                out_of_time = next_index < target or bool(pending)
                 break
-        if out_of_time or next_index >= options.num_images:
+        if out_of_time or next_index >= target:
             break
     if pending and not out_of_time:
         writer.commit_shard(pending, state=None, seconds=time.perf_counter() - shard_started)

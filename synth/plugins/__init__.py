@@ -12,6 +12,10 @@ What a plug-in has, and when it is called:
   options and pipeline-file keys; :meth:`LossPlugin.enabled` says whether the given options switch it on.
   Only enabled plug-ins are built, and only their options enter the manifest and the dataset's identity,
   so a run without them writes exactly what it wrote before they existed;
+* :meth:`~LossPlugin.check` -- once, with the teacher, before the run touches the disk: read the plug-in's
+  input and refuse what does not fit (so a bad input leaves nothing behind);
+* :meth:`~LossPlugin.extra_samples` / :meth:`~LossPlugin.initial_batches` -- samples the plug-in adds to the
+  dataset on top of ``--num-images`` (the condensed images), stored first, once per dataset;
 * :meth:`~LossPlugin.attach` -- once, with the host method (teacher, device, ``num_classes``); create
   parameters and optimisers here;
 * :meth:`~LossPlugin.begin_batch` -- before each inverted batch; may return extra parameter groups that the
@@ -32,6 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
+    import zoo
+
     from ..base import SynthBatch
     from ..inversion import GeneratorInversion, InversionStep
     from ..updates import ParamGroup, Term
@@ -59,6 +65,18 @@ class LossPlugin(abc.ABC):
     @abc.abstractmethod
     def enabled(cls, options: Any) -> bool:
         """Whether these options switch the plug-in on (e.g. its input path was given)."""
+
+    def check(self, teacher: zoo.Classifier) -> None:
+        """Before the run touches the disk: read inputs and raise a user error if they do not fit ``teacher``."""
+        return None
+
+    def extra_samples(self) -> int:
+        """Samples this plug-in adds to the dataset beyond ``--num-images`` (after :meth:`check`)."""
+        return 0
+
+    def initial_batches(self) -> list[SynthBatch]:
+        """Batches stored before the first synthetic one, once per dataset (the resume state must say so)."""
+        return []
 
     def attach(self, host: GeneratorInversion) -> None:
         """Called once by the host method; build parameters and optimisers on ``host.device`` here."""
