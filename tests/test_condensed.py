@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import NoArtifacts
 from PIL import Image
 from torch import nn
 
@@ -28,7 +29,7 @@ TINY = ["--batch-size", "10", "--inversion-steps", "2", "--kd-steps", "1", "--pr
         "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "64", "--device", "cpu",
         "--quiet", "--preset", "paper"]
 EXTRA = {"d2cip": ["--prior-iterations", "2", "--bank-size", "16"]}
-HOSTS = ["gmi", "fast", "cmi", "d2cip"]
+HOSTS = ["gmi", "fast", "cmi", "d2cip", "cpsc"]
 
 
 def smooth_images(n: int, seed: int, size: int = 32) -> np.ndarray:
@@ -149,19 +150,11 @@ def test_without_condensed_the_loss_dictionary_is_unchanged(tiny_teacher, method
     for plugins in ([], _build_plugins({}, {"condensed": defaults})):
         torch.manual_seed(0)
         host = cls(teacher, cls.config_class(**values), torch.device("cpu"), plugins=plugins)
-        host.prepare(_NoArtifacts())
+        host.prepare(NoArtifacts())
         batches = host.synthesize()
         next(batches), next(batches)
         losses.append(host.losses_of_last_step())
     assert losses[0] == losses[1] and "fa" not in losses[0]
-
-
-class _NoArtifacts:
-    def path(self, name):
-        return None
-
-    def save(self, name, write):
-        pass
 
 
 # -- condensed samples in the shards ------------------------------------------------------------------------

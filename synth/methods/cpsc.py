@@ -143,14 +143,18 @@ class CPSC(GeneratorInversion):
             del groups["latents"]
         return groups
 
+    @property
+    def gmi_groups(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The groups the generator's objective updates (and a loss plug-in's term joins): z only when optimised."""
+        return ("generator", "latents") if self.config.latent_lr else ("generator",)
+
     def adapted(self, student_features: torch.Tensor) -> torch.Tensor:
         return student_features if self.adapter is None else self.adapter(student_features)
 
     def losses(self, step: InversionStep) -> dict[str, Term]:
         """The generator's terms: -L_IKD, L_CE, gamma L_SCL, beta L_BN, each on the generator (and z when it
         is optimised). The student's terms are absent until it has learnt from a stored batch."""
-        cfg = self.config
-        groups = ("generator", "latents") if cfg.latent_lr else ("generator",)
+        cfg, groups = self.config, self.gmi_groups
         terms: dict[str, Term] = {}
         if step.student_logits is not None:
             if cfg.ikd and cfg.adv_weight:
