@@ -70,6 +70,12 @@ def _worst_class(per_class: list[float | None] | None) -> float | None:
     return min(values) if values else None
 
 
+def _train_share(metrics: dict[str, Any]) -> float | None:
+    """Of distillation's wall time, the share spent training (the rest: start-up, data, evaluation)."""
+    train, wall = metrics.get("train_seconds"), metrics.get("wall_seconds")
+    return train / wall if train is not None and wall else None
+
+
 def _synth(*args: str) -> list[str]:
     return [sys.executable, "-m", "synth.cli", *args]
 
@@ -243,6 +249,7 @@ class Benchmark:
             "mean_entropy": summary.get("mean_entropy"),
             "pairwise_separability": summary.get("diversity", {}).get("pairwise_separability"),
             "distill_images_per_second": metrics.get("images_per_second"),
+            "distill_train_share": _train_share(metrics),
             "distill_peak_memory_bytes": metrics.get("peak_memory", {}).get("bytes"),
             "bytes_per_sample": sum(s["bytes"] for s in manifest["shards"]) / manifest["num_samples"],
         }
@@ -270,7 +277,7 @@ class Benchmark:
             **{key: mean(key) for key in ("synthesis_seconds", "synthesis_images_per_second",
                                           "synthesis_peak_memory_bytes", "teacher_agreement",
                                           "worst_class_agreement", "mean_entropy",
-                                          "pairwise_separability", "distill_images_per_second",
+                                          "pairwise_separability", "distill_images_per_second", "distill_train_share",
                                           "distill_peak_memory_bytes", "bytes_per_sample")},
         }
 
@@ -325,14 +332,16 @@ def format_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str
         f"{environment['cpu_threads']} threads.",
         "",
         "| row | accuracy | student/teacher | synthesis s | synthesis img/s | synthesis peak MB | distill img/s "
-        "| distill peak MB | bytes/sample | teacher agreement | worst class | entropy | separability |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| distill train/wall | distill peak MB | bytes/sample | teacher agreement | worst class | entropy "
+        "| separability |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
         lines.append(
             f"| {r['name']} | {_accuracy_cell(r['accuracy'])} | {_fmt(r.get('ratio'), 'ratio')} "
             f"| {_fmt(r.get('synthesis_seconds'), 's')} | {_fmt(r.get('synthesis_images_per_second'), 'f2')} "
             f"| {_fmt(r.get('synthesis_peak_memory_bytes'), 'mb')} | {_fmt(r.get('distill_images_per_second'), 'int')} "
+            f"| {_fmt(r.get('distill_train_share'), 'f2')} "
             f"| {_fmt(r.get('distill_peak_memory_bytes'), 'mb')} | {_fmt(r.get('bytes_per_sample'), 'int')} "
             f"| {_fmt(r.get('teacher_agreement'), 'pct')} | {_fmt(r.get('worst_class_agreement'), 'pct')} "
             f"| {_fmt(r.get('mean_entropy'), 'f2')} "

@@ -117,6 +117,7 @@ class WallTimeBenchmark:
                 "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
                 "teacher_agreement": summary.get("teacher_agreement"),
                 "worst_class_agreement": _worst_class(summary.get("per_class_agreement")),
+                "pairwise_separability": (summary.get("diversity") or {}).get("pairwise_separability"),
                 "student_per_class_accuracy": metrics.get("per_class_accuracy"),
             }
             write_json_atomic(point_file, point, indent=2)
