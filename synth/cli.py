@@ -25,7 +25,7 @@ from timebudget import parse_duration
 from .base import SynthesisMethod
 from .config import build_config, click_options
 from .errors import SynthError
-from .presets import PresetError, preset_values, resolve_preset
+from .presets import RUN_BUDGETS, PresetError, preset_values, resolve_preset
 from .registry import all_methods, all_plugins, get_method
 from .runner import RunOptions, run
 
@@ -189,6 +189,13 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
             for key, value in zip(_RUN_OPTIONS, (num_images, shard_size, seed, device, time_budget), strict=True):
                 if value is not None:
                     run_values[key] = value
+            if run_values.get("time_budget") is not None and num_images is None and "num_images" not in file_run \
+                    and not planned:
+                # A time budget alone means "as many images as fit" (up to the paper's count), in shards of one
+                # batch, so that the run stops within a batch of its budget.
+                run_values["num_images"] = RUN_BUDGETS["paper"]["num_images"]
+                if shard_size is None and "shard_size" not in file_run:
+                    run_values["shard_size"] = getattr(config, "batch_size", run_values["shard_size"])
             options = RunOptions(out=Path(out), num_images=int(run_values["num_images"]),
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
                                  device=str(run_values["device"]), progress=not quiet, preset=preset_name,
@@ -217,7 +224,8 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
         click.option("--time-budget", default=None, metavar="DURATION",
                      help="stop at the first shard boundary after this much synthesis time (90s, 20m, 1h30m), "
                           "counting earlier runs of this dataset: a complete, verified dataset that the same command "
-                          "with a larger budget continues; with --num-images, whichever comes first"),
+                          "with a larger budget continues; with --num-images, whichever comes first; without it, as "
+                          "many images as fit (up to 50000) in shards of one batch"),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="pipeline file (TOML): a [synth.METHOD] table of method options and a [synth.run] table "
                           "(num_images, shard_size, seed, device, teacher, arch); command-line options win"),

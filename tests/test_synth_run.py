@@ -196,3 +196,15 @@ def test_time_budget_is_read_as_a_person_writes_it():
             parse_duration(bad)
     bad = CliRunner().invoke(main, ["run", "gmi", "--out", "x", "--time-budget", "soon"])
     assert bad.exit_code == 2 and "90s, 20m, 1h30m" in bad.output
+
+
+def test_time_budget_without_an_image_count_makes_as_many_as_fit_in_one_batch_shards(tmp_path, tiny_teacher):
+    out = tmp_path / "budget-only"
+    result = _synth("run", "gmi", "--out", str(out), "--teacher", str(tiny_teacher), "--time-budget", "3s",
+                    *FAST_GMI)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target_samples"] == 50_000 and manifest["shard_size"] == 8  # --batch-size 8
+    assert manifest["stop"]["reason"] == "time_budget" and 8 <= manifest["num_samples"] < 50_000
+    assert all(s["num_samples"] == 8 for s in manifest["shards"])
+    assert shards.verify(out) == []
