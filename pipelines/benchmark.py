@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -49,6 +50,8 @@ import realdata
 import zoo
 from synth.presets import preset_values
 from synth.registry import get_method
+
+from .lanes import run_in_lanes
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -119,6 +122,7 @@ class Benchmark:
         self.spec = pipeline["benchmark"]
         self.budget = pipeline["budget"]
         self.condense = pipeline.get("condense", {})
+        self._lock = threading.RLock()
         self.rows = pipeline.get("rows", [])
         self.out = Path(self.spec["out"])
         self.fresh = fresh
@@ -168,13 +172,17 @@ class Benchmark:
     def condensed_set(self, ipc: int, seed: int) -> Path:
         """``synth condense`` of the real training split, ``ipc`` images per class (made once, then reused)."""
         path = self.out / "condensed" / f"ipc-{ipc}-seed-{seed}"
+        with self._lock:  # rows in parallel lanes share one condensed set
+            self._condense(path, ipc, seed)
+        return path
+
+    def _condense(self, path: Path, ipc: int, seed: int) -> None:
         if not (path / "condense.json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             settings = [arg for key, value in self.condense.items()
                         for arg in (f"--{key.replace('_', '-')}", str(value))]
             _run(_synth("condense", "--data", self.spec["real_data"], "--ipc", str(ipc), "--out", str(path),
                         "--seed", str(seed), "--quiet", *settings), path.parent / f"{path.name}.log")
-        return path
 
     def condensed_only_run(self, row: dict[str, Any], seed: int) -> dict[str, Any]:
         """The student trained on the condensed images alone, by KD from the teacher."""
@@ -289,11 +297,16 @@ class Benchmark:
         for row in reversed(self.rows):  # rows a selected row reads from run too (from disk when finished)
             if row["name"] in needed:
                 needed.update(filter(None, (row.get("prior_from"), row.get("match_time_of"))))
-        for row in self.rows:
-            if row["name"] not in needed:
-                continue
-            print(f"== {row['name']}", flush=True)
-            self.method_row(row)
+        rows = [row for row in self.rows if row["name"] in needed]
+        lanes = int(self.budget.get("lanes", 1))
+        if lanes > 1 and any(row.get("prior_from") or row.get("match_time_of") for row in rows):
+            raise ValueError("lanes > 1 needs rows that do not read each other's results (prior_from, match_time_of)")
+        run_in_lanes(rows, self._row_and_write, lanes)
+
+    def _row_and_write(self, row: dict[str, Any]) -> None:
+        print(f"== {row['name']}", flush=True)
+        self.method_row(row)
+        with self._lock:
             self.write()
 
     def write(self) -> None:

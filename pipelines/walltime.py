@@ -31,7 +31,6 @@ import platform
 import shutil
 import threading
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from atomicio import write_atomic, write_json_atomic
 from timebudget import format_duration, parse_duration
 
 from .benchmark import _distill, _run, _slug, _synth, _worst_class, teacher_accuracy, write_row_config
+from .lanes import run_in_lanes
 
 
 class WallTimeBenchmark:
@@ -57,8 +57,6 @@ class WallTimeBenchmark:
             raise ValueError("synthesis_share must be between 0 and 1")
         self.fresh = fresh
         self.lanes = int(self.budget.get("lanes", 1))
-        if self.lanes < 1:
-            raise ValueError("lanes must be at least 1")
         self._lock = threading.Lock()
 
     def row(self, row: dict[str, Any]) -> None:
@@ -127,13 +125,7 @@ class WallTimeBenchmark:
     def run(self, only: set[str] | None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.teacher_acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
-        rows = [row for row in self.rows if not only or row["name"] in only]
-        if self.lanes > 1:
-            # Children inherit this: each lane's synth and distill processes get their share of the cores.
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.lanes))
-        with ThreadPoolExecutor(max_workers=self.lanes) as pool:
-            for future in [pool.submit(self._row_and_write, row) for row in rows]:
-                future.result()
+        run_in_lanes([row for row in self.rows if not only or row["name"] in only], self._row_and_write, self.lanes)
 
     def _row_and_write(self, row: dict[str, Any]) -> None:
         print(f"== {row['name']}", flush=True)
