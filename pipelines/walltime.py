@@ -156,7 +156,8 @@ class WallTimeBenchmark:
         write_json_atomic(self.out / "results.json", payload, indent=2)
         write_atomic(self.out / "results.md",
                      format_tables(self.spec, self.budget, self.teacher_acc, results, environment))
-        plot_curves(results, self.teacher_acc, self.out / "accuracy_vs_walltime.png", environment["device"])
+        machine = environment["device"] + (f", {self.lanes} runs side by side" if self.lanes > 1 else "")
+        plot_curves(results, self.teacher_acc, self.out / "accuracy_vs_walltime.png", machine)
 
 
 def format_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: float,
@@ -205,7 +206,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, pa
     ax.axhline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1, label="teacher")
     ax.set_xlabel("total wall time, synthesis + distillation (minutes)")
     ax.set_ylabel("student test accuracy (%)")
-    ax.set_title(f"Student accuracy at equal wall time ({machine})")
+    ax.set_title(f"Student accuracy at equal wall time ({machine})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from synth.cli import main
 from synth.generators import CategoricalFeatureEmbedding, ConditionalDCGANGenerator
-from synth.losses import logit_discrepancy_loss, supervised_contrastive_loss
+from synth.losses import kl_divergence, logit_discrepancy_loss, supervised_contrastive_loss
 from synth.methods.cpsc import CPSC, CPSCConfig
 from synth.updates import make_optimizers
 
@@ -85,9 +85,11 @@ def test_full_cpsc_has_every_term_on_the_generator_only(calibrated_teacher):
         "ikd": {"generator"}, "scl": {"generator"}, "ce": {"generator"}, "bn": {"generator"}}
     assert set(groups) == {"generator"}  # z is noise, not optimised, by default
     assert not method.latents.requires_grad
-    # Values: -L_IKD and L_SCL recomputed literally from what the step saw.
-    discrepancy = logit_discrepancy_loss(step.teacher_logits, step.student_logits, 5.0)
-    torch.testing.assert_close(terms["ikd"].value, -discrepancy)
+    # Values: the generator's -KL (on samples teacher and student agree on) and L_SCL, recomputed literally.
+    agree = (step.teacher_logits.argmax(1) == step.student_logits.argmax(1)).float()
+    p_teacher = step.teacher_logits.softmax(1)
+    kl = (p_teacher * (p_teacher.log() - step.student_logits.log_softmax(1))).sum(1)
+    torch.testing.assert_close(terms["ikd"].value, -(kl * agree).mean())
     contrast = supervised_contrastive_loss(step.teacher_features[0], step.student_features, step.labels, 0.07)
     torch.testing.assert_close(terms["scl"].value, 0.7 * contrast)
 
@@ -126,6 +128,11 @@ def _discrepancy(method: CPSC, images: torch.Tensor) -> float:
                                             method.config.ikd_l2_weight))
 
 
+def _kl(method: CPSC, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(kl_divergence(method.teacher(images), method.student(images)))
+
+
 def test_student_step_lowers_the_discrepancy_and_generator_step_raises_it(calibrated_teacher):
     method = _method(calibrated_teacher, proxy_lr=0.02)
     # The proxy student (minimises L_IKD + L_SCL) on the images it replays.
@@ -137,20 +144,21 @@ def test_student_step_lowers_the_discrepancy_and_generator_step_raises_it(calibr
     method.train_proxy_student()
     assert _discrepancy(method, replayed) < before
 
-    # The generator, with -L_IKD only, on a fixed batch of (z, y): the discrepancy rises.
+    # The generator, with its adversarial term only (on every sample), on a fixed batch of (z, y): the KL between
+    # teacher and student, the discrepancy it raises, rises.
     cfg = method.config
-    cfg.ce = cfg.scl = cfg.bn = False
+    cfg.ce = cfg.scl = cfg.bn = cfg.decision_adversarial = False
     cfg.generator_lr = 1e-2
     labels = method.next_labels()
     groups = method.begin_batch(labels)
     optimizers = make_optimizers(groups)
     method.engine.reset()
-    before = _discrepancy(method, method.generate(method.latents, labels))
+    before = _kl(method, method.generate(method.latents, labels))
     for index in range(3):
         images = method.generate(method.latents, labels)
         step = method.forward_step(index, labels, images, needs_student=True)
         method.engine.apply(method.losses(step), groups, optimizers)
-    assert _discrepancy(method, method.generate(method.latents, labels)) > before
+    assert _kl(method, method.generate(method.latents, labels)) > before
 
 
 def test_first_batch_learns_from_ce_and_bn_only_and_the_generator_persists(calibrated_teacher):
