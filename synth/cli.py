@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -84,7 +85,23 @@ def load_teacher(teacher: str | None, arch: str | None, num_classes: int | None,
     return zoo.load_classifier(teacher, **{k: v for k, v in overrides.items() if v is not None})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """Keeps the raw argument list, so a dataset records (in its manifest and card) the command that made it."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["synth.argv"] = argv
+        return ctx
+
+
+def command_line() -> str:
+    """``synth ARGS…`` as the user typed it (shell-quoted)."""
+    return shlex.join(["synth", *click.get_current_context().find_root().meta.get("synth.argv", [])])
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dfkd-toolkit")
 def main() -> None:
     """Invert a trained classifier (the teacher) into a synthetic image dataset.
@@ -192,7 +209,8 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
             options = RunOptions(out=Path(out), num_images=int(run_values["num_images"]),
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
                                  device=str(run_values["device"]), progress=not quiet, preset=preset_name,
-                                 accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")))
+                                 accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")),
+                                 command=command_line())
             classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
                                       num_classes, input_size, mean, std, class_names)
             run(method_class, config, classifier, options, plugins=plugins, log=lambda m: click.echo(m, err=True))

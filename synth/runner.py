@@ -25,6 +25,7 @@ import shards
 import zoo
 from timebudget import Deadline, format_duration
 
+from . import card as dataset_card
 from .base import SynthConfig, SynthesisMethod
 from .diversity import diversity_report, subsample, teacher_features
 from .pixels import quantise
@@ -45,6 +46,7 @@ class RunOptions:
     accelerate: bool = True  # zoo.Acceleration: channels_last (and bf16 autocast on CUDA)
     time_budget: float | None = None  # seconds; stop at the first shard boundary after it
     diversity_samples: int = 2_000
+    command: str | None = None  # the command line, recorded in the manifest and the dataset card
 
     def __post_init__(self) -> None:
         if self.num_images <= 0:
@@ -159,6 +161,9 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     if plugins:
         method_header["plugins"] = plugin_configs(plugins)
     header = {"method": method_header, "teacher": teacher.card.to_dict()}
+    commands = dataset_card.recorded_commands(out, options.command)
+    if commands:
+        header["commands"] = commands
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=target,
                                      shard_size=options.shard_size)
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
@@ -169,12 +174,14 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
                                                                  or 0.0))
     if writer.num_committed >= target:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
-        return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options))
+        return _published(out, writer.finish(writer.manifest.get("summary")
+                                             or dataset_summary(out, teacher, device, options)))
     if deadline.expired():
         log(f"{out}: its time budget ({format_duration(deadline.seconds)}) is spent with {writer.num_committed} "
             "samples; give a larger --time-budget to continue")
-        return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options),
-                             stop=_budget_stop(deadline, options))
+        return _published(out, writer.finish(writer.manifest.get("summary")
+                                             or dataset_summary(out, teacher, device, options),
+                                             stop=_budget_stop(deadline, options)))
 
     torch.manual_seed(options.seed)
     acceleration = zoo.Acceleration(device, enabled=options.accelerate)
@@ -238,6 +245,12 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     stopped = f"; stopped by the time budget ({format_duration(deadline.seconds)})" if out_of_time else ""
     log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
         f"({produced} new, {summary['synthesis_images_per_second']} images/s){stopped}")
+    return _published(out, manifest)
+
+
+def _published(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    # Written after the manifest's commit point: a card is derived from it, never the other way round.
+    dataset_card.publish(out, manifest)
     return manifest
 
 
