@@ -4,6 +4,7 @@
     synth run METHOD --out DIR [options]     synthesise (resumes if DIR holds a partial run)
     synth inspect DIR                        summary, per-class counts, agreement, diversity, sample grid
     synth verify DIR                         checks every shard; non-zero exit on any problem
+    synth merge A B … --out C [--link]       unite datasets of one teacher (fan-out parts) into one
     synth condense --data SPEC --ipc N --out DIR   real data -> condensed images for --condensed (not data-free)
 """
 
@@ -26,6 +27,7 @@ from timebudget import parse_duration
 from .base import SynthesisMethod
 from .config import build_config, click_options
 from .errors import SynthError
+from .fanout import FanOut
 from .presets import PresetError, preset_values, resolve_preset
 from .registry import all_methods, all_plugins, get_method
 from .runner import RunOptions, run
@@ -180,7 +182,7 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
 
     def command(out: str, num_images: int | None, shard_size: int | None, seed: int | None,
                 device: str | None, time_budget: float | None, config_file: str | None, preset: str, quiet: bool,
-                accelerate: bool,
+                accelerate: bool, rank: int | None, world: int | None,
                 teacher: str | None, arch: str | None, num_classes: int | None, input_size: int | None,
                 mean: str | None, std: str | None, class_names: str | None, **values: Any) -> None:
         file_method, file_run = _read_pipeline_file(config_file, name)
@@ -210,7 +212,7 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
                                  device=str(run_values["device"]), progress=not quiet, preset=preset_name,
                                  accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")),
-                                 command=command_line())
+                                 command=command_line(), fanout=FanOut.resolve(rank, world))
             classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
                                       num_classes, input_size, mean, std, class_names)
             run(method_class, config, classifier, options, plugins=plugins, log=lambda m: click.echo(m, err=True))
@@ -245,6 +247,11 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
         click.option("--accelerate/--no-accelerate", default=True, show_default=True,
                      help="on CUDA: channels_last layout and bf16 autocast (on a CPU: no change); off: plain fp32"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
+        click.option("--rank", type=int, default=None,
+                     help="fan-out: this worker's index; it writes OUT/part-RANK (its share of --num-images, its own "
+                          "keys and seed); unite the parts with synth merge [default: torchrun's RANK, else 0]"),
+        click.option("--world", type=int, default=None,
+                     help="fan-out: the number of workers [default: torchrun's WORLD_SIZE, else 1]"),
     ]):
         command = option(command)
     return click.command(name, context_settings={"max_content_width": 110})(command)
@@ -326,6 +333,31 @@ def condense(data: str, out: str, size: int | None, device: str, quiet: bool, **
     except USER_ERRORS as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"{out}: {info['num_classes']} classes x {config.ipc} condensed images from {data}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="new directory for the merged dataset")
+@click.option("--link", is_flag=True,
+              help="hard-link the shards instead of copying them (a relative symlink where the filesystem cannot)")
+def merge(sources: tuple[str, ...], out: str, link: bool) -> None:
+    """Unite datasets of one teacher (e.g. the parts of a fan-out: synth run --rank/--world) into one.
+
+    Each source's method, config and commands are kept as lineage in the manifest and the dataset card.
+    Sources whose sample keys overlap (separate runs) are renumbered, which copies the shards.
+    """
+    from shards.merge import merge as merge_datasets
+
+    from .card import publish
+
+    try:
+        manifest = merge_datasets(list(sources), out, link=link, command=command_line())
+        publish(out, manifest)
+    except USER_ERRORS as error:
+        raise click.ClickException(str(error)) from error
+    ways = sorted({entry["placed"] for entry in manifest["shards"]})
+    click.echo(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards from "
+               f"{len(sources)} datasets ({', '.join(ways)})")
 
 
 @main.command()
