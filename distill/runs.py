@@ -74,6 +74,7 @@ class RunOptions:
     device: str = "auto"
     workers: int | None = None
     cache: str = "auto"  # auto | memory | stream
+    cache_dir: str | None = None  # remote shards are kept here (shards.remote.ShardCache)
     augment: str = "auto"  # auto | on | off
     synthetic_weight: float = 1.0  # mixed sets: weight of the KD expectation over synthetic samples
     condensed_weight: float = 1.0  # mixed sets: weight of the KD expectation over condensed samples
@@ -255,7 +256,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     out = opts.out or default_run_out(opts.shards, opts.student)
     check_out_dir(out, opts.resume)
 
-    manifest = shards.read_manifest(opts.shards)
+    manifest = shards.read_manifest(opts.shards, cache_dir=opts.cache_dir)
     if int(manifest["num_samples"]) < 2:
         raise DistillError(f"dataset {opts.shards} holds {manifest['num_samples']} samples; nothing to learn from")
     if not manifest.get("complete", True):
@@ -310,7 +311,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     source, data_path = shard_source(opts.shards, manifest, cache=opts.cache, workers=opts.workers,
                                      batch_size=opts.loop.batch_size, seed=opts.loop.seed, device=device,
                                      augment=augment, with_logits=teacher is None, progress=opts.progress,
-                                     with_sources=mixed)
+                                     with_sources=mixed, cache_dir=opts.cache_dir)
     student.to(device)
     objective: Any
     if mixed:

@@ -73,7 +73,8 @@ def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
 
 def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers: int | None, batch_size: int,
                  seed: int, device: torch.device, augment: bool, with_logits: bool,
-                 progress: bool, with_sources: bool = False) -> tuple[TensorSource | LoaderSource, str]:
+                 progress: bool, with_sources: bool = False,
+                 cache_dir: str | None = None) -> tuple[TensorSource | LoaderSource, str]:
     """The shards as batches: decoded into memory (``cache`` "memory", or "auto" below
     :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took. ``with_sources``:
     batches say which samples are condensed images (``meta["source"]``), from memory only."""
@@ -89,7 +90,7 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
         raise shards.ShardError(f"{location}: mixes condensed and synthetic samples, whose two KD terms need the "
                                 "per-sample source; streaming does not carry it. Use --cache memory.")
     if mode == "memory":
-        arrays = shards.load_arrays(location, workers=workers, progress=progress)
+        arrays = shards.load_arrays(location, workers=workers, progress=progress, cache_dir=cache_dir)
         logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
         source = TensorSource(
             torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels), logits,
@@ -100,18 +101,18 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
         )
         return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
     return stream_source(location, n, batch_size=batch_size, device=device, augment=augment, seed=seed,
-                         workers=workers, with_logits=with_logits), "stream"
+                         workers=workers, with_logits=with_logits, cache_dir=cache_dir), "stream"
 
 
 def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
-                  seed: int, workers: int, with_logits: bool = True) -> LoaderSource:
+                  seed: int, workers: int, with_logits: bool = True, cache_dir: str | None = None) -> LoaderSource:
     """WebDataset streaming of the shards (verified as they stream), batched in ``DataLoader`` workers.
 
     Each epoch pins the stream's epoch (shard order and shuffle buffer are seeded by ``(seed, epoch)``), so a
     resumed run sees the same order; the epoch ends when every shard was read once (no resampling, so the
     per-worker remainders are regrouped into full batches in the main process).
     """
-    pipeline = shards.stream(location, shuffle=1000, seed=seed)
+    pipeline = shards.stream(location, shuffle=1000, seed=seed, cache_dir=cache_dir)
 
     def make(epoch: int) -> Iterator[HostBatch]:
         pipeline.set_epoch(epoch)
