@@ -187,6 +187,8 @@ def run(**kwargs: Any) -> None:
             click.echo(f"CPU budget: {shown} (pass them explicitly to override)", err=True)
     opts = RunOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
     result = distill_from_shards(opts)
+    if not result.metrics:  # a torchrun rank other than 0: rank 0 wrote and reports
+        return
     click.echo(f"wrote {result.out_dir}/student.pt, metrics.json, log.csv, accuracy.png")
     if result.summary_line:
         click.echo(result.summary_line)

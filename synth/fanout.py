@@ -1,4 +1,4 @@
-"""Fan-out synthesis: W workers (``torchrun --nproc-per-node W -m synth.cli run …``, or ``--rank R --world W``)
+"""Fan-out synthesis: W workers (``torchrun --nproc-per-node W -m synth run …``, or ``--rank R --world W``)
 each synthesise their own part of one dataset, with no communication between them.
 
 Worker R writes ``OUT/part-RRRRR``, a complete dataset of its own: its share of ``--num-images`` (the first

@@ -54,7 +54,7 @@ def fanned(tmp_path_factory, tiny_teacher) -> Path:
     out = tmp_path_factory.mktemp("fan") / "set"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "synth.cli", "run", "gmi", "--out", str(out), "--teacher", str(tiny_teacher),
+                           "-m", "synth", "run", "gmi", "--out", str(out), "--teacher", str(tiny_teacher),
                            "--num-images", "7", *TINY], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
