@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from atomicio import write_atomic, write_json_atomic
+from atomicio import fsync_dir, write_atomic, write_json_atomic
 
 from .format import (
     FORMAT_NAME,
@@ -94,6 +94,7 @@ def _place(src: Path, dest: Path, link: bool) -> str:
         os.symlink(os.path.relpath(src.resolve(), dest.parent.resolve()), tmp)
         how = "symlink"
     os.replace(tmp, dest)
+    fsync_dir(dest.parent)
     return how
 
 
