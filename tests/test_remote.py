@@ -219,3 +219,24 @@ def test_remote_reader_resumes_with_range_requests(tmp_path):
         srv.shutdown()
         srv.server_close()
     assert got == data and reader.reconnections == 1 and ranges == [None, "bytes=1000-"]
+
+
+def test_fsspec_locations_read_and_cache_like_http(dataset, tmp_path):
+    """Any fsspec URL (here its in-memory filesystem, standing in for s3:// or gs://) reads, verifies, caches."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    for path in dataset.iterdir():
+        memory.pipe(f"/remote-set/{path.name}", path.read_bytes())
+    cache = tmp_path / "cache"
+    arrays = shards.load_arrays("memory://remote-set", progress=False, cache_dir=cache)
+    expected = shards.load_arrays(dataset, progress=False)
+    assert arrays.keys == expected.keys and np.array_equal(arrays.images, expected.images)
+    assert len(list(cache.glob("*.tar"))) == 3
+    memory.rm("/remote-set/shard-000002.tar")  # gone from the remote: the cache still has it
+    assert sum(1 for _ in shards.stream("memory://remote-set", shuffle=0, cache_dir=cache)) == N
+    memory.pipe("/remote-set/shard-000002.tar", b"not a shard")
+    try:
+        with pytest.raises(shards.ShardError, match=r"shard-000002\.tar"):
+            list(shards.stream("memory://remote-set", shuffle=0))
+    finally:
+        memory.rm("/remote-set", recursive=True)  # the in-memory filesystem lives as long as the process
