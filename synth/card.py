@@ -109,6 +109,10 @@ def _contents_section(manifest: dict[str, Any], per_class: Sequence[float | None
     total_bytes = sum(int(e["bytes"]) for e in manifest["shards"])
     shape = manifest["schema"]["image"]["shape"]
     state = "complete" if manifest.get("complete") else "INCOMPLETE (a run is unfinished: rerun its command)"
+    stop = manifest.get("stop")
+    if isinstance(stop, dict) and stop.get("reason") == "time_budget":
+        state += (f", stopped by its time budget of {_num(stop.get('time_budget_seconds'))} s "
+                  f"({stop.get('requested_images')} images were asked for; a larger --time-budget continues it)")
     lines = ["## Contents", "",
              f"{manifest['num_samples']} images of shape {shape} (H, W, C) in {len(manifest['shards'])} shards, "
              f"{total_bytes} bytes ({_num(summary.get('bytes_per_sample'))} bytes/sample); {state}.", "",
