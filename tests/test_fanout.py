@@ -168,3 +168,30 @@ def test_merge_refuses_what_does_not_fit_and_changes_nothing(tmp_path, tiny_teac
         (unfinished / entry["url"]).write_bytes((fanned / "part-00000" / entry["url"]).read_bytes())
     (unfinished / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     assert "incomplete" in refused("merge", str(unfinished), str(fanned / "part-00001"), "--out", str(out / "x"))
+
+
+def test_merge_checks_every_source_shard_first_and_falls_back_to_symlinks(fanned, tmp_path, monkeypatch):
+    from shards.merge import merge
+
+    parts = [tmp_path / "a", tmp_path / "b"]
+    for part, source in zip(parts, ("part-00000", "part-00001"), strict=True):
+        part.mkdir()
+        for path in (fanned / source).iterdir():
+            if path.is_file():
+                (part / path.name).write_bytes(path.read_bytes())
+    shard = parts[1] / "shard-000001.tar"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    with pytest.raises(shards.ShardError, match=r"shard-000001\.tar .*sha256 mismatch"):
+        merge(parts, tmp_path / "out", link=True)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    shard.write_bytes(good)
+
+    def no_hard_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    manifest = merge(parts, tmp_path / "out", link=True)
+    assert {e["placed"] for e in manifest["shards"]} == {"symlink"}
+    assert os.readlink(tmp_path / "out" / "shard-000003.tar") == "../b/shard-000001.tar"
+    assert shards.verify(tmp_path / "out") == []
