@@ -124,6 +124,9 @@ def main() -> None:
 @click.option("--cache", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
               help="memory: decode all shards once and train from an in-memory (on CUDA: on-GPU) tensor; "
                    "stream: WebDataset streaming through DataLoader workers; auto: memory below 4 GB.")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              help="Keep remote shards (http(s)://, s3://, …) here, by sha256, as they are first read: later epochs "
+                   "and later runs read them from disk, not the network.")
 @click.option("--time-budget", default=None, metavar="DURATION",
               help="Wall time for the whole run (90s, 20m, 1h30m): after the first epoch the epochs that fit are "
                    "planned (the final full evaluation kept in reserve) and the cosine schedule is laid over them; "
@@ -184,6 +187,8 @@ def run(**kwargs: Any) -> None:
             click.echo(f"CPU budget: {shown} (pass them explicitly to override)", err=True)
     opts = RunOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
     result = distill_from_shards(opts)
+    if not result.metrics:  # a torchrun rank other than 0: rank 0 wrote and reports
+        return
     click.echo(f"wrote {result.out_dir}/student.pt, metrics.json, log.csv, accuracy.png")
     if result.summary_line:
         click.echo(result.summary_line)

@@ -30,7 +30,7 @@ from torch import nn
 import realdata
 import shards
 import zoo
-from distill import report
+from distill import distributed, report
 from distill.mixed import SyntheticCondensedKD
 from distill.sources import real_source, shard_source
 from distill.train import (
@@ -74,6 +74,7 @@ class RunOptions:
     device: str = "auto"
     workers: int | None = None
     cache: str = "auto"  # auto | memory | stream
+    cache_dir: str | None = None  # remote shards are kept here (shards.remote.ShardCache)
     augment: str = "auto"  # auto | on | off
     synthetic_weight: float = 1.0  # mixed sets: weight of the KD expectation over synthetic samples
     condensed_weight: float = 1.0  # mixed sets: weight of the KD expectation over condensed samples
@@ -251,11 +252,16 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     """``distill run``: train a student from a shard dataset's images and stored (or live) teacher logits."""
     wall_start = time.perf_counter()
     deadline = Deadline(opts.time_budget) if opts.time_budget is not None else None
-    device = zoo.pick_device(opts.device)
+    dist = distributed.init()  # torchrun: this rank's place; otherwise a single process
+    opts.progress = opts.progress and dist.is_main
+    device = zoo.pick_device(dist.device_name(opts.device))
+    if opts.loop.batch_size % dist.world:
+        raise DistillError(f"--batch-size {opts.loop.batch_size} is the global batch; it must split evenly over "
+                           f"{dist.world} processes")
     out = opts.out or default_run_out(opts.shards, opts.student)
     check_out_dir(out, opts.resume)
 
-    manifest = shards.read_manifest(opts.shards)
+    manifest = shards.read_manifest(opts.shards, cache_dir=opts.cache_dir)
     if int(manifest["num_samples"]) < 2:
         raise DistillError(f"dataset {opts.shards} holds {manifest['num_samples']} samples; nothing to learn from")
     if not manifest.get("complete", True):
@@ -308,9 +314,10 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     sources = manifest.get("source_counts") or {}
     mixed = int(sources.get("condensed", 0)) > 0
     source, data_path = shard_source(opts.shards, manifest, cache=opts.cache, workers=opts.workers,
-                                     batch_size=opts.loop.batch_size, seed=opts.loop.seed, device=device,
+                                     batch_size=opts.loop.batch_size // dist.world, seed=opts.loop.seed,
+                                     device=device, dist=dist,
                                      augment=augment, with_logits=teacher is None, progress=opts.progress,
-                                     with_sources=mixed)
+                                     with_sources=mixed, cache_dir=opts.cache_dir)
     student.to(device)
     objective: Any
     if mixed:
@@ -327,13 +334,13 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     final_per_class: list[float | None] = []  # the final evaluation's accuracy on each true class
     if eval_ds is not None:
         eval_source = real_source(eval_ds, batch_size=EVAL_BATCH, device=device, augment=False, shuffle=False,
-                                  seed=0, workers=opts.workers)
+                                  seed=0, workers=opts.workers, dist=dist)
         progress_source = eval_source
         progress_eval_images = len(eval_ds)
         if opts.progress_eval_samples and opts.progress_eval_samples < len(eval_ds):
             subset = eval_ds.subset(opts.progress_eval_samples, seed=opts.loop.seed)
             progress_source = real_source(subset, batch_size=EVAL_BATCH, device=device, augment=False,
-                                          shuffle=False, seed=0, workers=opts.workers)
+                                          shuffle=False, seed=0, workers=opts.workers, dist=dist)
             progress_eval_images = len(subset)
 
         def evaluate_fn(model: nn.Module, final: bool) -> float:
@@ -361,7 +368,10 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
                  on_epoch=lambda history: report.write_log_csv(out / "log.csv", history), deadline=deadline,
                  charge_evaluations=opts.budget_covers == "all",
                  final_eval_images=len(eval_ds) if eval_ds is not None else 0,
-                 progress_eval_images=progress_eval_images)
+                 progress_eval_images=progress_eval_images, dist=dist)
+    if not dist.is_main:  # rank 0 writes the outputs
+        distributed.shutdown()
+        return JobResult(out, {}, None)
 
     final_acc = result.final_accuracy
     student.to("cpu")
@@ -379,6 +389,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         "time_budget_seconds": opts.time_budget,
         "time_budget_covers": opts.budget_covers if opts.time_budget is not None else None,
         "images_per_second": result.images_per_second,
+        "world_size": dist.world,
         "train_images": result.train_images,
         "train_seconds": result.train_seconds,
         "eval_seconds": result.eval_seconds,
@@ -399,6 +410,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         metrics["sources"] = {**sources, "condensed_share_of_batches": sum(shares) / len(shares) if shares else None,
                               "synthetic_weight": opts.synthetic_weight, "condensed_weight": opts.condensed_weight}
     _write_outputs(out, metrics, result, f"{arch} distilled from {opts.shards}", teacher_acc)
+    distributed.shutdown()
     return JobResult(out, metrics, _summary_line(final_acc, teacher_acc))
 
 

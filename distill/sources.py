@@ -3,6 +3,7 @@ datasets (decoded into memory, or streamed and verified as they stream)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,19 +23,21 @@ from distill.data import (
     raise_stream_errors,
     rebatch,
 )
+from distill.distributed import SINGLE, Distributed
 
 #: ``--cache auto`` decodes the whole set into memory below this many bytes, streams above it.
 MEMORY_CACHE_LIMIT = 4 * 1024**3
 
 
 def real_source(ds: realdata.RealDataset, *, batch_size: int, device: torch.device, augment: bool,
-                shuffle: bool, seed: int, workers: int | None) -> TensorSource | LoaderSource:
+                shuffle: bool, seed: int, workers: int | None,
+                dist: Distributed = SINGLE) -> TensorSource | LoaderSource:
     """An in-memory (on-device on CUDA) source for in-memory sets, a DataLoader source for big folders."""
     if ds.in_memory:
         return TensorSource(
             ds.uint8_nhwc(), torch.from_numpy(ds.labels), None, batch_size=batch_size, device=device,
             augment=augment, shuffle=shuffle, seed=seed,
-            on_device=device.type == "cuda" and _fits_on_gpu(ds.nbytes, device),
+            on_device=device.type == "cuda" and _fits_on_gpu(ds.nbytes, device), dist=dist,
         )
     n_workers = default_workers() if workers is None else workers
 
@@ -73,7 +76,8 @@ def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
 
 def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers: int | None, batch_size: int,
                  seed: int, device: torch.device, augment: bool, with_logits: bool,
-                 progress: bool, with_sources: bool = False) -> tuple[TensorSource | LoaderSource, str]:
+                 progress: bool, with_sources: bool = False,
+                 cache_dir: str | None = None, dist: Distributed = SINGLE) -> tuple[TensorSource | LoaderSource, str]:
     """The shards as batches: decoded into memory (``cache`` "memory", or "auto" below
     :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took. ``with_sources``:
     batches say which samples are condensed images (``meta["source"]``), from memory only."""
@@ -89,29 +93,37 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
         raise shards.ShardError(f"{location}: mixes condensed and synthetic samples, whose two KD terms need the "
                                 "per-sample source; streaming does not carry it. Use --cache memory.")
     if mode == "memory":
-        arrays = shards.load_arrays(location, workers=workers, progress=progress)
+        arrays = shards.load_arrays(location, workers=workers, progress=progress, cache_dir=cache_dir)
         logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
         source = TensorSource(
             torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels), logits,
             batch_size=batch_size, device=device, augment=augment, seed=seed,
             on_device=device.type == "cuda" and _fits_on_gpu(decoded, device),
             condensed=torch.tensor([m.get("source") == "condensed" for m in arrays.meta], dtype=torch.bool)
-            if with_sources else None,
+            if with_sources else None, dist=dist,
         )
         return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
     return stream_source(location, n, batch_size=batch_size, device=device, augment=augment, seed=seed,
-                         workers=workers, with_logits=with_logits), "stream"
+                         workers=workers, with_logits=with_logits, cache_dir=cache_dir, dist=dist), "stream"
 
 
 def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
-                  seed: int, workers: int, with_logits: bool = True) -> LoaderSource:
+                  seed: int, workers: int, with_logits: bool = True, cache_dir: str | None = None,
+                  dist: Distributed = SINGLE) -> LoaderSource:
     """WebDataset streaming of the shards (verified as they stream), batched in ``DataLoader`` workers.
 
     Each epoch pins the stream's epoch (shard order and shuffle buffer are seeded by ``(seed, epoch)``), so a
     resumed run sees the same order; the epoch ends when every shard was read once (no resampling, so the
     per-worker remainders are regrouped into full batches in the main process).
+
+    With several ranks every rank must take the same number of steps, which a split of whole shards cannot
+    promise: each rank (and worker) then draws shards with replacement (seeded by rank, worker and epoch)
+    and an epoch is ``num_samples // world // batch_size`` full batches on every rank, from the manifest's count.
     """
-    pipeline = shards.stream(location, shuffle=1000, seed=seed)
+    if dist.active:
+        return _resampled_source(location, num_samples, batch_size=batch_size, device=device, augment=augment,
+                                 seed=seed, workers=workers, with_logits=with_logits, cache_dir=cache_dir, dist=dist)
+    pipeline = shards.stream(location, shuffle=1000, seed=seed, cache_dir=cache_dir)
 
     def make(epoch: int) -> Iterator[HostBatch]:
         pipeline.set_epoch(epoch)
@@ -123,3 +135,25 @@ def stream_source(location: str, num_samples: int, *, batch_size: int, device: t
 
     return LoaderSource(make, num_samples=num_samples, batch_size=batch_size, device=device, augment=augment,
                         seed=seed)
+
+
+def _resampled_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
+                      seed: int, workers: int, with_logits: bool, cache_dir: str | None,
+                      dist: Distributed) -> LoaderSource:
+    steps = num_samples // dist.world // batch_size
+    if steps == 0:
+        raise shards.ShardError(f"{location}: {num_samples} samples cannot give each of {dist.world} ranks one batch "
+                                f"of {batch_size}; use a smaller --batch-size or --cache memory")
+    pipeline = shards.stream(location, shuffle=1000, seed=seed, resampled=True, cache_dir=cache_dir)
+
+    def make(epoch: int) -> Iterator[HostBatch]:
+        pipeline.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            ShardBatches(pipeline, batch_size, with_logits), batch_size=None, num_workers=workers,
+            collate_fn=identity_collate, persistent_workers=False,
+        )
+        # The stream never ends: the epoch is the step count, the same on every rank.
+        yield from itertools.islice(rebatch(raise_stream_errors(loader), batch_size), steps)
+
+    return LoaderSource(make, num_samples=steps * batch_size, batch_size=batch_size, device=device,
+                        augment=augment, seed=seed)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from atomicio import write_atomic
 from distill.data import Batch
+from distill.distributed import SINGLE, Distributed, reduce_counts
 from timebudget import Deadline
 
 #: Default KD temperature: 4, as RepDistiller / CRD use for CIFAR-sized students.
@@ -152,6 +153,7 @@ def class_hits(model: nn.Module, source: BatchSource, num_classes: int, amp: boo
             total += torch.bincount(labels, minlength=num_classes)[:num_classes]
     finally:
         model.train(was_training)
+    reduce_counts(source, correct, total)  # a source split over ranks: every rank gets the global counts
     return correct, total
 
 
@@ -258,6 +260,7 @@ def fit(
     charge_evaluations: bool = True,
     final_eval_images: int = 0,
     progress_eval_images: int = 0,
+    dist: Distributed = SINGLE,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs of ``source`` under ``objective``.
 
@@ -275,7 +278,11 @@ def fit(
     own first epoch. With ``charge_evaluations=False`` the budget covers training only: evaluations are timed
     and reported, their seconds given back to the deadline, and nothing is reserved for the final one (for a
     benchmark, where evaluation costs every method the same).
+
+    With several ranks (``dist``, :mod:`distill.distributed`) the model trains inside DDP, the loss and image
+    counts are summed over ranks, rank 0's epoch plan is everyone's, and only rank 0 writes and reports.
     """
+    progress = progress and dist.is_main
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file = checkpoint_path(out_dir)
     optimizer = torch.optim.SGD(
@@ -307,6 +314,7 @@ def fit(
     channels_last = device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    train_model = dist.wrap(model, device)  # after loading: DDP starts from rank 0's (identical) weights
     steps_per_epoch = max(1, len(source))
     eval_seconds = 0.0
     epoch = start_epoch
@@ -323,7 +331,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(config.lr, epoch * steps_per_epoch + step, total_steps)
             with _autocast(device, amp):
-                logits = model(batch.images)
+                logits = train_model(batch.images)
             loss = objective(logits.float(), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -338,6 +346,9 @@ def fit(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         bar.close()
+        if dist.active:  # the epoch's figures over all ranks
+            seen = int(dist.sum_(torch.tensor([seen], dtype=torch.int64)).item())
+            dist.sum_(loss_sum)
         if seen == 0:
             raise DistillError("an epoch yielded no batches: the dataset holds fewer than 2 samples")
         train_loss = float(loss_sum.item()) / seen
@@ -347,8 +358,9 @@ def fit(
             # Plan the epochs that fit from this epoch's measured cost; the final evaluation is kept in reserve.
             per_image = seconds / seen / 2  # evaluation: forward only (measured at about half a training step)
             evaluations = per_image * progress_eval_images / max(config.eval_every, 1) if charge_evaluations else 0.0
-            planned = plan_epochs(planned, epoch + 1, seconds + evaluations, deadline.remaining() or 0.0,
-                                  reserve=per_image * final_eval_images if charge_evaluations else 0.0)
+            planned = dist.broadcast_int(plan_epochs(
+                planned, epoch + 1, seconds + evaluations, deadline.remaining() or 0.0,
+                reserve=per_image * final_eval_images if charge_evaluations else 0.0))
             if planned < config.epochs:
                 _say(progress, f"time budget: {planned} of {config.epochs} epochs fit; the learning-rate schedule "
                                "is planned for them")
@@ -372,26 +384,28 @@ def fit(
         history.append(row)
         train_images += seen
         train_seconds += seconds
-        save_checkpoint({
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch + 1,
-            "planned_epochs": planned,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"kind": "cosine-per-step", "base_lr": config.lr, "epochs": planned,
-                          "steps_per_epoch": steps_per_epoch},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "best_accuracy": best,
-            "history": history,
-            "train_images": train_images,
-            "train_seconds": train_seconds,
-            "config": run_config,
-        }, ckpt_file)
+        if dist.is_main:  # one writer; the barrier below keeps the others from racing ahead
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch + 1,
+                "planned_epochs": planned,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"kind": "cosine-per-step", "base_lr": config.lr, "epochs": planned,
+                              "steps_per_epoch": steps_per_epoch},
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                "best_accuracy": best,
+                "history": history,
+                "train_images": train_images,
+                "train_seconds": train_seconds,
+                "config": run_config,
+            }, ckpt_file)
+        dist.barrier()
         acc_text = f"  acc {100 * acc:.2f}%" if acc is not None else ""
         _say(progress, f"epoch {epoch + 1}/{planned}  loss {train_loss:.4f}{acc_text}  lr {lr:.4g}  "
                        f"{seen / seconds:.0f} img/s  {seconds:.1f} s")
-        if on_epoch is not None:
+        if on_epoch is not None and dist.is_main:
             on_epoch(history)
         epoch += 1
     final = history[-1]["eval_acc"] if history else None

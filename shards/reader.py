@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from .decoding import decode_fields
 from .format import MANIFEST_NAME, Problem, ShardError, logit_stats, validate_manifest
 from .locations import Location, is_local_location, manifest_location, read_all
+from .remote import ShardCache, read_shard
 from .tario import group_samples, iter_tar
 
 if TYPE_CHECKING:
@@ -43,17 +45,27 @@ _CHUNK = 1 << 20
 # --------------------------------------------------------------------------------------------- manifest
 
 
-def read_manifest(location: Location) -> dict[str, Any]:
-    """The validated manifest of the dataset at ``location`` (dir, manifest path or URL); ShardError if unusable."""
+def read_manifest(location: Location, *, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The validated manifest of the dataset at ``location`` (dir, manifest path or URL); ShardError if unusable.
+
+    With ``cache_dir`` a remote manifest is read from the network when it can be (so a changed dataset is
+    seen) and kept in the cache; when the network fails, the cached copy is used (with a warning), so a
+    cached dataset also trains offline."""
     where, _base, local = manifest_location(location)
     try:
         raw = read_all(where, local)
+        if cache_dir is not None and not local:
+            ShardCache(cache_dir).keep_manifest(where, raw)
     except ShardError:
         raise
     except FileNotFoundError:
         raise ShardError(f"{where}: no dataset manifest here") from None
     except OSError as error:
-        raise ShardError(f"{where}: cannot read the dataset manifest ({error})") from error
+        cached = ShardCache(cache_dir).cached_manifest(where) if cache_dir is not None and not local else None
+        if cached is None:
+            raise ShardError(f"{where}: cannot read the dataset manifest ({error})") from error
+        warnings.warn(f"{where}: cannot be read ({error}); using the copy in --cache-dir {cache_dir}", stacklevel=2)
+        raw = cached
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -142,11 +154,11 @@ def _decode_shard(data: bytes, entry: dict[str, Any], where: str, manifest: dict
 
 
 def _load_shard_task(url: str, local: bool, entry: dict[str, Any], manifest: dict[str, Any],
-                     verify: bool) -> dict[str, Any]:
+                     verify: bool, cache_dir: str | None = None) -> dict[str, Any]:
     # Top-level so a process pool can pickle it. Reads the whole shard once: hash and decode share the bytes.
     name = entry["url"]
     try:
-        data = read_all(url, local)
+        data = read_shard(url, entry, local, cache_dir)
     except FileNotFoundError:
         raise ShardError(f"shard {name} is missing (expected at {url})") from None
     except ShardError:
@@ -194,13 +206,15 @@ class ShardArrays:
 
 
 def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
-                progress: bool = True) -> ShardArrays:
+                progress: bool = True, cache_dir: str | os.PathLike[str] | None = None) -> ShardArrays:
     """Decodes every shard into contiguous arrays (the fast path for datasets that fit in memory).
 
     ``workers`` > 0 decodes shards in that many processes, one shard per task. With ``verify`` each shard's
     size and sha256 are checked against the manifest (remote shards too: the bytes are in memory anyway).
+    Remote shards are read with retries (:mod:`shards.remote`) and, with ``cache_dir``, kept in that cache.
     """
-    manifest = read_manifest(location)
+    cache = None if cache_dir is None else str(cache_dir)
+    manifest = read_manifest(location, cache_dir=cache_dir)
     urls = shard_urls(location, manifest)
     local = is_local_location(location)
     entries = manifest["shards"]
@@ -228,7 +242,7 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
         if workers > 0 and len(entries) > 1:
             context = multiprocessing.get_context(_start_method())
             with ProcessPoolExecutor(max_workers=min(workers, len(entries)), mp_context=context) as pool:
-                futures = {pool.submit(_load_shard_task, url, local, entry, manifest, verify): i
+                futures = {pool.submit(_load_shard_task, url, local, entry, manifest, verify, cache): i
                            for i, (url, entry) in enumerate(zip(urls, entries, strict=True))}
                 pending = set(futures)
                 while pending:
@@ -241,7 +255,7 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
                         place(futures[future], future.result())
         else:
             for i, (url, entry) in enumerate(zip(urls, entries, strict=True)):
-                place(i, _load_shard_task(url, local, entry, manifest, verify))
+                place(i, _load_shard_task(url, local, entry, manifest, verify, cache))
 
     if len(set(keys)) != total:
         raise ShardError(f"{location}: duplicate sample keys across shards")
@@ -252,7 +266,8 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
 
 
 def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int = 0, resampled: bool = False,
-           verify_local: bool = True, checksum: bool = True) -> ShardStream:
+           verify_local: bool = True, checksum: bool = True,
+           cache_dir: str | os.PathLike[str] | None = None) -> ShardStream:
     """A WebDataset pipeline yielding ``(image uint8 H×W×C, label int, logits float16)`` tuples.
 
     - ``shuffle`` > 0 shuffles the shard order (seeded by ``seed`` and the epoch, identical on every rank) and
@@ -266,11 +281,13 @@ def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int
       when DataLoader workers get a fresh copy of the dataset each epoch).
     - ``verify_local`` checks up front that local shards exist with the manifest's sizes. ``checksum`` hashes
       every shard while it streams (local or remote) and raises at its end if size or sha256 differ.
+    - Remote shards are read with retries (:mod:`shards.remote`); with ``cache_dir`` each is kept in that
+      cache as it streams, so later epochs read it from disk.
     Every error raises ShardError naming the shard; per-shard sample counts are checked too.
     """
     from .streaming import ShardStream  # lazy: webdataset imports torch
 
-    manifest = read_manifest(location)
+    manifest = read_manifest(location, cache_dir=cache_dir)
     urls = shard_urls(location, manifest)
     local = is_local_location(location)
     if local and verify_local:
@@ -281,7 +298,8 @@ def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int
                 raise ShardError(f"shard {entry['url']} ({url}): size mismatch, manifest says {entry['bytes']} "
                                  f"bytes, found {os.path.getsize(url)}")
     return ShardStream(manifest, urls, local=local, shuffle=shuffle, seed=seed, epoch=epoch,
-                       resampled=resampled, checksum=checksum)
+                       resampled=resampled, checksum=checksum,
+                       cache_dir=None if cache_dir is None else str(cache_dir))
 
 
 # --------------------------------------------------------------------------------------------- verify

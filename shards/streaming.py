@@ -26,7 +26,7 @@ from webdataset.utils import pytorch_worker_info
 
 from .decoding import decode_fields
 from .format import ShardError
-from .locations import open_location
+from .remote import open_shard
 from .tario import group_samples, iter_tar
 
 
@@ -85,13 +85,13 @@ class _ShardSource:
             yield rng.choice(self.items)
 
 
-def _expand(source: Iterable[dict[str, Any]], checksum: bool) -> Iterator[dict[str, Any]]:
+def _expand(source: Iterable[dict[str, Any]], checksum: bool, cache_dir: str | None = None) -> Iterator[dict[str, Any]]:
     """Raw sample dicts from each shard; raises ShardError naming the shard on any failure or mismatch."""
     for item in source:
         url, entry = item["url"], item["entry"]
         name = entry["url"]
         try:
-            handle = open_location(url, item["local"])
+            handle = open_shard(url, entry, item["local"], cache_dir)
         except FileNotFoundError:
             raise ShardError(f"shard {name} is missing (expected at {url})") from None
         except ShardError:
@@ -163,7 +163,7 @@ class ShardStream(wds.DataPipeline, wds.FluidInterface):
     ``(image, label, logits)`` tuples, plus ``manifest``, ``num_samples``, ``num_shards`` and ``set_epoch``."""
 
     def __init__(self, manifest: dict[str, Any], urls: list[str], *, local: bool, shuffle: int, seed: int,
-                 epoch: int, resampled: bool, checksum: bool):
+                 epoch: int, resampled: bool, checksum: bool, cache_dir: str | None = None):
         super().__init__()
         self.manifest = manifest
         self.num_samples = int(manifest["num_samples"])
@@ -175,7 +175,7 @@ class ShardStream(wds.DataPipeline, wds.FluidInterface):
         if not resampled:
             self.append(wds.split_by_node)
             self.append(wds.split_by_worker)
-        self.append(_Expand(checksum))
+        self.append(_Expand(checksum, cache_dir))
         if shuffle > 1:
             self.append(_SampleShuffle(shuffle, seed, self._state))
         self.append(_Decode(manifest))
@@ -199,8 +199,9 @@ class ShardStream(wds.DataPipeline, wds.FluidInterface):
 
 
 class _Expand:
-    def __init__(self, checksum: bool):
+    def __init__(self, checksum: bool, cache_dir: str | None = None):
         self.checksum = checksum
+        self.cache_dir = cache_dir
 
     def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return _expand(source, self.checksum)
+        return _expand(source, self.checksum, self.cache_dir)

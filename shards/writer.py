@@ -72,7 +72,7 @@ _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = frozenset({
     "format", "format_version", "tool_version", "identity", "schema", "num_classes", "target_samples",
     "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "created", "updated",
-    "artifacts", "shard_size", "stop", "source_counts",
+    "artifacts", "shard_size", "stop", "source_counts", "key_offset",
 })
 
 
@@ -173,13 +173,15 @@ class ShardWriter:
     @classmethod
     def open(cls, out_dir: str | os.PathLike[str], *, identity: dict[str, Any], header: dict[str, Any],
              target_samples: int, shard_size: int, image_shape: tuple[int, int, int] | None = None,
-             num_classes: int | None = None) -> ShardWriter:
+             num_classes: int | None = None, key_offset: int = 0) -> ShardWriter:
         """Creates a dataset in ``out_dir`` or resumes the one there.
 
         ``identity`` is what must match for a later run to continue this dataset (method, teacher sha256,
         resolved config minus run-length fields); a different identity refuses and changes nothing on disk.
         ``header`` holds free-form top-level manifest blocks (``method``, ``teacher``, ...). ``image_shape``
         (H, W, C) and ``num_classes`` are optional up-front checks; otherwise the first shard fixes them.
+        ``key_offset`` is the global index of this dataset's first sample: fan-out workers write disjoint key
+        ranges (``[key_offset, key_offset + target_samples)``) so their parts merge without renumbering.
         """
         out = Path(out_dir)
         if not isinstance(target_samples, int) or target_samples < 1:
@@ -201,10 +203,15 @@ class ShardWriter:
             raise ShardError(f"num_classes must be a positive integer, got {num_classes!r}")
         if out.exists() and not out.is_dir():
             raise ShardError(f"{out} exists and is not a directory")
+        if isinstance(key_offset, bool) or not isinstance(key_offset, int) or key_offset < 0:
+            raise ShardError(f"key_offset must be a non-negative integer, got {key_offset!r}")
 
         manifest_path = out / MANIFEST_NAME
         if manifest_path.exists():
-            return cls._resume(out, identity, header, target_samples, shard_size, image_shape, num_classes)
+            writer = cls._resume(out, identity, header, target_samples, shard_size, image_shape, num_classes)
+            if writer.key_offset != key_offset:  # the identity normally catches this first
+                raise ShardError(f"{out}: its keys start at {writer.key_offset}, asked for {key_offset}")
+            return writer
 
         if out.exists():
             foreign = sorted(p.name for p in out.iterdir() if not _is_own_leftover(p))
@@ -239,6 +246,8 @@ class ShardWriter:
             "created": now,
             "updated": now,
         }
+        if key_offset:  # absent when 0, so plain datasets keep the manifest they always had
+            manifest["key_offset"] = key_offset
         writer = cls(out, manifest, shard_size)
         # Claims the directory at once, so a run with another identity refuses even before the first shard.
         writer._commit_manifest(manifest, lambda error: f"cannot write {manifest_path}: {error}")
@@ -317,6 +326,11 @@ class ShardWriter:
         return int(self._manifest["num_samples"])
 
     @property
+    def key_offset(self) -> int:
+        """Global index of this dataset's first sample (0 unless it is a fan-out part)."""
+        return int(self._manifest.get("key_offset", 0))
+
+    @property
     def num_shards(self) -> int:
         return len(self._manifest["shards"])
 
@@ -361,7 +375,7 @@ class ShardWriter:
         num_classes = self._manifest.get("num_classes")
         checked: list[Sample] = []
         for i, sample in enumerate(samples):
-            expected_key = sample_key(self.num_committed + i)
+            expected_key = sample_key(self.key_offset + self.num_committed + i)
             where = f"sample {i} of the shard (key {getattr(sample, 'key', '?')!r})"
             if not isinstance(sample, Sample):
                 raise ShardError(f"{where}: expected shards.Sample, got {type(sample).__name__}")
@@ -468,7 +482,7 @@ class ShardWriter:
             "num_samples": len(checked),
             "bytes": hashing.size,
             "sha256": hashing.sha256.hexdigest(),
-            "first_index": self.num_committed,
+            "first_index": self.key_offset + self.num_committed,
             # Per-shard sums keep the summary exact across resumes and let verify recheck each shard.
             "agreement_count": agree,
             "entropy_sum": entropy_sum,

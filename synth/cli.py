@@ -4,6 +4,7 @@
     synth run METHOD --out DIR [options]     synthesise (resumes if DIR holds a partial run)
     synth inspect DIR                        summary, per-class counts, agreement, diversity, sample grid
     synth verify DIR                         checks every shard; non-zero exit on any problem
+    synth merge A B … --out C [--link]       unite datasets of one teacher (fan-out parts) into one
     synth condense --data SPEC --ipc N --out DIR   real data -> condensed images for --condensed (not data-free)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -25,6 +27,7 @@ from timebudget import parse_duration
 from .base import SynthesisMethod
 from .config import build_config, click_options
 from .errors import SynthError
+from .fanout import FanOut
 from .presets import RUN_BUDGETS, PresetError, preset_values, resolve_preset
 from .registry import all_methods, all_plugins, get_method
 from .runner import RunOptions, run
@@ -84,7 +87,23 @@ def load_teacher(teacher: str | None, arch: str | None, num_classes: int | None,
     return zoo.load_classifier(teacher, **{k: v for k, v in overrides.items() if v is not None})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """Keeps the raw argument list, so a dataset records (in its manifest and card) the command that made it."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["synth.argv"] = argv
+        return ctx
+
+
+def command_line() -> str:
+    """``synth ARGS…`` as the user typed it (shell-quoted)."""
+    return shlex.join(["synth", *click.get_current_context().find_root().meta.get("synth.argv", [])])
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dfkd-toolkit")
 def main() -> None:
     """Invert a trained classifier (the teacher) into a synthetic image dataset.
@@ -163,7 +182,7 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
 
     def command(out: str, num_images: int | None, shard_size: int | None, seed: int | None,
                 device: str | None, time_budget: float | None, config_file: str | None, preset: str, quiet: bool,
-                accelerate: bool,
+                accelerate: bool, rank: int | None, world: int | None,
                 teacher: str | None, arch: str | None, num_classes: int | None, input_size: int | None,
                 mean: str | None, std: str | None, class_names: str | None, **values: Any) -> None:
         file_method, file_run = _read_pipeline_file(config_file, name)
@@ -199,7 +218,8 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
             options = RunOptions(out=Path(out), num_images=int(run_values["num_images"]),
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
                                  device=str(run_values["device"]), progress=not quiet, preset=preset_name,
-                                 accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")))
+                                 accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")),
+                                 command=command_line(), fanout=FanOut.resolve(rank, world))
             classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
                                       num_classes, input_size, mean, std, class_names)
             run(method_class, config, classifier, options, plugins=plugins, log=lambda m: click.echo(m, err=True))
@@ -235,6 +255,11 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
         click.option("--accelerate/--no-accelerate", default=True, show_default=True,
                      help="on CUDA: channels_last layout and bf16 autocast (on a CPU: no change); off: plain fp32"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
+        click.option("--rank", type=int, default=None,
+                     help="fan-out: this worker's index; it writes OUT/part-RANK (its share of --num-images, its own "
+                          "keys and seed); unite the parts with synth merge [default: torchrun's RANK, else 0]"),
+        click.option("--world", type=int, default=None,
+                     help="fan-out: the number of workers [default: torchrun's WORLD_SIZE, else 1]"),
     ]):
         command = option(command)
     return click.command(name, context_settings={"max_content_width": 110})(command)
@@ -366,6 +391,10 @@ def inspect(location: str, grid: str | None, teacher: str | None, reference: str
 
     click.echo(format_report(report))
 
+
+from .merge_command import merge  # noqa: E402 (its own module; registered here)
+
+main.add_command(merge)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,9 @@ import numpy as np
 
 import shards
 import zoo
+from atomicio import write_atomic
 
+from .card import write_card
 from .diversity import diversity_report, subsample, teacher_features
 
 
@@ -77,8 +79,15 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
     if grid is None and "://" not in location:
         grid = str(Path(location) / "samples.png")
     if grid:
-        shards.sample_grid_png(arrays, grid, class_names=class_names)
+        Path(grid).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(grid, lambda tmp: shards.sample_grid_png(arrays, tmp, class_names=class_names))
         report["grid"] = grid
+    if "://" not in location and Path(location).is_dir():
+        # The card carries this report's figures (diversity measured with the teacher, when there is one).
+        diversity = report["diversity"] if isinstance(report.get("diversity"), dict) else None
+        card = write_card(location, manifest, diversity=diversity,
+                          per_class_agreement=[row["teacher_agreement"] for row in per_class])
+        report["card"] = str(card)
     return report
 
 
@@ -108,4 +117,6 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  ({report['diversity_note']})")
     if report.get("grid"):
         lines.append(f"\nsample grid written to {report['grid']}")
+    if report.get("card"):
+        lines.append(f"dataset card written to {report['card']}")
     return "\n".join(lines)

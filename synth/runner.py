@@ -25,8 +25,10 @@ import shards
 import zoo
 from timebudget import Deadline, format_duration
 
+from . import card as dataset_card
 from .base import SynthConfig, SynthesisMethod
 from .diversity import diversity_report, subsample, teacher_features
+from .fanout import FanOut
 from .pixels import quantise
 from .plugins import LossPlugin
 
@@ -45,6 +47,8 @@ class RunOptions:
     accelerate: bool = True  # zoo.Acceleration: channels_last (and bf16 autocast on CUDA)
     time_budget: float | None = None  # seconds; stop at the first shard boundary after it
     diversity_samples: int = 2_000
+    command: str | None = None  # the command line, recorded in the manifest and the dataset card
+    fanout: FanOut = FanOut()  # this worker's part of a fanned-out run (synth/fanout.py)
 
     def __post_init__(self) -> None:
         if self.num_images <= 0:
@@ -148,19 +152,27 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     plugins = list(plugins or [])
     for plugin in plugins:  # bad plug-in input is refused before anything is written
         plugin.check(teacher)
+    options, key_offset, fanout = options.fanout.apply(options, sum(p.extra_samples() for p in plugins))
     target = options.num_images + sum(plugin.extra_samples() for plugin in plugins)
     device = zoo.pick_device(options.device)
     teacher = teacher.to(device).eval()
     out = Path(options.out)
     identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size, plugins,
                                 options.accelerate)
+    if fanout:
+        identity["fanout"] = fanout
     method_header = {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
                      "preset": options.preset, "accelerate": options.accelerate}
     if plugins:
         method_header["plugins"] = plugin_configs(plugins)
+    if fanout:
+        method_header["fanout"] = {**fanout, "key_offset": key_offset}
     header = {"method": method_header, "teacher": teacher.card.to_dict()}
+    commands = dataset_card.recorded_commands(out, options.command)
+    if commands:
+        header["commands"] = commands
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=target,
-                                     shard_size=options.shard_size)
+                                     shard_size=options.shard_size, key_offset=key_offset)
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
     # The first shard's seconds start here too (method set-up included), so the shards' seconds, summed, are
     # never less than what the deadline measured.
@@ -169,12 +181,14 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
                                                                  or 0.0))
     if writer.num_committed >= target:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
-        return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options))
+        return _published(out, writer.finish(writer.manifest.get("summary")
+                                             or dataset_summary(out, teacher, device, options)))
     if deadline.expired():
         log(f"{out}: its time budget ({format_duration(deadline.seconds)}) is spent with {writer.num_committed} "
             "samples; give a larger --time-budget to continue")
-        return writer.finish(writer.manifest.get("summary") or dataset_summary(out, teacher, device, options),
-                             stop=_budget_stop(deadline, options))
+        return _published(out, writer.finish(writer.manifest.get("summary")
+                                             or dataset_summary(out, teacher, device, options),
+                                             stop=_budget_stop(deadline, options)))
 
     torch.manual_seed(options.seed)
     acceleration = zoo.Acceleration(device, enabled=options.accelerate)
@@ -206,7 +220,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
             if next_index >= target:
                 break
             meta = {"source": batch.source, "resolution": [int(height), int(width)], **batch.meta}
-            pending.append(shards.Sample(key=f"{next_index:09d}", image=pixels[i], label=int(labels[i]),
+            pending.append(shards.Sample(key=f"{key_offset + next_index:09d}", image=pixels[i], label=int(labels[i]),
                                          logits=logits[i], meta=meta))
             next_index += 1
             produced += 1
@@ -238,6 +252,12 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     stopped = f"; stopped by the time budget ({format_duration(deadline.seconds)})" if out_of_time else ""
     log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
         f"({produced} new, {summary['synthesis_images_per_second']} images/s){stopped}")
+    return _published(out, manifest)
+
+
+def _published(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    # Written after the manifest's commit point: a card is derived from it, never the other way round.
+    dataset_card.publish(out, manifest)
     return manifest
 
 

@@ -1,0 +1,5 @@
+"""``python -m distill …`` (and ``torchrun … -m distill run …``): the ``distill`` command."""
+
+from distill.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""Uniting datasets: ``synth merge A B … --out C`` (fan-out parts, or separate runs of one teacher).
+
+Compatible means one teacher (sha256), one format version, one image shape and class count, and every source
+complete. Each source's method, config, identity and commands are kept in ``manifest["lineage"]``; every
+shard entry says which source it came from. Shards keep their bytes when the sources' key ranges are disjoint
+(fan-out parts always are): ``link`` then hard-links them into C (a relative symlink where the filesystem
+cannot), otherwise they are copied. Overlapping keys (two ordinary runs both start at 0) are renumbered,
+which rewrites the tars, so it needs a copy and refuses ``link``.
+
+Order of work, as in the writer: every check first (nothing touched), then the shards (each atomically), then
+``manifest.json`` — the commit point. A failure removes what this merge created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from atomicio import fsync_dir, write_atomic, write_json_atomic
+
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ShardError,
+    sample_key,
+    shard_name,
+    summary_from_shards,
+    tool_version,
+    validate_manifest,
+)
+from .locations import Location, is_url
+from .reader import check_shard, read_manifest
+from .tario import iter_tar
+from .writer import _HashingWriter, _is_own_leftover, _tar_member
+
+_KEPT_SHARD_FIELDS = ("num_samples", "bytes", "sha256", "first_index", "agreement_count", "entropy_sum",
+                      "synthesis_seconds")
+
+
+def _teacher_sha(manifest: dict[str, Any]) -> str | None:
+    return (manifest.get("teacher") or {}).get("sha256") or (manifest.get("identity") or {}).get("teacher_sha256")
+
+
+def _check_compatible(sources: list[tuple[str, dict[str, Any]]]) -> None:
+    first_where, first = sources[0]
+    for where, manifest in sources:
+        if not manifest["complete"]:
+            raise ShardError(f"{where}: the dataset is incomplete ({manifest['num_samples']} of "
+                             f"{manifest['target_samples']} samples); finish it (rerun its command) before merging")
+        if manifest["num_samples"] == 0:
+            raise ShardError(f"{where}: the dataset holds no samples")
+        for what, mine, theirs in (
+                ("format_version", manifest["format_version"], first["format_version"]),
+                ("teacher sha256", _teacher_sha(manifest), _teacher_sha(first)),
+                ("image shape", manifest["schema"]["image"]["shape"], first["schema"]["image"]["shape"]),
+                ("num_classes", manifest["num_classes"], first["num_classes"])):
+            if mine != theirs or mine is None:
+                raise ShardError(f"{where}: {what} is {mine!r} but {first_where} has {theirs!r}; only datasets of "
+                                 "one teacher and format can be merged")
+
+
+def _plan(sources: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], bool]:
+    """Every shard as ``{source, entry, path}`` in key order, and whether keys must be renumbered."""
+    items = []
+    for index, (where, manifest) in enumerate(sources):
+        for entry in manifest["shards"]:
+            items.append({"source": index, "entry": entry, "path": Path(where) / entry["url"],
+                          "first": int(entry.get("first_index", 0))})
+    items.sort(key=lambda s: (s["first"], s["source"]))
+    overlap = any(a["first"] + a["entry"]["num_samples"] > b["first"] for a, b in itertools.pairwise(items))
+    return items, overlap
+
+
+def _place(src: Path, dest: Path, link: bool) -> str:
+    """Puts the shard ``src`` at ``dest`` atomically, unchanged: a hard link, else a symlink, or a copy."""
+    if not link:
+        write_atomic(dest, lambda tmp: shutil.copyfile(src, tmp))
+        return "copy"
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        how = "hardlink"
+    except OSError:  # another filesystem, or one without hard links
+        os.symlink(os.path.relpath(src.resolve(), dest.parent.resolve()), tmp)
+        how = "symlink"
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    return how
+
+
+def _renumbered(src: Path, dest: Path, name: str, first: int) -> dict[str, Any]:
+    """Copies shard ``src`` to ``dest`` with its samples' keys renumbered from ``first`` (same member order,
+    the writer's fixed tar metadata); returns the new size and sha256."""
+    hashing: _HashingWriter | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal hashing
+        with open(src, "rb") as reader, open(tmp, "wb") as handle:
+            hashing = _HashingWriter(handle)
+            with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
+                keys: dict[str, str] = {}
+                for member, data in iter_tar(reader, name):
+                    key, _, ext = member.partition(".")
+                    new = keys.setdefault(key, sample_key(first + len(keys)))
+                    tar.addfile(*_tar_member(f"{new}.{ext}", data))
+
+    write_atomic(dest, write)
+    assert hashing is not None
+    return {"bytes": hashing.size, "sha256": hashing.sha256.hexdigest()}
+
+
+def _per_class_agreement(sources: list[dict[str, Any]], counts: list[int]) -> list[float | None]:
+    """Each class's agreement over all sources: the sources' per-class figures weighted by their counts."""
+    agree = [0.0] * len(counts)
+    for manifest in sources:
+        figures = (manifest.get("summary") or {}).get("per_class_agreement") or []
+        for c, value in enumerate(figures[:len(counts)]):
+            if value is not None:
+                agree[c] += value * manifest["class_counts"][c]
+    return [round(a / n, 12) if n else None for a, n in zip(agree, counts, strict=True)]
+
+
+def merge(sources: list[Location], out: str | os.PathLike[str], *, link: bool = False,
+          command: str | None = None) -> dict[str, Any]:
+    """Unites the local datasets ``sources`` into a new dataset at ``out``; returns its manifest."""
+    out = Path(out)
+    if len(sources) < 2:
+        raise ShardError("synth merge needs at least two datasets")
+    loaded: list[tuple[str, dict[str, Any]]] = []
+    for location in sources:
+        if is_url(str(location)):
+            raise ShardError(f"{location}: merge reads local dataset folders only (download it first)")
+        path = Path(location)
+        folder = path.parent if path.suffix == ".json" else path
+        if folder.resolve() == out.resolve():
+            raise ShardError(f"{out}: the output may not be one of the sources")
+        loaded.append((str(folder), read_manifest(folder)))
+    if len({Path(where).resolve() for where, _ in loaded}) != len(loaded):
+        raise ShardError("the same dataset is named twice")
+    _check_compatible(loaded)
+    plan, overlap = _plan(loaded)
+    if overlap and link:
+        raise ShardError("the sources' sample keys overlap (they were not made as parts of one fan-out: "
+                         "synth run --rank/--world); merge without --link to renumber them (this copies the shards)")
+    if out.exists():
+        if not out.is_dir() or (out / MANIFEST_NAME).exists() or any(not _is_own_leftover(p) for p in out.iterdir()):
+            raise ShardError(f"{out} exists and is not empty; nothing was changed. Choose a new directory.")
+    for item in plan:  # every source shard whole and as recorded, before anything is written
+        check_shard(item["path"], item["entry"])
+
+    created_dir = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.iterdir():  # a killed merge's own shards
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    entries, placed = [], set()
+    try:
+        next_key = 0
+        for i, item in enumerate(plan):
+            name, old = shard_name(i), item["entry"]
+            entry = {k: old[k] for k in _KEPT_SHARD_FIELDS if k in old}
+            entry.update(url=name, source=item["source"])
+            if overlap:
+                entry.update(_renumbered(item["path"], out / name, old["url"], next_key), first_index=next_key)
+                entry["placed"] = "renumbered"
+            else:
+                entry["placed"] = _place(item["path"], out / name, link)
+            placed.add(name)
+            next_key += old["num_samples"]
+            entries.append(entry)
+        manifest = _merged_manifest(loaded, entries, command)
+        validate_manifest(manifest, str(out / MANIFEST_NAME))
+        write_json_atomic(out / MANIFEST_NAME, manifest, indent=2, allow_nan=False)
+    except BaseException:
+        for name in placed:
+            (out / name).unlink(missing_ok=True)
+        if created_dir:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _merged_manifest(loaded: list[tuple[str, dict[str, Any]]], entries: list[dict[str, Any]],
+                     command: str | None) -> dict[str, Any]:
+    manifests = [m for _, m in loaded]
+    first = manifests[0]
+    num_samples = sum(e["num_samples"] for e in entries)
+    counts = [sum(m["class_counts"][c] for m in manifests) for c in range(first["num_classes"])]
+    sources: dict[str, int] = {}
+    for manifest in manifests:
+        for key, value in (manifest.get("source_counts") or {"unspecified": manifest["num_samples"]}).items():
+            sources[key] = sources.get(key, 0) + int(value)
+    names = sorted({(m.get("method") or {}).get("name") or "?" for m in manifests})
+    lineage = []
+    for index, (where, manifest) in enumerate(loaded):
+        raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        lineage.append({
+            "location": where, "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "method": manifest.get("method"), "identity": manifest["identity"],
+            "num_samples": manifest["num_samples"], "class_counts": manifest["class_counts"],
+            "summary": manifest.get("summary"), "commands": manifest.get("commands") or [],
+            "shards": [e["url"] for e in entries if e["source"] == index],
+        })
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    seconds = [e["synthesis_seconds"] for e in entries if "synthesis_seconds" in e]
+    summary = {**summary_from_shards(entries, num_samples),
+               "per_class_agreement": _per_class_agreement(manifests, counts)}
+    if seconds:
+        summary["synthesis_seconds"] = round(math.fsum(seconds), 3)
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": tool_version(),
+        "identity": {"merge": [item["manifest_sha256"] for item in lineage]},
+        "method": {"name": names[0] if len(names) == 1 else "+".join(names), "merged_from": len(loaded)},
+        "teacher": first.get("teacher"),
+        "schema": first["schema"], "num_classes": first["num_classes"], "target_samples": num_samples,
+        "shard_size": max(e["num_samples"] for e in entries), "num_samples": num_samples, "complete": True,
+        "class_counts": counts, "source_counts": dict(sorted(sources.items())), "shards": entries,
+        "summary": summary, "artifacts": {}, "resume_state": None, "lineage": lineage,
+        "commands": [command] if command else [], "created": now, "updated": now,
+    }
+
+
+__all__ = ["merge"]
