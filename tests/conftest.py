@@ -38,6 +38,15 @@ def other_teacher(tmp_path_factory) -> Path:
     return make_teacher(tmp_path_factory.mktemp("teacher2") / "teacher.pt", seed=1)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests (they start worker processes of their own), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def calibrated_teacher() -> zoo.Classifier:
     """A random ResNet-8 whose BN statistics are those of a "training set" of smooth random images, so that BN

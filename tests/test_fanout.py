@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import shards
@@ -23,12 +22,7 @@ TINY = ["--batch-size", "4", "--inversion-steps", "1", "--kd-steps", "1", "--pro
         "--device", "cpu", "--quiet", "--preset", "paper"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
 
 def synth(*args: str) -> str:

@@ -22,12 +22,7 @@ from shards import remote
 N, SHARD = 96, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
 
 @pytest.fixture(autouse=True)
