@@ -26,6 +26,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -488,7 +489,8 @@ class ShardWriter:
             "entropy_sum": entropy_sum,
         }
         if seconds is not None:
-            shard_entry["synthesis_seconds"] = round(float(seconds), 3)
+            # Rounded up: what a time budget sums must never come out below what the deadline measured.
+            shard_entry["synthesis_seconds"] = math.ceil(float(seconds) * 1000) / 1000
         previous_state = self._manifest.get("resume_state")
 
         def record_shard(manifest: dict[str, Any]) -> None:

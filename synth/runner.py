@@ -231,11 +231,13 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
         bar.set_postfix(postfix, refresh=True)
         while len(pending) >= options.shard_size:
             head, pending = pending[: options.shard_size], pending[options.shard_size:]
-            now = time.perf_counter()
+            # Decided on the same instant the shard's seconds end at, so a budget stop always records at least
+            # the budget (the commit's own time counts towards the next shard).
+            now, expired = time.perf_counter(), deadline.expired()
             writer.commit_shard(head, state={"method": method.state_dict(), "rng": rng_state(),
                                              "pending": _pack(pending)}, seconds=now - shard_started)
             shard_started = now
-            if deadline.expired():  # the first shard boundary after the budget
+            if expired:  # the first shard boundary after the budget
                 out_of_time = next_index < target or bool(pending)
                 break
         if out_of_time or next_index >= target:
