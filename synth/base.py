@@ -117,6 +117,12 @@ class SynthesisMethod(abc.ABC):
         """The image count this config implies on its own (D2CIP's A.8 cycles), or ``None``."""
         return None
 
+    @classmethod
+    def stores_mixed_sizes(cls, config: SynthConfig) -> bool:
+        """Whether this config yields batches of several image sizes (K-Gen's resolutions); the dataset then
+        records them (``schema.image.shapes``, ``resolution_counts``)."""
+        return False
+
     def uses_bn_statistics(self) -> bool:
         """Whether the BN-statistics hook is needed: by default, when the config weights BN matching."""
         return float(getattr(self.config, "bn_weight", 0.0)) > 0

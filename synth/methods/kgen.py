@@ -182,6 +182,10 @@ class KGen(GeneratorInversion):
         self._centre_sums: torch.Tensor | None = None
         self._centre_counts = torch.zeros(self.num_classes)
 
+    @classmethod
+    def stores_mixed_sizes(cls, config: KGenConfig) -> bool:  # type: ignore[override]
+        return len(config.resolution_list()) > 1
+
     def uses_key_region(self) -> bool:
         return self.config.key_region and self.config.kr_weight > 0
 
