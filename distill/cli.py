@@ -124,6 +124,10 @@ def main() -> None:
 @click.option("--cache", type=click.Choice(["auto", "memory", "stream"]), default="auto", show_default=True,
               help="memory: decode all shards once and train from an in-memory (on CUDA: on-GPU) tensor; "
                    "stream: WebDataset streaming through DataLoader workers; auto: memory below 4 GB.")
+@click.option("--resize", type=int, default=None, metavar="N",
+              help="Resize every shard image to N×N when loading. Without it, a set whose images are not all at the "
+                   "teacher's input size (synth run kgen) trains in batches of one resolution each and is evaluated "
+                   "at the evaluation data's size; metrics.json records which (\"resolutions\").")
 @click.option("--time-budget", default=None, metavar="DURATION",
               help="Wall time for the whole run (90s, 20m, 1h30m): after the first epoch the epochs that fit are "
                    "planned (the final full evaluation kept in reserve) and the cosine schedule is laid over them; "
