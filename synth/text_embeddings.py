@@ -76,6 +76,12 @@ def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_TEXT_ENCODER,
                                "or use --class-embedding centre") from None
     location = resolve_encoder(encoder)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one line per load, not a progress bar on stderr
+    except ImportError:  # older transformers: the bar stays
+        pass
+    try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModel.from_pretrained(location).to(device).eval()
     except (OSError, ValueError) as error:

@@ -267,3 +267,24 @@ def test_synth_run_kgen_refuses_a_teacher_without_a_cam(tmp_path):
         "--bn-weight", "0", "--num-images", "10", "--device", "cpu", "--quiet", "--preset", "paper"])
     assert result.exit_code == 1
     assert "class activation map" in result.output and "nn.Linear" in result.output
+
+
+def test_memory_ratio_budget_counts_pixels_of_the_real_resolution():
+    # kgen-s at 28 against 60,000 real 32x32 images at 10%: 6,000 images' pixels buy 6,000 * (32/28)^2 = 7,836.7
+    assert KGenSConfig(memory_ratio=0.1, real_set_size=60_000).memory_budget_images() == 7836
+    # kgen, 130 at 28 + 100 at 32 per turn: 230 images cost (130*784 + 100*1024)/1024 = 199.53 full-size images
+    assert KGenConfig(memory_ratio=0.1, real_set_size=60_000).memory_budget_images() == int(6000 * 230 / 199.53125)
+    assert KGenSConfig().memory_budget_images() is None
+    with pytest.raises(ValueError, match="real-set-size"):
+        KGenSConfig(memory_ratio=0.1)
+
+
+def test_synth_run_takes_its_image_count_from_the_memory_ratio(tmp_path, tiny_teacher):
+    out = tmp_path / "set"
+    result = CliRunner().invoke(main, [
+        "run", "kgen-s", "--out", str(out), "--teacher", str(tiny_teacher), "--class-embedding", "centre",
+        "--memory-ratio", "0.001", "--real-set-size", "10000", "--resolutions", "16", "--batch-size", "20",
+        "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8", "--latent-dim", "16",
+        "--generator-width", "8", "--device", "cpu", "--quiet", "--preset", "paper"])
+    assert result.exit_code == 0, result.output
+    assert shards.read_manifest(out)["num_samples"] == 40  # 10 images of 32x32 = 40 of 16x16
