@@ -20,6 +20,7 @@ import zoo
 from synth.cam import CamError, CamRecorder, key_region_loss, target_mask
 from synth.cli import main
 from synth.embedding_diversity import derived_radii, inner_margin_loss, outer_margin_loss
+from synth.errors import SynthError
 from synth.methods.kgen import EMBEDDINGS_FILE, KGen, KGenConfig, KGenS, KGenSConfig
 
 TINY = dict(batch_size=20, inversion_steps=2, kd_steps=2, proxy_student="resnet8", memory_capacity=64,
@@ -53,7 +54,7 @@ def test_cam_equals_the_hand_computed_weighted_sum_of_the_last_feature_maps():
     recorder = CamRecorder(net)
     with recorder.recording():
         logits = net(x)
-    cam = recorder.cam(labels)
+    cam = recorder.cam(labels).detach()
     feature_map = torch.relu(net.conv(x)).detach()
     weight = net.fc.weight.detach()
     for n in range(2):
@@ -288,3 +289,42 @@ def test_synth_run_takes_its_image_count_from_the_memory_ratio(tmp_path, tiny_te
         "--generator-width", "8", "--device", "cpu", "--quiet", "--preset", "paper"])
     assert result.exit_code == 0, result.output
     assert shards.read_manifest(out)["num_samples"] == 40  # 10 images of 32x32 = 40 of 16x16
+
+
+def test_fewer_patches_vit_is_the_plain_vit_at_full_size_and_draws_centre_biased_windows():
+    from synth.vit_regions import FewerPatchesViT, centre_probabilities
+
+    torch.manual_seed(0)
+    vit = zoo.build_model("tv:vit_b_16", 10, 3).eval()
+    wrapped = FewerPatchesViT(vit)
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), vit(x), atol=1e-4)  # full grid: the teacher as it was trained
+    probs = centre_probabilities(14, 7)  # 7x7 windows in the 14x14 grid: centres 3..10 only
+    assert float(probs[:3].sum()) == 0 and float(probs[11:].sum()) == 0
+    # 1 / (1 + d^2): the four central cells (d^2 = 0.5) beat a cell at d^2 = 0.5 + 2 * 3 ... by the closed form
+    assert float(probs[6, 6] / probs[3, 3]) == pytest.approx((1 + 2 * 3.5**2) / (1 + 2 * 0.5**2))
+    wrapped.random_offsets = True
+    origins = wrapped.window_origins(2000, 7, torch.device("cpu"))
+    assert origins.min() >= 0 and origins.max() <= 7
+    central = ((origins == 3) | (origins == 4)).all(dim=1).float().mean()
+    assert float(central) == pytest.approx(float(probs[6:8, 6:8].sum()), abs=0.03)
+
+
+def test_kgen_runs_a_torchvision_vit_teacher_with_attention_as_the_key_region_map():
+    torch.manual_seed(0)
+    teacher = zoo.Classifier(zoo.build_model("tv:vit_b_16", 10, 3).eval(), (0.5,) * 3, (0.25,) * 3)
+    method = KGenS(teacher, KGenSConfig(**{**TINY, "batch_size": 4}, resolutions="32", class_embedding="centre"),
+                   torch.device("cpu"))
+    assert method.bn_hook is None  # LayerNorm only: no L_bn
+    method.prepare(NoArtifacts())
+    batch = next(method.synthesize())
+    assert batch.images.shape == (4, 3, 32, 32)
+    assert sorted(method.losses_of_last_step()) == ["cls", "kr"]
+    assert method.vit.cls_attention.shape == (4, 2, 2)  # 32 px / 16 = 2 x 2 patches
+    # The attention map is a distribution over the patches, scaled so that uniform attention is 1 everywhere.
+    assert torch.allclose(method.vit.cls_attention.sum(dim=(1, 2)), torch.full((4,), 4.0), atol=1e-4)
+    with torch.no_grad():
+        assert teacher(batch.images).shape == (4, 10)  # the run's teacher (stored logits) takes the small images
+    with pytest.raises(SynthError, match="multiples of its patch size 16"):
+        KGenS(teacher, KGenSConfig(**TINY, resolutions="28", class_embedding="centre"), torch.device("cpu"))

@@ -43,6 +43,9 @@ Readings where the paper is silent (each the one that works, and why):
   reaches the class prior. Measured on the shipped teacher (batch 32, 10 steps, first two batches): the teacher
   agrees with the asked class on 19-28 % of the images with a_bn = 10, 72 % with a_bn = 1 (gmi: 78-84 %). The
   same runs without L_kr reach 31 %: the key-region loss is what makes so few steps work (Table 4's finding).
+* A torchvision ViT teacher (no CAM, Sec. 3.3) runs through :class:`~synth.vit_regions.FewerPatchesViT`
+  (A.1): fewer patches with centre-biased position-embedding windows, the [CLS] attention as M(x, y), no L_bn
+  (LayerNorm only). Any other teacher without a CAM is refused with :class:`~synth.cam.CamError`.
 * Multi-resolution (Eq. 7): the resolutions take turns batch by batch, each with its own generator and batch
   size and the same fresh-Z rule; the proxy student replays from a memory pool per resolution (the pool of the
   batch just stored), since one replay batch cannot mix sizes.
@@ -50,9 +53,8 @@ Readings where the paper is silent (each the one that works, and why):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,124 +62,19 @@ from torch import nn
 
 from .. import augment
 from ..base import Artifacts, SynthBatch
-from ..cam import CamRecorder, cam_grid, key_region_loss, parse_mask, target_mask
+from ..cam import CamRecorder, cam_grid, key_region_loss, target_mask
 from ..embedding_diversity import EmbeddingProjection, derived_radii, inner_margin_loss, outer_margin_loss
 from ..errors import SynthError
-from ..inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from ..inversion import GeneratorInversion, InversionStep, ResetMode
+from ..kgen_config import KGenConfig, KGenSConfig
 from ..losses import distillation_loss
 from ..memory import MemoryBank
 from ..noisy_generator import MultiResolutionGenerator, NoisyLayer, reinitialise_generator
-from ..text_embeddings import DEFAULT_PROMPT, DEFAULT_TEXT_ENCODER, class_prompts, encode_texts
+from ..text_embeddings import class_prompts, encode_texts
 from ..updates import ParamGroup, Term, term
+from ..vit_regions import FewerPatchesViT, is_torchvision_vit
 
 EMBEDDINGS_FILE = "class_embeddings.pt"
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise ValueError(f"{what} must list positive integers, got {text!r}")
-    return values
-
-
-@dataclass
-class KGenConfig(InversionConfig):
-    """K-Gen (multi-resolution) hyperparameters: Table 8, CIFAR row; the core's options keep their meaning."""
-
-    # bn_weight 1 (not Table 8's 10) under the CPU budget: see the module docstring.
-    cpu_budget: ClassVar[dict[str, Any]] = {"batch_size": 64, "batch_sizes": "64,50", "inversion_steps": 10,
-                                            "kd_steps": 5, "latent_dim": 256, "bn_weight": 1.0}
-
-    resolutions: str = field(default="28,32", metadata={
-        "help": "E: comma-separated resolutions to generate at, each divisible by 4 (Table 8: 28,32)"})
-    batch_sizes: str = field(default="130,100", metadata={
-        "help": "synthetic batch size per resolution (Table 8: 130,100); empty: --batch-size for each"})
-    batch_size: int = field(default=130, metadata={
-        "help": "images per batch where --batch-sizes gives none, and the proxy student's replay batch"})
-    inversion_steps: int = field(default=40, metadata={"help": "g: generator steps per batch (Table 8: 40)"})
-    kd_steps: int = field(default=20, metadata={
-        "help": "S: proxy-student steps per stored batch (Table 8: 2 x d_r, d_r the memory ratio in %)"})
-    latent_dim: int = field(default=1000, metadata={"help": "size of the noisy layer's output, G's input (Table 7)"})
-    generator_lr: float = field(default=4e-3, metadata={"help": "Adam learning rate of G and Z (C.2)"})
-    latent_lr: float = field(default=0.0, metadata={"help": "unused: K-Gen has no free latents (Z is learnt)"})
-    class_weight: float = field(default=0.5, metadata={"help": "a_ce: weight of L_ce (Table 8)"})
-    bn_weight: float = field(default=10.0, metadata={"help": "a_bn: weight of L_bn (Table 8)"})
-    adv_weight: float = field(default=1.3, metadata={"help": "a_adv: weight of L_adv (Table 8)"})
-    decision_adversarial: bool = field(default=True, metadata={
-        "help": "L_adv only where teacher and proxy student agree (NAYER's and Fast's adversarial term)"})
-    key_region: bool = field(default=True, metadata={
-        "help": "the key-region loss L_kr (Eq. 5-6); --no-key-region is Table 4's ablation"})
-    kr_weight: float = field(default=0.1, metadata={"help": "a_kr: weight of L_kr (Table 8, Table 11)"})
-    target_mask: str = field(default="G(1,2)", metadata={
-        "help": "M_target (Table 20): G(peak,sigma) Gaussian on the CAM grid, or Full(value)"})
-    embedding_diversity: bool = field(default=True, metadata={
-        "help": "the embedding-diversity game L_ed / L_aed (Eq. 8-11); --no-embedding-diversity drops both"})
-    ed_weight: float = field(default=10.0, metadata={"help": "a_ed: weight of L_ed on the proxy student (Table 8)"})
-    aed_weight: float = field(default=5.0, metadata={"help": "a_aed: weight of L_aed on the generator (Table 8)"})
-    inner_radius: float = field(default=0.0, metadata={
-        "help": "r_i of L_ed; 0: half the smallest pairwise MSE between the class representatives"})
-    outer_radius: float = field(default=0.0, metadata={
-        "help": "r_o of L_aed; 0: the smallest pairwise MSE between the class representatives"})
-    class_embedding: Literal["text", "centre"] = field(default="text", metadata={
-        "help": "f_y: label-text embeddings, or class centres of the teacher's penultimate features"})
-    text_encoder: str = field(default=DEFAULT_TEXT_ENCODER, metadata={
-        "help": "sentence encoder for f_y: the offline MiniLM package, a local folder, or a cached hub id"})
-    prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "text embedded per class; {name}: the class name"})
-    memory_ratio: float = field(default=0.0, metadata={
-        "help": "d_r (Sec. 3.6): synthesise this fraction of --real-set-size, counted in pixels of "
-                "--memory-resolution images (0.1 = ten percent); sets the image count when --num-images is not given"})
-    real_set_size: int = field(default=0, metadata={
-        "help": "images in the real training set --memory-ratio is a fraction of (Fashion-MNIST: 60000)"})
-    memory_resolution: int = field(default=32, metadata={
-        "help": "l: the real images' side; one l x l image costs as much memory as (l/e)^2 images at e x e"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        sizes = self.resolution_list()
-        if any(r % 4 for r in sizes) or len(set(sizes)) != len(sizes):
-            raise ValueError(f"resolutions must be distinct and divisible by 4, got {self.resolutions!r}")
-        if self.batch_sizes and len(_ints(self.batch_sizes, "batch_sizes")) != len(sizes):
-            raise ValueError(f"batch_sizes {self.batch_sizes!r} needs one size per resolution ({self.resolutions})")
-        parse_mask(self.target_mask)
-        if self.memory_ratio < 0 or self.real_set_size < 0 or self.memory_resolution <= 0:
-            raise ValueError("memory_ratio and real_set_size must be >= 0, memory_resolution positive")
-        if self.memory_ratio > 0 and not self.real_set_size:
-            raise ValueError("--memory-ratio is a fraction of the real training set: give --real-set-size too")
-        if min(self.kr_weight, self.ed_weight, self.aed_weight, self.inner_radius, self.outer_radius) < 0:
-            raise ValueError("loss weights and radii must be >= 0")
-
-    def resolution_list(self) -> tuple[int, ...]:
-        return _ints(self.resolutions, "resolutions")
-
-    def memory_budget_images(self) -> int | None:
-        """Sec. 3.6: the images d_r x N real l x l images' worth of pixels buys, in the plan's mix of resolutions
-        (one turn of the plan: sum b_e images costing sum b_e (e/l)^2 full-size images); None without a ratio."""
-        if not self.memory_ratio:
-            return None
-        plan = self.plan()
-        images_per_turn = sum(size for _, size in plan)
-        cost_per_turn = sum(size * (r / self.memory_resolution) ** 2 for r, size in plan)
-        return max(1, int(self.memory_ratio * self.real_set_size * images_per_turn / cost_per_turn))
-
-    def plan(self) -> list[tuple[int, int]]:
-        """(resolution, batch size) of each batch in one turn of the resolutions."""
-        sizes = _ints(self.batch_sizes, "batch_sizes") if self.batch_sizes else None
-        return [(r, sizes[i] if sizes else self.batch_size) for i, r in enumerate(self.resolution_list())]
-
-
-@dataclass
-class KGenSConfig(KGenConfig):
-    """K-Gen-S: one resolution (Table 8, CIFAR row: 28x28, batch 260)."""
-
-    cpu_budget: ClassVar[dict[str, Any]] = {"batch_size": 64, "inversion_steps": 10, "kd_steps": 5,
-                                            "latent_dim": 256, "bn_weight": 1.0}
-
-    resolutions: str = field(default="28", metadata={"help": "the resolution to generate at (Table 8: 28)"})
-    batch_sizes: str = field(default="", metadata={"help": "unused by kgen-s (see --batch-size)"})
-    batch_size: int = field(default=260, metadata={"help": "synthetic batch size (Table 8: 260)"})
 
 
 class KGen(GeneratorInversion):
@@ -198,7 +95,17 @@ class KGen(GeneratorInversion):
         self.memory = self.memories[self.resolution]
         self.samples_issued = 0
         self.cam: CamRecorder | None = None
-        if self.uses_key_region():  # a teacher without a CAM is refused here, before any batch
+        self.vit: FewerPatchesViT | None = None
+        network = self.teacher.network
+        if isinstance(network, FewerPatchesViT) or is_torchvision_vit(network):  # A.1: fewer patches, attention
+            self.vit = network if isinstance(network, FewerPatchesViT) else FewerPatchesViT(network)
+            if any(r % self.vit.patch or r > self.vit.grid * self.vit.patch for r, _ in self.plan):
+                raise SynthError(f"a ViT teacher ({self.teacher.card.arch}) takes multiples of its patch size "
+                                 f"{self.vit.patch} up to {self.vit.grid * self.vit.patch} px; --resolutions "
+                                 f"{cfg.resolutions} does not fit (A.1 uses 112 with P = 16)")
+            # Installed in the teacher the run shares, so the stored logits see the same reduced-patch ViT.
+            self.teacher.network = self.vit
+        elif self.uses_key_region():  # a teacher without a CAM is refused here, before any batch
             cam_grid(self.teacher.network, self.teacher.input_shape, self.device, self.teacher.card.arch)
             self.cam = CamRecorder(self.teacher.network, self.teacher.card.arch)
         self.representatives: torch.Tensor | None = None  # f_y for L_ed / L_aed, L2-normalised [K, D]
@@ -217,6 +124,10 @@ class KGen(GeneratorInversion):
     @classmethod
     def stores_mixed_sizes(cls, config: KGenConfig) -> bool:  # type: ignore[override]
         return len(config.resolution_list()) > 1
+
+    def uses_bn_statistics(self) -> bool:
+        """BN matching needs BatchNorm: a ViT teacher (LayerNorm only) goes without L_bn, as A.1's DeiT does."""
+        return super().uses_bn_statistics() and self.teacher.has_batchnorm()
 
     def uses_key_region(self) -> bool:
         return self.config.key_region and self.config.kr_weight > 0
@@ -334,20 +245,37 @@ class KGen(GeneratorInversion):
 
     def forward_step(self, index: int, labels: torch.Tensor, images: torch.Tensor,
                      needs_student: bool) -> InversionStep:
-        """The core's step, with the teacher's last feature map recorded for the CAM (same forward pass)."""
+        """The core's step, with the teacher's last feature map recorded for the CAM (same forward pass); a
+        ViT teacher sees each image through a centre-biased window of its position embeddings (A.1)."""
+        if self.vit is not None:
+            self.vit.random_offsets = True
+            try:
+                return super().forward_step(index, labels, images, needs_student)
+            finally:
+                self.vit.random_offsets = False
         if self.cam is None:
             return super().forward_step(index, labels, images, needs_student)
         with self.cam.recording():
             return super().forward_step(index, labels, images, needs_student)
 
+    def key_region_map(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """M(x, y) of the step just run: the CAM (Eq. 5), or a ViT's [CLS] attention (A.1); None when off."""
+        if not self.uses_key_region():
+            return None
+        if self.vit is not None:
+            assert self.vit.cls_attention is not None
+            return self.vit.cls_attention[: labels.shape[0]].float()
+        assert self.cam is not None
+        return self.cam.cam(labels, rows=labels.shape[0])
+
     def losses(self, step: InversionStep) -> dict[str, Term]:
         """Eq. 10: the gMI terms, a_kr L_kr and (once f_y and the student are ready) a_aed L_aed, on G and Z."""
         cfg, groups = self.config, self.gmi_groups
         terms = self.gmi_terms(step)
-        if self.cam is not None:
-            cam = self.cam.cam(step.labels, rows=step.labels.shape[0])
-            mask = target_mask(cfg.target_mask, cam.shape[1], cam.shape[2], cam.device)
-            terms["kr"] = term(cfg.kr_weight * key_region_loss(cam, mask), *groups)
+        region = self.key_region_map(step.labels)
+        if region is not None:
+            mask = target_mask(cfg.target_mask, region.shape[1], region.shape[2], region.device)
+            terms["kr"] = term(cfg.kr_weight * key_region_loss(region, mask), *groups)
         if step.student_features is not None and self.diversity_ready and cfg.aed_weight > 0:
             assert self.representatives is not None and self.radii is not None
             assert self.projection is not None
