@@ -63,7 +63,8 @@ def test_cam_equals_the_hand_computed_weighted_sum_of_the_last_feature_maps():
                 expected = sum(float(weight[labels[n], k]) * float(feature_map[n, k, h, w]) for k in range(4))
                 assert float(cam[n, h, w]) == pytest.approx(expected, abs=1e-5)
         # Zhou et al.: the map's average plus the bias is the class logit.
-        assert float(cam[n].mean() + net.fc.bias[labels[n]]) == pytest.approx(float(logits[n, labels[n]]), abs=1e-5)
+        bias = float(net.fc.bias.detach()[labels[n]])
+        assert float(cam[n].mean()) + bias == pytest.approx(float(logits.detach()[n, labels[n]]), abs=1e-5)
 
 
 def test_cam_error_names_what_the_cam_needs():
