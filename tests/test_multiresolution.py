@@ -102,3 +102,18 @@ def test_distill_trains_from_a_mixed_size_set_and_reports_how(kgen_set, tmp_path
     assert metrics["resolutions"]["counts"] == {"16x16": 24, "24x24": 16}
     assert metrics["resolutions"]["eval_size"] == [32, 32]
     assert metrics["train_images"] == 40
+
+
+def test_kgen_resumed_after_a_time_budget_stop_writes_the_bytes_of_an_uninterrupted_run(tmp_path, tiny_teacher):
+    args = ["run", "kgen", "--teacher", str(tiny_teacher), "--class-embedding", "centre", "--resolutions", "16,24",
+            "--batch-sizes", "6,4", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
+            "--latent-dim", "16", "--generator-width", "8", "--num-images", "30", "--shard-size", "10",
+            "--device", "cpu", "--quiet", "--preset", "paper"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert CliRunner().invoke(synth_main, [*args, "--out", str(straight)]).exit_code == 0
+    first = CliRunner().invoke(synth_main, [*args, "--out", str(resumed), "--time-budget", "0.01s"])
+    assert first.exit_code == 0, first.output
+    assert shards.read_manifest(resumed)["num_samples"] == 10  # stopped at the first shard boundary
+    assert CliRunner().invoke(synth_main, [*args, "--out", str(resumed)]).exit_code == 0
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
