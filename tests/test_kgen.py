@@ -257,8 +257,19 @@ def test_synth_run_kgen_s_stores_lower_resolution_samples(tmp_path, tiny_teacher
         "--device", "cpu", "--quiet", "--preset", "paper"])
     assert result.exit_code == 0, result.output
     manifest = shards.read_manifest(out)
-    assert manifest["schema"]["image"]["shape"] == [28, 28, 3]
+    assert manifest["schema"]["image"]["shape"] == [28, 28, 3] and manifest["resolution_counts"] == {"28x28": 20}
     assert shards.verify(out) == []
+    # distill trains at the stored 28x28 and evaluates at the teacher's 32x32
+    from distill.cli import main as distill_main
+
+    student = tmp_path / "student"
+    result = CliRunner().invoke(distill_main, [
+        "run", "--shards", str(out), "--student", "resnet8", "--batch-size", "10", "--epochs", "1",
+        "--eval-data", "none", "--out", str(student), "--workers", "0", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert metrics["resolutions"] == {"mode": "single", "counts": {"28x28": 20}, "train_size": [28, 28],
+                                      "eval_size": [32, 32]}
 
 
 def test_synth_run_kgen_refuses_a_teacher_without_a_cam(tmp_path):
