@@ -118,6 +118,12 @@ class SynthesisMethod(abc.ABC):
         return None
 
     @classmethod
+    def check(cls, teacher: zoo.Classifier, config: SynthConfig) -> None:
+        """Refuses (with a :class:`~synth.errors.SynthError`) a teacher this config cannot use, before the run
+        touches the disk, so that bad input leaves nothing behind. Most methods check nothing here."""
+        return None
+
+    @classmethod
     def stores_mixed_sizes(cls, config: SynthConfig) -> bool:
         """Whether this config yields batches of several image sizes (K-Gen's resolutions); the dataset then
         records them (``schema.image.shapes``, ``resolution_counts``)."""

@@ -146,7 +146,8 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run),
     plus the samples plug-ins add (condensed images), which are stored first."""
     plugins = list(plugins or [])
-    for plugin in plugins:  # bad plug-in input is refused before anything is written
+    method_class.check(teacher, config)  # bad input is refused before anything is written
+    for plugin in plugins:
         plugin.check(teacher)
     target = options.num_images + sum(plugin.extra_samples() for plugin in plugins)
     device = zoo.pick_device(options.device)

@@ -149,7 +149,7 @@ def test_noisy_layer_is_reinitialised_every_iteration_and_gives_each_sample_its_
     generator_before = {k: v.clone() for k, v in method.generator.state_dict().items()}
     method.begin_batch(method.next_labels())
     assert not torch.allclose(first, method.noisy.weight)
-    assert abs(float(method.noisy.weight.std()) - 1.0) < 0.05  # N(0, 1), NAYER's re-initialisation
+    assert abs(float(method.noisy.weight.detach().std()) - 1.0) < 0.05  # N(0, 1), NAYER's re-initialisation
     # The generator itself is kept (Alg. 1): begin_batch changed none of its weights.
     assert all(torch.equal(v, method.generator.state_dict()[k]) for k, v in generator_before.items())
     # Samples 0 and 10 ask for the same class; different chunks of the noisy layer map them differently.
@@ -280,6 +280,7 @@ def test_synth_run_kgen_refuses_a_teacher_without_a_cam(tmp_path):
         "--bn-weight", "0", "--num-images", "10", "--device", "cpu", "--quiet", "--preset", "paper"])
     assert result.exit_code == 1
     assert "class activation map" in result.output and "nn.Linear" in result.output
+    assert not (tmp_path / "set").exists()  # refused before anything was written
 
 
 def test_memory_ratio_budget_counts_pixels_of_the_real_resolution():

@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import zoo
+
 from .. import augment
 from ..base import Artifacts, SynthBatch
 from ..cam import CamRecorder, cam_grid, key_region_loss, target_mask
@@ -70,7 +72,7 @@ from ..kgen_config import KGenConfig, KGenSConfig
 from ..losses import distillation_loss
 from ..memory import MemoryBank
 from ..noisy_generator import MultiResolutionGenerator, NoisyLayer, reinitialise_generator
-from ..text_embeddings import class_prompts, encode_texts
+from ..text_embeddings import class_prompts, encode_texts, resolve_encoder
 from ..updates import ParamGroup, Term, term
 from ..vit_regions import FewerPatchesViT, is_torchvision_vit
 
@@ -96,17 +98,13 @@ class KGen(GeneratorInversion):
         self.samples_issued = 0
         self.cam: CamRecorder | None = None
         self.vit: FewerPatchesViT | None = None
+        self.check(self.teacher, cfg)
         network = self.teacher.network
         if isinstance(network, FewerPatchesViT) or is_torchvision_vit(network):  # A.1: fewer patches, attention
             self.vit = network if isinstance(network, FewerPatchesViT) else FewerPatchesViT(network)
-            if any(r % self.vit.patch or r > self.vit.grid * self.vit.patch for r, _ in self.plan):
-                raise SynthError(f"a ViT teacher ({self.teacher.card.arch}) takes multiples of its patch size "
-                                 f"{self.vit.patch} up to {self.vit.grid * self.vit.patch} px; --resolutions "
-                                 f"{cfg.resolutions} does not fit (A.1 uses 112 with P = 16)")
             # Installed in the teacher the run shares, so the stored logits see the same reduced-patch ViT.
             self.teacher.network = self.vit
-        elif self.uses_key_region():  # a teacher without a CAM is refused here, before any batch
-            cam_grid(self.teacher.network, self.teacher.input_shape, self.device, self.teacher.card.arch)
+        elif self.uses_key_region():
             self.cam = CamRecorder(self.teacher.network, self.teacher.card.arch)
         self.representatives: torch.Tensor | None = None  # f_y for L_ed / L_aed, L2-normalised [K, D]
         self.inputs: torch.Tensor | None = None  # what Z reads per class [K, D]
@@ -115,6 +113,24 @@ class KGen(GeneratorInversion):
         self.projection: EmbeddingProjection | None = None
         self._centre_sums: torch.Tensor | None = None
         self._centre_counts = torch.zeros(self.num_classes)
+
+    @classmethod
+    def check(cls, teacher: zoo.Classifier, config: KGenConfig) -> None:  # type: ignore[override]
+        """Before the run writes anything: a CAM (or a ViT whose patches fit the resolutions), class names for
+        text representatives, and the text encoder package when it is the default."""
+        network = teacher.network
+        if isinstance(network, FewerPatchesViT) or is_torchvision_vit(network):
+            patch = int(network.patch if isinstance(network, FewerPatchesViT) else network.patch_size)
+            largest = int(network.grid * patch if isinstance(network, FewerPatchesViT) else network.image_size)
+            if any(r % patch or r > largest for r in config.resolution_list()):
+                raise SynthError(f"a ViT teacher ({teacher.card.arch}) takes multiples of its patch size {patch} "
+                                 f"up to {largest} px; --resolutions {config.resolutions} does not fit (A.1 uses "
+                                 "112 with P = 16)")
+        elif config.key_region and config.kr_weight > 0:
+            cam_grid(network, teacher.input_shape, next(teacher.parameters()).device, teacher.card.arch)
+        if config.class_embedding == "text":
+            class_prompts(teacher.card.class_names, teacher.num_classes, config.prompt)
+            resolve_encoder(config.text_encoder)
 
     @classmethod
     def planned_images(cls, config: KGenConfig) -> int | None:  # type: ignore[override]
