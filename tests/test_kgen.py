@@ -229,6 +229,9 @@ def test_kgen_caches_text_embeddings_in_the_dataset_and_reuses_them(tmp_path, mo
     assert EMBEDDINGS_FILE in manifest["artifacts"]
     saved = torch.load(out / EMBEDDINGS_FILE, weights_only=True)
     assert saved["prompts"][3] == "a photo of a class3" and saved["embeddings"].shape == (10, 16)
+    e = saved["embeddings"].double()
+    smallest = min(float(((e[i] - e[j]) ** 2).mean()) for i in range(10) for j in range(10) if i != j)
+    assert saved["derived_radii"].tolist() == pytest.approx([smallest / 2, smallest])
     # A second method on the same dataset reads the cache: the encoder folder is no longer needed.
     (tmp_path / "bert" / "config.json").unlink()
     method = KGenS(zoo.load_classifier(teacher_path), KGenSConfig(**TINY, text_encoder=str(tmp_path / "bert")),

@@ -186,7 +186,10 @@ class KGen(GeneratorInversion):
             if saved.get("prompts") == prompts and saved.get("encoder") == cfg.text_encoder:
                 return saved["embeddings"].float()
         embeddings = encode_texts(prompts, cfg.text_encoder)
-        record = {"embeddings": embeddings, "prompts": prompts, "encoder": cfg.text_encoder}
+        # The derived radii travel with the embeddings, for a reader of the dataset (Table 14's rule).
+        r_i, r_o = derived_radii(F.normalize(embeddings, dim=1))
+        record = {"embeddings": embeddings, "prompts": prompts, "encoder": cfg.text_encoder,
+                  "derived_radii": torch.tensor([r_i, r_o], dtype=torch.float64)}
         artifacts.save(EMBEDDINGS_FILE, lambda path: _save(record, path))
         return embeddings
 
