@@ -117,3 +117,11 @@ def test_kgen_resumed_after_a_time_budget_stop_writes_the_bytes_of_an_uninterrup
     assert CliRunner().invoke(synth_main, [*args, "--out", str(resumed)]).exit_code == 0
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
         assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+def test_synth_inspect_reads_a_mixed_size_set(kgen_set, tmp_path):
+    result = CliRunner().invoke(synth_main, ["inspect", str(kgen_set), "--json", "--grid", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["resolution_counts"] == {"16x16": 24, "24x24": 16}
+    assert report["image_shape"] == [24, 24, 3]  # shown at the largest size
