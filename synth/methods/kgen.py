@@ -46,6 +46,9 @@ Readings where the paper is silent (each the one that works, and why):
 * A torchvision ViT teacher (no CAM, Sec. 3.3) runs through :class:`~synth.vit_regions.FewerPatchesViT`
   (A.1): fewer patches with centre-biased position-embedding windows, the [CLS] attention as M(x, y), no L_bn
   (LayerNorm only). Any other teacher without a CAM is refused with :class:`~synth.cam.CamError`.
+* Table 8's E (epochs) and I (iterations per epoch) are not options: every iteration's batch is stored (Alg. 1
+  line 9), so the image count (``--num-images``, or ``--memory-ratio`` with ``--real-set-size``: Sec. 3.6, one
+  l x l real image's pixels buy (l/e)^2 images at e x e) decides how many iterations run.
 * Multi-resolution (Eq. 7): the resolutions take turns batch by batch, each with its own generator and batch
   size and the same fresh-Z rule; the proxy student replays from a memory pool per resolution (the pool of the
   batch just stored), since one replay batch cannot mix sizes.
