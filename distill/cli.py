@@ -127,6 +127,10 @@ def main() -> None:
 @click.option("--cache-dir", default=None, metavar="DIR",
               help="Keep remote shards (http(s)://, s3://, …) here, by sha256, as they are first read: later epochs "
                    "and later runs read them from disk, not the network.")
+@click.option("--resize", type=int, default=None, metavar="N",
+              help="Resize every shard image to N×N when loading. Without it, a set whose images are not all at the "
+                   "teacher's input size (synth run kgen) trains in batches of one resolution each and is evaluated "
+                   "at the evaluation data's size; metrics.json records which (\"resolutions\").")
 @click.option("--time-budget", default=None, metavar="DURATION",
               help="Wall time for the whole run (90s, 20m, 1h30m): after the first epoch the epochs that fit are "
                    "planned (the final full evaluation kept in reserve) and the cosine schedule is laid over them; "

@@ -32,6 +32,7 @@ import shards
 import zoo
 from distill import distributed, report
 from distill.mixed import SyntheticCondensedKD
+from distill.resolutions import plan_resolutions
 from distill.sources import real_source, shard_source
 from distill.train import (
     DEFAULT_TEMPERATURE,
@@ -76,6 +77,7 @@ class RunOptions:
     cache: str = "auto"  # auto | memory | stream
     cache_dir: str | None = None  # remote shards are kept here (shards.remote.ShardCache)
     augment: str = "auto"  # auto | on | off
+    resize: int | None = None  # shard images resized to N×N (else a set of several sizes trains by resolution)
     synthetic_weight: float = 1.0  # mixed sets: weight of the KD expectation over synthetic samples
     condensed_weight: float = 1.0  # mixed sets: weight of the KD expectation over condensed samples
     progress: bool = True
@@ -269,9 +271,21 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
                       f"{manifest.get('target_samples')} samples); distilling from what is there", stacklevel=1)
     h, w, c = (int(v) for v in manifest["schema"]["image"]["shape"])
     k = int(manifest["num_classes"])
-    shape = (c, h, w)
     where = f"dataset {opts.shards}"
     teacher_info: dict[str, Any] = manifest.get("teacher") or {}
+    # Stored sizes other than the teacher's (K-Gen): batches by resolution, or --resize; the student's nominal
+    # size (its card, the evaluation) is the teacher's input size, or the resize.
+    plan = plan_resolutions(manifest, opts.resize)
+    stored_shapes = [(c, sh, sw) for sh, sw in plan.sizes]
+    if plan.mode == "resized" and plan.train_size:
+        h, w = plan.train_size
+        stored_shapes = [(c, h, w)]
+    elif isinstance(teacher_info.get("input_size"), int) and (plan.mode != "single" or plan.sizes != ((h, w),)
+                                                               or teacher_info["input_size"] != h):
+        h = w = int(teacher_info["input_size"])
+    shape = (c, h, w)
+    if plan.mode != "single" or stored_shapes != [shape]:
+        print(f"{where}: {plan.describe()}; evaluating at {h}x{w}", file=sys.stderr)
     opts.eval_data = resolve_eval_data(opts.eval_data, teacher_info.get("dataset"), opts.progress)
     class_names = teacher_info.get("class_names") or [str(i) for i in range(k)]
     if len(class_names) != k:
@@ -294,7 +308,8 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
                                std=tuple(std), class_names=list(class_names))
         student = zoo.Classifier(zoo.build_model(arch, k, c), card=card)
         what = f"student {arch}"
-    check_fits(student, shape, k, what, where)
+    for fits in dict.fromkeys([shape, *stored_shapes]):
+        check_fits(student, fits, k, what, where)
 
     teacher = None
     teacher_acc = teacher_info.get("test_accuracy")
@@ -317,7 +332,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
                                      batch_size=opts.loop.batch_size // dist.world, seed=opts.loop.seed,
                                      device=device, dist=dist,
                                      augment=augment, with_logits=teacher is None, progress=opts.progress,
-                                     with_sources=mixed, cache_dir=opts.cache_dir)
+                                     with_sources=mixed, cache_dir=opts.cache_dir, plan=plan)
     student.to(device)
     objective: Any
     if mixed:
@@ -362,6 +377,8 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     }
     if mixed:
         run_config.update(synthetic_weight=opts.synthetic_weight, condensed_weight=opts.condensed_weight)
+    if opts.resize is not None:
+        run_config["resize"] = opts.resize
 
     result = fit(student, source, objective, opts.loop, device=device, out_dir=out, run_config=run_config,
                  evaluate_fn=evaluate_fn, resume=opts.resume, progress=opts.progress,
@@ -404,6 +421,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
                                                                                           dict) else None},
         "config": run_config,
         "command": opts.command,
+        "resolutions": {**plan.to_dict(), "eval_size": [h, w]},
     }
     if mixed:
         shares = [row["condensed_share"] for row in result.history if "condensed_share" in row]

@@ -24,6 +24,7 @@ from distill.data import (
     rebatch,
 )
 from distill.distributed import SINGLE, Distributed
+from distill.resolutions import ResolutionBatches, ResolutionPlan, load_by_resolution
 
 #: ``--cache auto`` decodes the whole set into memory below this many bytes, streams above it.
 MEMORY_CACHE_LIMIT = 4 * 1024**3
@@ -77,10 +78,16 @@ def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
 def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers: int | None, batch_size: int,
                  seed: int, device: torch.device, augment: bool, with_logits: bool,
                  progress: bool, with_sources: bool = False,
-                 cache_dir: str | None = None, dist: Distributed = SINGLE) -> tuple[TensorSource | LoaderSource, str]:
+                 cache_dir: str | None = None, dist: Distributed = SINGLE,
+                 plan: ResolutionPlan | None = None) -> tuple[TensorSource | LoaderSource | ResolutionBatches, str]:
     """The shards as batches: decoded into memory (``cache`` "memory", or "auto" below
     :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took. ``with_sources``:
-    batches say which samples are condensed images (``meta["source"]``), from memory only."""
+    batches say which samples are condensed images (``meta["source"]``), from memory only. A ``plan`` that
+    resizes or batches by resolution (:mod:`distill.resolutions`) reads into memory."""
+    if plan is not None and plan.mode != "single":
+        return _resolution_source(location, manifest, plan, cache=cache, workers=workers, batch_size=batch_size,
+                                  seed=seed, device=device, augment=augment, with_logits=with_logits,
+                                  progress=progress)
     h, w, c = manifest["schema"]["image"]["shape"]
     n = int(manifest["num_samples"])
     k = int(manifest["num_classes"])
@@ -105,6 +112,30 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
         return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
     return stream_source(location, n, batch_size=batch_size, device=device, augment=augment, seed=seed,
                          workers=workers, with_logits=with_logits, cache_dir=cache_dir, dist=dist), "stream"
+
+
+def _resolution_source(location: str, manifest: dict[str, Any], plan: ResolutionPlan, *, cache: str,
+                       workers: int | None, batch_size: int, seed: int, device: torch.device, augment: bool,
+                       with_logits: bool, progress: bool) -> tuple[TensorSource | ResolutionBatches, str]:
+    if cache == "stream":
+        raise shards.ShardError(f"{location}: {plan.describe()} is read into memory; use --cache memory or auto")
+    workers = default_workers() if workers is None else workers
+    decoded = sum(h * w * 3 for h, w in plan.sizes) * int(manifest["num_samples"])
+    on_device = device.type == "cuda" and _fits_on_gpu(decoded, device)
+
+    def make(arrays: shards.ShardArrays) -> TensorSource:
+        logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
+        return TensorSource(torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels),
+                            logits, batch_size=batch_size, device=device, augment=augment, seed=seed,
+                            on_device=on_device)
+
+    if plan.mode == "resized":
+        size = plan.train_size[0] if plan.train_size else 0
+        source: TensorSource | ResolutionBatches = make(
+            shards.load_arrays(location, workers=workers, progress=progress, resize=size))
+    else:
+        source = load_by_resolution(location, plan, make, workers=workers, progress=progress, seed=seed)
+    return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "") + f", {plan.describe()}"
 
 
 def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,

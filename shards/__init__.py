@@ -12,13 +12,14 @@ does not match the manifest. See ``shards/README.md`` for the format.
 from typing import TYPE_CHECKING, Any
 
 from .decoding import decode_sample
-from .format import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, Problem, ShardError
+from .format import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, Problem, ShardError, image_shapes, size_key
 from .reader import (
     ShardArrays,
     check_shard,
     load_arrays,
     read_artifact,
     read_manifest,
+    resize_image,
     shard_urls,
     stream,
     verify,
@@ -41,11 +42,14 @@ __all__ = [
     "ShardWriter",
     "check_shard",
     "decode_sample",
+    "image_shapes",
     "load_arrays",
     "read_artifact",
     "read_manifest",
+    "resize_image",
     "sample_grid_png",
     "shard_urls",
+    "size_key",
     "stream",
     "summarize",
     "verify",

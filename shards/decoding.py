@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .format import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, META_EXT, ShardError, decode_logits, decode_png
+from .format import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, META_EXT, ShardError, decode_logits, decode_png, image_shapes
 
 
 def shard_label(url: Any) -> str:
@@ -28,7 +28,8 @@ def decode_fields(sample: dict[str, Any], manifest: dict[str, Any] | None,
         if missing:
             raise ValueError(f"lacks {', '.join('.' + m for m in missing)}")
         num_classes = manifest.get("num_classes") if manifest else None
-        image = decode_png(sample[IMAGE_EXT], manifest["schema"]["image"]["shape"] if manifest else None)
+        shapes = image_shapes(manifest) if manifest else []
+        image = decode_png(sample[IMAGE_EXT], shapes[0] if len(shapes) == 1 else None, shapes)
         label = int(bytes(sample[LABEL_EXT]).decode("ascii").strip())
         logits = decode_logits(sample[LOGITS_EXT], num_classes)
         if not isinstance(logits, np.ndarray) or logits.dtype != np.float16 or logits.ndim != 1:

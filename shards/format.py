@@ -91,6 +91,20 @@ def make_schema(image_shape: list[int] | tuple[int, ...] | None, num_classes: in
     }
 
 
+def image_shapes(manifest: dict[str, Any]) -> list[list[int]]:
+    """Every image shape [H, W, C] a dataset holds: ``schema.image.shapes`` for a set of several sizes (a
+    multi-resolution method's), else the one ``schema.image.shape`` (none while the set is empty)."""
+    image = manifest["schema"]["image"]
+    if image.get("shapes"):
+        return [[int(v) for v in shape] for shape in image["shapes"]]
+    return [[int(v) for v in image["shape"]]] if image.get("shape") else []
+
+
+def size_key(height: int, width: int) -> str:
+    """How ``resolution_counts`` names an image size: ``"28x28"``."""
+    return f"{int(height)}x{int(width)}"
+
+
 def canonical_json(value: Any, what: str) -> Any:
     """``value`` as it will read back from JSON (tuples become lists), or ShardError if it is not JSON data."""
     try:
@@ -139,6 +153,12 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
             raise ShardError(f"{where}: schema.image.shape must be [H, W, C] with C 1 or 3, got {image_shape!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ShardError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
+        shapes = schema["image"].get("shapes")
+        if shapes is not None and (not isinstance(shapes, list) or image_shape not in shapes or any(
+                not isinstance(v, list) or len(v) != 3 or v[2] != image_shape[2]
+                or not all(isinstance(d, int) and d > 0 for d in v) for v in shapes)):
+            raise ShardError(f"{where}: schema.image.shapes must list [H, W, C] shapes of one channel count, "
+                             f"schema.image.shape among them; got {shapes!r}")
         if schema["logits"].get("shape") != [num_classes]:
             raise ShardError(f"{where}: schema.logits.shape {schema['logits'].get('shape')!r} "
                              f"disagrees with num_classes {num_classes}")
@@ -183,11 +203,11 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes, shape: list[int] | None = None) -> np.ndarray:
+def decode_png(data: bytes, shape: list[int] | None = None, shapes: list[list[int]] | None = None) -> np.ndarray:
     """H×W×C uint8 array from PNG bytes; only PNG is accepted so a shard cannot feed PIL an exotic format.
 
-    With ``shape`` the header's size and mode are checked before any pixel is decompressed, so a hostile
-    shard cannot make the reader inflate a huge image.
+    With ``shape`` (or ``shapes``, the sizes a multi-resolution set allows) the header's size and mode are
+    checked before any pixel is decompressed, so a hostile shard cannot make the reader inflate a huge image.
     """
     with Image.open(io.BytesIO(data), formats=("PNG",)) as pil:
         if pil.mode not in ("L", "RGB"):
@@ -196,6 +216,10 @@ def decode_png(data: bytes, shape: list[int] | None = None) -> np.ndarray:
             found = [pil.height, pil.width, 1 if pil.mode == "L" else 3]
             if found != list(shape):
                 raise ValueError(f"image shape {found} differs from the manifest's {list(shape)}")
+        if shapes and len(shapes) > 1:
+            found = [pil.height, pil.width, 1 if pil.mode == "L" else 3]
+            if found not in [list(v) for v in shapes]:
+                raise ValueError(f"image shape {found} is none of the manifest's {[list(v) for v in shapes]}")
         pil.load()
         array = np.asarray(pil, dtype=np.uint8)
         return array[:, :, None] if pil.mode == "L" else array

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from .decoding import decode_fields
-from .format import MANIFEST_NAME, Problem, ShardError, logit_stats, validate_manifest
+from .format import MANIFEST_NAME, Problem, ShardError, image_shapes, logit_stats, validate_manifest
 from .locations import Location, is_local_location, manifest_location, read_all
 from .remote import ShardCache, read_shard
 from .tario import group_samples, iter_tar
@@ -120,9 +121,29 @@ def _tar_samples(data: bytes, name: str) -> Iterator[dict[str, Any]]:
     return group_samples(iter_tar(io.BytesIO(data), name), name, name)
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 H×W×C image resized to size×size (PIL bilinear; the identity when it already is)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    pil = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image))
+    out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return out[:, :, None] if image.shape[2] == 1 else out
+
+
+def _select(part: dict[str, Any], resolution: tuple[int, int] | None, resize: int | None) -> dict[str, Any]:
+    """Only the samples of size ``resolution`` (H, W), and/or every image resized to ``resize``²."""
+    keep = [i for i, image in enumerate(part["images"])
+            if resolution is None or tuple(image.shape[:2]) == tuple(resolution)]
+    images = [part["images"][i] if resize is None else resize_image(part["images"][i], resize) for i in keep]
+    return {"images": images, "labels": part["labels"][keep], "logits": part["logits"][keep],
+            "keys": [part["keys"][i] for i in keep], "meta": [part["meta"][i] for i in keep]}
+
+
 def _decode_shard(data: bytes, entry: dict[str, Any], where: str, manifest: dict[str, Any],
-                  verify: bool) -> dict[str, Any]:
-    """All samples of one shard as arrays; checks checksum (when ``verify``), count and key continuity."""
+                  verify: bool, select: tuple[tuple[int, int] | None, int | None] | None = None) -> dict[str, Any]:
+    """All samples of one shard as arrays; checks checksum (when ``verify``), count and key continuity.
+    ``select`` = (resolution, resize) keeps one image size and/or resizes (see :func:`load_arrays`); images of
+    several sizes come back as a list."""
     name = entry["url"]
     if verify:
         _check_bytes(data, entry, where)
@@ -144,17 +165,27 @@ def _decode_shard(data: bytes, entry: dict[str, Any], where: str, manifest: dict
     if isinstance(first, int) and keys != [f"{first + i:09d}" for i in range(len(keys))]:
         raise ShardError(f"shard {name}: keys are not the consecutive indices from {first} the manifest records")
     shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
-    return {
-        "images": np.stack(images) if images else np.zeros((0, *shape), np.uint8),
+    part: dict[str, Any] = {
+        "images": images,
         "labels": np.asarray(labels, dtype=np.int64),
         "logits": np.stack(logits) if logits else np.zeros((0, manifest.get("num_classes") or 0), np.float16),
         "keys": keys,
         "meta": metas,
     }
+    if select is not None:
+        part = _select(part, *select)
+        if select[1] is not None:
+            shape = [select[1], select[1], shape[2]]
+    images = part["images"]
+    if len({image.shape for image in images}) > 1:
+        return part  # several sizes: a list of images (verify reads no pixels)
+    part["images"] = np.stack(images) if images else np.zeros((0, *shape), np.uint8)
+    return part
 
 
 def _load_shard_task(url: str, local: bool, entry: dict[str, Any], manifest: dict[str, Any],
-                     verify: bool, cache_dir: str | None = None) -> dict[str, Any]:
+                     verify: bool, cache_dir: str | None = None,
+                     select: tuple[tuple[int, int] | None, int | None] | None = None) -> dict[str, Any]:
     # Top-level so a process pool can pickle it. Reads the whole shard once: hash and decode share the bytes.
     name = entry["url"]
     try:
@@ -165,7 +196,7 @@ def _load_shard_task(url: str, local: bool, entry: dict[str, Any], manifest: dic
         raise
     except OSError as error:
         raise ShardError(f"shard {name}: cannot read {url} ({error})") from error
-    return _decode_shard(data, entry, url, manifest, verify)
+    return _decode_shard(data, entry, url, manifest, verify, select)
 
 
 # --------------------------------------------------------------------------------------------- load_arrays
@@ -205,16 +236,27 @@ class ShardArrays:
         return list(names) if isinstance(names, list) else None
 
 
-def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
-                progress: bool = True, cache_dir: str | os.PathLike[str] | None = None) -> ShardArrays:
+def load_arrays(location: Location, *, workers: int = 0, verify: bool = True, progress: bool = True,
+                cache_dir: str | os.PathLike[str] | None = None, resolution: tuple[int, int] | None = None,
+                resize: int | None = None) -> ShardArrays:
     """Decodes every shard into contiguous arrays (the fast path for datasets that fit in memory).
 
     ``workers`` > 0 decodes shards in that many processes, one shard per task. With ``verify`` each shard's
     size and sha256 are checked against the manifest (remote shards too: the bytes are in memory anyway).
     Remote shards are read with retries (:mod:`shards.remote`) and, with ``cache_dir``, kept in that cache.
+    A set of several image sizes (``schema.image.shapes``) needs ``resolution=(H, W)``, which keeps the samples
+    of that size only, or ``resize=N``, which resizes every image to N×N (bilinear; the stored logits stay those
+    of the stored image); both work on any set.
     """
     cache = None if cache_dir is None else str(cache_dir)
     manifest = read_manifest(location, cache_dir=cache_dir)
+    sizes = image_shapes(manifest)
+    if len(sizes) > 1 and resolution is None and resize is None:
+        counts = ", ".join(f"{k}: {v}" for k, v in (manifest.get("resolution_counts") or {}).items())
+        raise ShardError(f"{location} holds images of several sizes ({counts}); load one size with "
+                         "resolution=(H, W) or all of them resized with resize=N")
+    if resolution is not None or resize is not None:
+        return _load_selected(location, manifest, workers, verify, progress, resolution, resize, cache)
     urls = shard_urls(location, manifest)
     local = is_local_location(location)
     entries = manifest["shards"]
@@ -260,6 +302,47 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True,
     if len(set(keys)) != total:
         raise ShardError(f"{location}: duplicate sample keys across shards")
     return ShardArrays(images=images, labels=labels, logits=logits, keys=keys, manifest=manifest, meta=meta)
+
+
+def _load_selected(location: Location, manifest: dict[str, Any], workers: int, verify: bool, progress: bool,
+                   resolution: tuple[int, int] | None, resize: int | None, cache: str | None) -> ShardArrays:
+    """:func:`load_arrays` with a size filter and/or resizing: shard by shard, then concatenated."""
+    urls = shard_urls(location, manifest)
+    local = is_local_location(location)
+    entries = manifest["shards"]
+    select = (tuple(resolution) if resolution is not None else None, resize)
+    parts: list[dict[str, Any]] = [{}] * len(entries)
+    with tqdm(total=manifest["num_samples"], unit="img", desc="load shards", disable=not progress,
+              dynamic_ncols=True) as bar:
+        if workers > 0 and len(entries) > 1:
+            context = multiprocessing.get_context(_start_method())
+            with ProcessPoolExecutor(max_workers=min(workers, len(entries)), mp_context=context) as pool:
+                futures = [pool.submit(_load_shard_task, url, local, entry, manifest, verify, cache, select)
+                           for url, entry in zip(urls, entries, strict=True)]
+                for i, future in enumerate(futures):
+                    parts[i] = future.result()
+                    bar.update(entries[i]["num_samples"])
+        else:
+            for i, (url, entry) in enumerate(zip(urls, entries, strict=True)):
+                parts[i] = _load_shard_task(url, local, entry, manifest, verify, cache, select)
+                bar.update(entry["num_samples"])
+    channels = int((manifest["schema"]["image"]["shape"] or [0, 0, 0])[2])
+    if resize is not None:
+        empty_shape = (0, resize, resize, channels)
+    elif resolution is not None:
+        empty_shape = (0, *resolution, channels)
+    else:
+        empty_shape = (0, 0, 0, channels)
+    images = [p["images"] for p in parts if len(p["images"])]
+    keys = [key for p in parts for key in p["keys"]]
+    if len(set(keys)) != len(keys):
+        raise ShardError(f"{location}: duplicate sample keys across shards")
+    num_classes = manifest.get("num_classes") or 0
+    return ShardArrays(
+        images=np.concatenate(images) if images else np.zeros(empty_shape, np.uint8),
+        labels=np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64),
+        logits=np.concatenate([p["logits"] for p in parts]) if parts else np.zeros((0, num_classes), np.float16),
+        keys=keys, manifest=manifest, meta=[m for p in parts for m in p["meta"]])
 
 
 # --------------------------------------------------------------------------------------------- stream

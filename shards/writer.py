@@ -55,10 +55,12 @@ from .format import (
     encode_meta,
     encode_npy,
     encode_png,
+    image_shapes,
     logit_stats,
     make_schema,
     sample_key,
     shard_name,
+    size_key,
     summary_from_shards,
     tool_version,
     validate_manifest,
@@ -73,7 +75,7 @@ _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = frozenset({
     "format", "format_version", "tool_version", "identity", "schema", "num_classes", "target_samples",
     "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "created", "updated",
-    "artifacts", "shard_size", "stop", "source_counts", "key_offset",
+    "artifacts", "shard_size", "stop", "source_counts", "key_offset", "resolution_counts",
 })
 
 
@@ -168,13 +170,14 @@ class ShardWriter:
         self.out_dir = out_dir
         self._manifest = manifest
         self.shard_size = shard_size
+        self.mixed_sizes = False  # set by open()
 
     # ----------------------------------------------------------------------------------------- open
 
     @classmethod
     def open(cls, out_dir: str | os.PathLike[str], *, identity: dict[str, Any], header: dict[str, Any],
              target_samples: int, shard_size: int, image_shape: tuple[int, int, int] | None = None,
-             num_classes: int | None = None, key_offset: int = 0) -> ShardWriter:
+             num_classes: int | None = None, key_offset: int = 0, mixed_sizes: bool = False) -> ShardWriter:
         """Creates a dataset in ``out_dir`` or resumes the one there.
 
         ``identity`` is what must match for a later run to continue this dataset (method, teacher sha256,
@@ -183,6 +186,8 @@ class ShardWriter:
         (H, W, C) and ``num_classes`` are optional up-front checks; otherwise the first shard fixes them.
         ``key_offset`` is the global index of this dataset's first sample: fan-out workers write disjoint key
         ranges (``[key_offset, key_offset + target_samples)``) so their parts merge without renumbering.
+        ``mixed_sizes`` lets images differ in H×W (a multi-resolution method's); otherwise every image must have
+        the first one's shape.
         """
         out = Path(out_dir)
         if not isinstance(target_samples, int) or target_samples < 1:
@@ -212,6 +217,7 @@ class ShardWriter:
             writer = cls._resume(out, identity, header, target_samples, shard_size, image_shape, num_classes)
             if writer.key_offset != key_offset:  # the identity normally catches this first
                 raise ShardError(f"{out}: its keys start at {writer.key_offset}, asked for {key_offset}")
+            writer.mixed_sizes = mixed_sizes
             return writer
 
         if out.exists():
@@ -250,6 +256,7 @@ class ShardWriter:
         if key_offset:  # absent when 0, so plain datasets keep the manifest they always had
             manifest["key_offset"] = key_offset
         writer = cls(out, manifest, shard_size)
+        writer.mixed_sizes = mixed_sizes
         # Claims the directory at once, so a run with another identity refuses even before the first shard.
         writer._commit_manifest(manifest, lambda error: f"cannot write {manifest_path}: {error}")
         return writer
@@ -390,8 +397,9 @@ class ShardWriter:
                 raise ShardError(f"{where}: image must be a uint8 H×W×C array with C 1 or 3, got {desc}")
             if shape is None:
                 shape = list(image.shape)
-            elif list(image.shape) != shape:
-                raise ShardError(f"{where}: image shape {list(image.shape)} differs from the dataset's {shape}")
+            elif list(image.shape) != shape and not (self.mixed_sizes and image.shape[2] == shape[2]):
+                raise ShardError(f"{where}: image shape {list(image.shape)} differs from the dataset's {shape}"
+                                 + ("" if self.mixed_sizes else " (a set of several sizes needs mixed_sizes=True)"))
             logits = sample.logits
             if not isinstance(logits, np.ndarray) or logits.ndim != 1 or not np.issubdtype(logits.dtype,
                                                                                             np.floating):
@@ -508,6 +516,17 @@ class ShardWriter:
                 source = str(sample.meta.get("source", "unspecified"))
                 sources[source] = sources.get(source, 0) + 1
             manifest["source_counts"] = dict(sorted(sources.items()))
+            # Samples per image size; a set of several sizes lists them all in schema.image.shapes.
+            sizes = dict(manifest.get("resolution_counts") or {})
+            shapes = image_shapes(manifest)
+            for sample in checked:
+                h, w, c = (int(v) for v in sample.image.shape)
+                sizes[size_key(h, w)] = sizes.get(size_key(h, w), 0) + 1
+                if [h, w, c] not in shapes:
+                    shapes.append([h, w, c])
+            manifest["resolution_counts"] = dict(sorted(sizes.items()))
+            if len(shapes) > 1:
+                manifest["schema"]["image"]["shapes"] = sorted(shapes)
             manifest["summary"] = {**manifest["summary"], **summary_from_shards(manifest["shards"],
                                                                                 manifest["num_samples"])}
             manifest["complete"] = False  # only finish() declares a dataset complete

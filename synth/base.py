@@ -117,6 +117,18 @@ class SynthesisMethod(abc.ABC):
         """The image count this config implies on its own (D2CIP's A.8 cycles), or ``None``."""
         return None
 
+    @classmethod
+    def check(cls, teacher: zoo.Classifier, config: SynthConfig) -> None:
+        """Refuses (with a :class:`~synth.errors.SynthError`) a teacher this config cannot use, before the run
+        touches the disk, so that bad input leaves nothing behind. Most methods check nothing here."""
+        return None
+
+    @classmethod
+    def stores_mixed_sizes(cls, config: SynthConfig) -> bool:
+        """Whether this config yields batches of several image sizes (K-Gen's resolutions); the dataset then
+        records them (``schema.image.shapes``, ``resolution_counts``)."""
+        return False
+
     def uses_bn_statistics(self) -> bool:
         """Whether the BN-statistics hook is needed: by default, when the config weights BN matching."""
         return float(getattr(self.config, "bn_weight", 0.0)) > 0

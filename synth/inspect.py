@@ -30,7 +30,9 @@ def _teacher_for(manifest: dict[str, Any], teacher_path: str | None) -> zoo.Clas
 def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | None = None,
                     reference: str | None = None, samples: int = 2000, device: str = "auto") -> dict[str, Any]:
     manifest = shards.read_manifest(location)
-    arrays = shards.load_arrays(location, progress=False)
+    sizes = shards.image_shapes(manifest)
+    # A set of several sizes is shown and measured at its largest size.
+    arrays = shards.load_arrays(location, progress=False, resize=max(s[0] for s in sizes) if len(sizes) > 1 else None)
     num_classes = int(manifest["num_classes"])
     class_names = manifest.get("teacher", {}).get("class_names") or [str(i) for i in range(num_classes)]
     labels, logits = arrays.labels, arrays.logits.astype(np.float32)
@@ -52,6 +54,7 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
         "teacher": {k: manifest.get("teacher", {}).get(k) for k in ("arch", "sha256", "test_accuracy")},
         "num_samples": int(len(labels)),
         "image_shape": list(arrays.images.shape[1:]),
+        "resolution_counts": manifest.get("resolution_counts"),
         "shards": len(manifest["shards"]),
         "bytes_per_sample": sum(s["bytes"] for s in manifest["shards"]) / max(len(labels), 1),
         "complete": manifest.get("complete"),

@@ -224,7 +224,7 @@ class GeneratorInversion(SynthesisMethod):
         terms: dict[str, Term] = {}
         if cfg.class_weight:
             terms["cls"] = term(scale * cfg.class_weight * class_prior_loss(step.teacher_logits, step.labels), *groups)
-        if cfg.bn_weight:
+        if cfg.bn_weight and self.bn_hook is not None:  # no hook: uses_bn_statistics() said no (K-Gen's ViT)
             terms["bn"] = term(scale * cfg.bn_weight * self.bn_loss(), *groups)
         if cfg.adv_weight and step.student_logits is not None:
             adv = adversarial_kl_loss(step.teacher_logits, step.student_logits,

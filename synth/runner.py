@@ -150,7 +150,8 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run),
     plus the samples plug-ins add (condensed images), which are stored first."""
     plugins = list(plugins or [])
-    for plugin in plugins:  # bad plug-in input is refused before anything is written
+    method_class.check(teacher, config)  # bad input is refused before anything is written
+    for plugin in plugins:
         plugin.check(teacher)
     options, key_offset, fanout = options.fanout.apply(options, sum(p.extra_samples() for p in plugins))
     target = options.num_images + sum(plugin.extra_samples() for plugin in plugins)
@@ -172,7 +173,8 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     if commands:
         header["commands"] = commands
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=target,
-                                     shard_size=options.shard_size, key_offset=key_offset)
+                                     shard_size=options.shard_size, key_offset=key_offset,
+                                     mixed_sizes=method_class.stores_mixed_sizes(config))
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
     # The first shard's seconds start here too (method set-up included), so the shards' seconds, summed, are
     # never less than what the deadline measured.
@@ -280,7 +282,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 def dataset_summary(out: Path, teacher: zoo.Classifier, device: torch.device, options: RunOptions) -> dict[str, Any]:
     """Figures recorded in the manifest: the teacher's agreement with the asked label per class (does a
     conditional method make the class it is asked for?), and diversity on a fixed subsample of the images."""
-    arrays = shards.load_arrays(out, progress=False)
+    manifest = shards.read_manifest(out)
+    # A set of several sizes: the figures are computed on every image at the teacher's input size.
+    resize = teacher.input_shape[1] if len(shards.image_shapes(manifest)) > 1 else None
+    arrays = shards.load_arrays(out, progress=False, resize=resize)
     per_class = shards.summarize(arrays)["per_class"]
     summary: dict[str, Any] = {"per_class_agreement": [row["teacher_agreement"] for row in per_class]}
     index = subsample(len(arrays.labels), options.diversity_samples, seed=options.seed)
