@@ -1,0 +1,162 @@
+"""DiffDFKD on tiny randomly initialised diffusers pipelines that the tests build, save_pretrained and load back
+through from_pretrained: guidance gradients, falling teacher loss, exact CutMix boxes, decode points, the
+manifest's identity of the model, and the missing-model error without network access."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tarfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / huggingface_hub read it
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from tiny_diffusion import save_ddpm, save_stable_diffusion  # noqa: E402
+
+from synth import diffusion  # noqa: E402
+from synth.cli import main  # noqa: E402
+from synth.cutmix import apply_mixes, draw_mixes  # noqa: E402
+from synth.methods.diffdfkd import DiffDFKD, DiffDFKDConfig  # noqa: E402
+
+TINY = dict(batch_size=4, num_inference_steps=4, interval=2, proxy_student="resnet8", kd_steps=1,
+            memory_capacity=64)
+
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory):
+    return save_ddpm(tmp_path_factory.mktemp("ddpm") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return save_stable_diffusion(tmp_path_factory.mktemp("sd") / "pipeline")
+
+
+def _method(teacher, model_dir, **options) -> DiffDFKD:
+    torch.manual_seed(0)
+    return DiffDFKD(teacher, DiffDFKDConfig(diffusion=str(model_dir), **{**TINY, **options}), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("which", ["ddpm", "sd"])
+def test_guidance_gradient_reaches_the_latent(calibrated_teacher, which, ddpm_dir, sd_dir):
+    method = _method(calibrated_teacher, ddpm_dir if which == "ddpm" else sd_dir)
+    assert method.model.kind == ("pixel" if which == "ddpm" else "latent-text")
+    labels = method.next_labels()
+    condition, prompts = method.condition(labels)
+    method.model.scheduler.set_timesteps(4)
+    t = method.model.scheduler.timesteps[1]
+    z = torch.randn(4, *method.model.latent_shape, requires_grad=True)
+    output = method.model.model_output(z, t, condition, method.config.guidance_scale)
+    loss = method.inversion_loss(method.teacher_pixels(output, z, t), labels)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert set(method.losses_of_last_step()) == {"cls", "bn"}  # no L_adv before the proxy student has learnt
+    if which == "sd":
+        name = calibrated_teacher.card.class_names[0]
+        assert prompts[0].startswith(f"a realistic photo of a {name}") and len(prompts) == 4
+
+
+@pytest.mark.parametrize("which", ["ddpm", "sd"])
+def test_teacher_loss_falls_over_inner_steps(calibrated_teacher, which, ddpm_dir, sd_dir):
+    method = _method(calibrated_teacher, ddpm_dir if which == "ddpm" else sd_dir, inner_steps=6, latent_lr=0.02)
+    labels = method.next_labels()
+    condition, _ = method.condition(labels)
+    method.model.scheduler.set_timesteps(4)
+    t = method.model.scheduler.timesteps[1]
+    z0 = torch.randn(4, *method.model.latent_shape)
+    z, _ = method.guide(z0, t, condition, labels)
+    trace = method.loss_trace
+    assert len(trace) == 6  # one denoiser forward (and one loss) per update
+    assert trace[-1] < trace[0] * 0.95, trace
+    assert not torch.equal(z, z0)
+    off = _method(calibrated_teacher, ddpm_dir if which == "ddpm" else sd_dir, guidance=False)
+    z_off, _ = off.guide(z0, t, *off.condition(labels)[:1], labels)
+    assert torch.equal(z_off, z0) and off.bn_hook is None
+
+
+def test_cutmix_exchanges_exactly_the_box():
+    torch.manual_seed(3)
+    latents = torch.arange(5 * 2 * 8 * 8, dtype=torch.float32).view(5, 2, 8, 8)  # every entry distinct
+    mixes = draw_mixes(5, 8, 8, beta=1.0)
+    assert len(mixes) == 2
+    pairs = [i for m in mixes for i in (m.a, m.b)]
+    assert len(set(pairs)) == 4  # disjoint pairs; the odd one out is untouched
+    mixed = apply_mixes(latents, mixes)
+    expected = latents.clone()
+    inside = torch.zeros(5, 8, 8, dtype=torch.bool)
+    for m in mixes:
+        assert 0 <= m.top <= m.bottom <= 8 and 0 <= m.left <= m.right <= 8
+        for y in range(m.top, m.bottom):
+            for x in range(m.left, m.right):
+                expected[m.a, :, y, x], expected[m.b, :, y, x] = latents[m.b, :, y, x], latents[m.a, :, y, x]
+                inside[m.a, y, x] = inside[m.b, y, x] = True
+    assert torch.equal(mixed, expected)
+    assert torch.equal(mixed.permute(0, 2, 3, 1)[~inside], latents.permute(0, 2, 3, 1)[~inside])
+    assert inside.any()  # this seed draws non-empty boxes
+
+
+@pytest.mark.parametrize("steps, interval, points", [(4, 2, [1, 3]), (5, 2, [0, 2, 4]), (6, 3, [2, 5])])
+def test_stored_images_per_latent_equal_the_decode_points(calibrated_teacher, ddpm_dir, steps, interval, points):
+    method = _method(calibrated_teacher, ddpm_dir, num_inference_steps=steps, interval=interval)
+    assert method.decode_steps() == points
+    batch = next(method.synthesize())
+    assert batch.images.shape == (4 * len(points), 3, 32, 32)
+    assert batch.labels.tolist() == method.next_labels().new_tensor([0, 1, 2, 3]).repeat(len(points)).tolist()
+    per_latent = {}
+    for meta in batch.sample_meta:
+        per_latent.setdefault(meta["latent"], []).append(meta["step"])
+    assert per_latent == {j: points for j in range(4)}
+    # every mix a latent went through is recorded, symmetrically, only at mixing steps before the sample's step
+    last = [m for m in batch.sample_meta if m["step"] == points[-1]]
+    for meta in last:
+        for mix in meta["mixes"]:
+            assert mix["step"] in points[:-1]
+            partner = next(m for m in last if m["latent"] == mix["partner"])
+            assert {"step": mix["step"], "partner": meta["latent"], "box": mix["box"]} in partner["mixes"]
+    assert sum(len(m["mixes"]) for m in last) == 2 * 2 * (len(points) - 1)  # 2 pairs per mixing step
+
+
+def test_missing_model_is_a_clear_error_without_network(monkeypatch, tmp_path, tiny_teacher):
+    attempts = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: attempts.append(a) or (_ for _ in ()).throw(
+        OSError("network disabled in this test")))
+    with pytest.raises(diffusion.DiffusionModelError, match="not present locally") as info:
+        diffusion.identity("some-org/not-a-cached-model", "main")
+    assert "save_pretrained" in str(info.value) and "--allow-download" in str(info.value)
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(main, ["run", "diffdfkd", "--out", str(out), "--teacher", str(tiny_teacher),
+                                       "--diffusion", str(tmp_path / "nowhere"), "--quiet"])
+    assert result.exit_code == 1 and "not present locally" in result.output
+    assert not out.exists()
+    assert attempts == []
+
+
+def test_run_writes_shards_with_model_identity_and_sample_metadata(tmp_path, tiny_teacher, sd_dir):
+    out = tmp_path / "ds"
+    args = ["run", "diffdfkd", "--out", str(out), "--teacher", str(tiny_teacher), "--diffusion", str(sd_dir),
+            "--num-images", "12", "--shard-size", "8", "--batch-size", "3", "--num-inference-steps", "4",
+            "--proxy-student", "resnet8", "--kd-steps", "1", "--quiet", "--preset", "paper"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    model = manifest["method"]["diffusion"]
+    assert model["model"] == str(sd_dir) and model["pipeline"] == "StableDiffusionPipeline"
+    assert model["sha256"] == diffusion.pipeline_sha256(sd_dir) and len(model["sha256"]) == 64
+    assert manifest["method"]["config"]["prompt"] == "a realistic photo of a {name}"
+    metas = []  # the per-sample JSON, straight from the tars
+    for entry in manifest["shards"]:
+        with tarfile.open(out / entry["url"]) as tar:
+            metas += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(metas) == 12
+    assert {m["step"] for m in metas} == {1, 3} and all(m["prompt"].startswith("a realistic photo of a class")
+                                                         for m in metas)
+    # Another model with the same path and options is another dataset: resuming into it refuses.
+    save_stable_diffusion(sd_dir, seed=1)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "diffusion" in again.output
