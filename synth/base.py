@@ -114,10 +114,11 @@ class SynthesisMethod(abc.ABC):
         self.show_progress = False  # progress bars inside a method (D2CIP's stage 1); the runner sets it
 
     @classmethod
-    def identity_extras(cls, config: SynthConfig) -> dict[str, Any]:
+    def identity_extras(cls, config: SynthConfig, teacher: zoo.Classifier) -> dict[str, Any]:
         """Inputs besides the config that make a dataset what it is (DiffDFKD: the diffusion model's id,
-        revision and file hash), added to the dataset identity and the manifest's method section. Raises a
-        :class:`~synth.errors.SynthError` when such an input is missing, before anything is written."""
+        revision and file hash), added to the dataset identity and the manifest's method section. Runs before
+        anything is written: raises a :class:`~synth.errors.SynthError` when such an input is missing or does
+        not fit the config or the teacher."""
         return {}
 
     @classmethod

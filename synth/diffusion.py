@@ -96,13 +96,34 @@ def pipeline_sha256(folder: Path) -> str:
     return _hash_cache[key]
 
 
-def identity(model: str, revision: str | None = None, allow_download: bool = False) -> dict[str, Any]:
-    """What names a diffusion model in a dataset's identity: the id as given, its revision, the classes of its
-    components and the sha256 of its files. Raises :class:`DiffusionModelError` when it is missing."""
-    folder = resolve(model, revision, allow_download)
+def describe(folder: Path) -> dict[str, Any]:
+    """The pipeline's class, kind (``latent-text`` or ``pixel``) and whether its UNet is class-conditional, read
+    from its JSON files alone (no weights loaded). Raises :class:`DiffusionModelError` for other kinds."""
     index = json.loads((folder / "model_index.json").read_text())
-    return {"model": model, "revision": revision or None, "pipeline": index.get("_class_name"),
-            "sha256": pipeline_sha256(folder)}
+    parts = {name for name, value in index.items()
+             if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None}
+    name = index.get("_class_name")
+    if "transformer" in parts:
+        raise DiffusionModelError(f"{folder}: a transformer-based pipeline ({name}, e.g. DiT) is not supported yet; "
+                                  "use a Stable Diffusion or a UNet DDPM pipeline")
+    if {"unet", "vae", "text_encoder", "tokenizer"} <= parts:
+        kind = "latent-text"
+    elif "unet" in parts and "vae" not in parts:
+        kind = "pixel"
+    else:
+        raise DiffusionModelError(f"{folder}: unsupported pipeline {name} (components {sorted(parts)}): expected a "
+                                  "Stable Diffusion family pipeline (UNet + VAE + text encoder + tokenizer) or a "
+                                  "pixel-space UNet DDPM")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    conditional = kind == "pixel" and bool(unet.get("num_class_embeds") or unet.get("class_embed_type"))
+    return {"pipeline": name, "kind": kind, "class_conditional": conditional}
+
+
+def identity(model: str, revision: str | None = None, allow_download: bool = False) -> dict[str, Any]:
+    """What names a diffusion model in a dataset's identity: the id as given, its revision, its pipeline class
+    and kind, and the sha256 of its files. Raises :class:`DiffusionModelError` when it is missing."""
+    folder = resolve(model, revision, allow_download)
+    return {"model": model, "revision": revision or None, **describe(folder), "sha256": pipeline_sha256(folder)}
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -219,20 +240,10 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
     except (OSError, ValueError) as error:
         raise DiffusionModelError(f"{folder}: cannot load the diffusers pipeline: {error}") from error
     components = pipe.components
-    if "transformer" in components and components.get("transformer") is not None:
-        raise DiffusionModelError(f"{folder}: a transformer-based pipeline ({index.get('_class_name')}, e.g. DiT) "
-                                  "is not supported yet; use a Stable Diffusion or a UNet DDPM pipeline")
-    unet = components.get("unet")
-    if unet is None:
-        raise DiffusionModelError(f"{folder}: the pipeline has no UNet; DiffDFKD needs a UNet-based pipeline")
+    described = describe(folder)
+    kind, class_conditional = described["kind"], described["class_conditional"]
+    unet = components["unet"]
     vae, text_encoder, tokenizer = (components.get(k) for k in ("vae", "text_encoder", "tokenizer"))
-    if vae is not None and text_encoder is not None and tokenizer is not None:
-        kind = "latent-text"
-    elif vae is None and isinstance(unet, diffusers.UNet2DModel):
-        kind = "pixel"
-    else:
-        raise DiffusionModelError(f"{folder}: unsupported pipeline {index.get('_class_name')}: expected a Stable "
-                                  "Diffusion family pipeline (UNet + VAE + text encoder) or a pixel-space UNet DDPM")
     sched = components["scheduler"]
     if scheduler in ("ddim", "ddpm"):
         cls = diffusers.DDIMScheduler if scheduler == "ddim" else diffusers.DDPMScheduler
@@ -250,8 +261,6 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
     side = resolution or native
     if side % scale:
         raise DiffusionModelError(f"resolution {side} is not a multiple of the VAE's downsampling factor {scale}")
-    class_conditional = kind == "pixel" and bool(unet.config.get("num_class_embeds") or
-                                                 unet.config.get("class_embed_type"))
     info = {"kind": kind, "pipeline": index.get("_class_name"), "scheduler": type(sched).__name__,
             "native_resolution": native, "resolution": side, "dtype": str(dtype).removeprefix("torch.")}
     return DiffusionModel(kind, unet, sched, dtype, vae, text_encoder, tokenizer, class_conditional,

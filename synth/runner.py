@@ -154,7 +154,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     out = Path(options.out)
     identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size, plugins,
                                 options.accelerate)
-    extras = method_class.identity_extras(config)  # empty for most methods: their identity is unchanged
+    extras = method_class.identity_extras(config, teacher)  # empty for most methods: their identity is unchanged
     identity.update(extras)
     method_header = {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
                      "preset": options.preset, "accelerate": options.accelerate, **extras}

@@ -160,3 +160,17 @@ def test_run_writes_shards_with_model_identity_and_sample_metadata(tmp_path, tin
     save_stable_diffusion(sd_dir, seed=1)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "diffusion" in again.output
+
+
+def test_class_conditional_ddpm_needs_class_ids_before_anything_is_written(tmp_path, tiny_teacher):
+    model = save_ddpm(tmp_path / "cond", class_embeds=5)
+    out = tmp_path / "ds"
+    args = ["run", "diffdfkd", "--out", str(out), "--teacher", str(tiny_teacher), "--diffusion", str(model),
+            "--num-images", "4", "--batch-size", "2", "--num-inference-steps", "2", "--proxy-student", "resnet8",
+            "--quiet", "--preset", "paper"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "--class-ids" in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*args, "--class-ids", "0,1,2,3,4,0,1,2,3,4"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"]["diffusion"]["class_conditional"] is True and manifest["num_samples"] == 4

@@ -126,6 +126,20 @@ class DiffDFKDConfig(SynthConfig):
             raise ValueError("latent_lr, kd_steps and resolution must be >= 0; cutmix_beta > 0")
 
 
+def parse_class_ids(text: str, num_classes: int) -> list[int]:
+    """``--class-ids``: the class-conditional diffusion model's class id for each teacher class."""
+    if not text:
+        raise SynthError("this diffusion model is class-conditional: give --class-ids, the diffusion model's class "
+                         f"id for each of the teacher's {num_classes} classes (comma-separated)")
+    try:
+        ids = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SynthError(f"--class-ids must be comma-separated integers, got {text!r}") from None
+    if len(ids) != num_classes:
+        raise SynthError(f"--class-ids has {len(ids)} ids for a teacher with {num_classes} classes")
+    return ids
+
+
 class DiffDFKD(SynthesisMethod):
     name = "diffdfkd"
     summary = "DiffDFKD: teacher-guided denoising of a pretrained diffusion model + Latent CutMix"
@@ -134,9 +148,15 @@ class DiffDFKD(SynthesisMethod):
     config: DiffDFKDConfig
 
     @classmethod
-    def identity_extras(cls, config: SynthConfig) -> dict[str, Any]:
+    def identity_extras(cls, config: SynthConfig, teacher: zoo.Classifier) -> dict[str, Any]:
+        """The diffusion model's identity; checks that prompts or class ids can be made for this teacher."""
         assert isinstance(config, DiffDFKDConfig)
-        return {"diffusion": diffusion.identity(config.diffusion, config.revision or None, config.allow_download)}
+        model = diffusion.identity(config.diffusion, config.revision or None, config.allow_download)
+        if model["kind"] == "latent-text":
+            PromptBuilder(config.prompt, teacher.card.class_names, teacher.num_classes, config.subjects, config.styles)
+        if model["class_conditional"]:
+            parse_class_ids(config.class_ids, teacher.num_classes)
+        return {"diffusion": model}
 
     def __init__(self, teacher: zoo.Classifier, config: DiffDFKDConfig, device: torch.device, plugins: Any = (),
                  acceleration: zoo.Acceleration | None = None):
@@ -147,27 +167,15 @@ class DiffDFKD(SynthesisMethod):
         if self.model.kind == "latent-text":
             self.prompts = PromptBuilder(config.prompt, teacher.card.class_names, self.num_classes, config.subjects,
                                          config.styles)
-        self.class_ids = self._class_ids()
+        self.class_ids = None
+        if self.model.class_conditional:
+            self.class_ids = torch.tensor(parse_class_ids(config.class_ids, self.num_classes), device=device)
         self.proxy = ProxyStudent(teacher, config.proxy_student, device, config.proxy_lr, config.memory_capacity,
                                   config.kd_temperature)
         self.loss_trace: list[float] = []  # L_inv at each update of the last batch, in order
 
     def uses_bn_statistics(self) -> bool:
         return self.config.guidance and self.config.bn_weight > 0
-
-    def _class_ids(self) -> torch.Tensor | None:
-        if not self.model.class_conditional:
-            return None
-        if not self.config.class_ids:
-            raise SynthError("this diffusion model is class-conditional: give --class-ids, the diffusion model's "
-                             f"class id for each of the teacher's {self.num_classes} classes (comma-separated)")
-        try:
-            ids = [int(v) for v in self.config.class_ids.split(",")]
-        except ValueError:
-            raise SynthError(f"--class-ids must be comma-separated integers, got {self.config.class_ids!r}") from None
-        if len(ids) != self.num_classes:
-            raise SynthError(f"--class-ids has {len(ids)} ids for a teacher with {self.num_classes} classes")
-        return torch.tensor(ids, device=self.device)
 
     # -- schedule ---------------------------------------------------------------------------------------
 
