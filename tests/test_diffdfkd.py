@@ -174,3 +174,23 @@ def test_class_conditional_ddpm_needs_class_ids_before_anything_is_written(tmp_p
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"]["diffusion"]["class_conditional"] is True and manifest["num_samples"] == 4
+
+
+def test_demonstration_ddpm_trains_and_loads_through_from_pretrained(tmp_path):
+    from PIL import Image
+
+    from pipelines import train_ddpm
+
+    for name in ("a", "b"):  # a real image set in the imagefolder layout (labels are ignored)
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((torch.rand(12, 12, 3) * 255).byte().numpy()).save(tmp_path / "images" / name / f"{i}.png")
+    out = tmp_path / "ddpm"
+    train_ddpm.main(["--images", f"imagefolder:{tmp_path / 'images'}", "--out", str(out), "--size", "8",
+                     "--width", "8", "--steps", "3", "--batch-size", "4", "--no-grid"])
+    record = json.loads((out / "training.json").read_text())
+    assert record["num_images"] == 6 and record["shape"] == [3, 8, 8] and len(record["loss_by_window"]) == 1
+    assert not (tmp_path / "ddpm.tmp").exists()
+    model = diffusion.load(diffusion.resolve(str(out)), torch.device("cpu"))
+    assert model.kind == "pixel" and model.latent_shape == (3, 8, 8) and not model.class_conditional
+    assert model.scheduler.config.beta_schedule == "squaredcos_cap_v2"
