@@ -12,11 +12,10 @@ kind                components                                                co
 ==================  ========================================================  =================================
 ``latent-text``     UNet2DConditionModel + AutoencoderKL + text encoder +      prompt embeddings; CFG with the
                     tokenizer + scheduler (Stable Diffusion family)           negative prompt (Eq. 3)
+``latent-class``    DiT transformer + AutoencoderKL + scheduler (DiTPipeline)  class ids; CFG with the null class
 ``pixel``           UNet2DModel + scheduler (DDPM), no VAE                    none, or class ids when the UNet
-                                                                              has class embeddings
+                                                                              has class embeddings (no CFG)
 ==================  ========================================================  =================================
-
-(DiT, a class-conditional latent transformer, is recognised and refused with a clear message: not done yet.)
 
 :class:`DiffusionModel` exposes what the guided loop needs, each with gradients when the caller enables
 them: the (classifier-free guided) model output, x̂0 from it (Eq. 4) and x̂0 decoded to pixels in [0, 1].
@@ -97,33 +96,38 @@ def pipeline_sha256(folder: Path) -> str:
 
 
 def describe(folder: Path) -> dict[str, Any]:
-    """The pipeline's class, kind (``latent-text`` or ``pixel``) and whether its UNet is class-conditional, read
-    from its JSON files alone (no weights loaded). Raises :class:`DiffusionModelError` for other kinds."""
+    """The pipeline's class, kind (``latent-text``, ``latent-class`` or ``pixel``), whether it is
+    class-conditional, and (DiT) its class names -> ids, read from its JSON files alone (no weights loaded).
+    Raises :class:`DiffusionModelError` for other kinds."""
     index = json.loads((folder / "model_index.json").read_text())
     parts = {name for name, value in index.items()
              if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None}
     name = index.get("_class_name")
-    if "transformer" in parts:
-        raise DiffusionModelError(f"{folder}: a transformer-based pipeline ({name}, e.g. DiT) is not supported yet; "
-                                  "use a Stable Diffusion or a UNet DDPM pipeline")
-    if {"unet", "vae", "text_encoder", "tokenizer"} <= parts:
-        kind = "latent-text"
+    labels: dict[str, int] = {}
+    if {"transformer", "vae"} <= parts and "text_encoder" not in parts:
+        kind, conditional = "latent-class", True
+        for key, value in (index.get("id2label") or {}).items():  # DiTPipeline: ImageNet synonyms, comma-separated
+            for synonym in str(value).split(","):
+                labels.setdefault(synonym.strip().lower(), int(key))
+    elif {"unet", "vae", "text_encoder", "tokenizer"} <= parts:
+        kind, conditional = "latent-text", False
     elif "unet" in parts and "vae" not in parts:
         kind = "pixel"
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        conditional = bool(unet.get("num_class_embeds") or unet.get("class_embed_type"))
     else:
         raise DiffusionModelError(f"{folder}: unsupported pipeline {name} (components {sorted(parts)}): expected a "
-                                  "Stable Diffusion family pipeline (UNet + VAE + text encoder + tokenizer) or a "
-                                  "pixel-space UNet DDPM")
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    conditional = kind == "pixel" and bool(unet.get("num_class_embeds") or unet.get("class_embed_type"))
-    return {"pipeline": name, "kind": kind, "class_conditional": conditional}
+                                  "Stable Diffusion family pipeline (UNet + VAE + text encoder + tokenizer), a DiT "
+                                  "pipeline (transformer + VAE) or a pixel-space UNet DDPM")
+    return {"pipeline": name, "kind": kind, "class_conditional": conditional, "labels": labels}
 
 
 def identity(model: str, revision: str | None = None, allow_download: bool = False) -> dict[str, Any]:
     """What names a diffusion model in a dataset's identity: the id as given, its revision, its pipeline class
     and kind, and the sha256 of its files. Raises :class:`DiffusionModelError` when it is missing."""
     folder = resolve(model, revision, allow_download)
-    return {"model": model, "revision": revision or None, **describe(folder), "sha256": pipeline_sha256(folder)}
+    described = {k: v for k, v in describe(folder).items() if k != "labels"}
+    return {"model": model, "revision": revision or None, **described, "sha256": pipeline_sha256(folder)}
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -142,7 +146,7 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 class DiffusionModel:
     """The parts of a loaded pipeline that the guided loop drives, frozen, on one device."""
 
-    kind: str  # latent-text | pixel
+    kind: str  # latent-text | latent-class | pixel
     denoiser: torch.nn.Module
     scheduler: Any
     dtype: torch.dtype
@@ -150,6 +154,7 @@ class DiffusionModel:
     text_encoder: torch.nn.Module | None = None
     tokenizer: Any = None
     class_conditional: bool = False
+    null_class: int | None = None  # the unconditional class id of a class-conditional model with CFG (DiT)
     latent_shape: tuple[int, int, int] = (0, 0, 0)  # C, H, W of z at the chosen resolution
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -180,9 +185,18 @@ class DiffusionModel:
             out = self.denoiser(torch.cat([z_in, z_in]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
             out_uncond, out_cond = out.float().chunk(2)
             return out_uncond + guidance_scale * (out_cond - out_uncond)
+        channels = z.shape[1]  # a learned-variance model predicts [eps, variance]: keep eps
+        if self.kind == "latent-class":
+            labels = condition["class_labels"]
+            if self.null_class is None or guidance_scale == 1:
+                return self.denoiser(z_in, timestep=t.expand(len(z)), class_labels=labels).sample[:, :channels].float()
+            null = torch.full_like(labels, self.null_class)
+            out = self.denoiser(torch.cat([z_in, z_in]), timestep=t.expand(2 * len(z)),
+                                class_labels=torch.cat([labels, null])).sample[:, :channels].float()
+            out_cond, out_uncond = out.chunk(2)
+            return out_uncond + guidance_scale * (out_cond - out_uncond)
         labels = condition.get("class_labels") if self.class_conditional else None
-        out = self.denoiser(z_in, t, class_labels=labels).sample.float()
-        return out[:, : z.shape[1]]  # a learned-variance model predicts [eps, variance]
+        return self.denoiser(z_in, t, class_labels=labels).sample[:, :channels].float()
 
     def predict_x0(self, output: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x̂0 from the model output (Eq. 4: (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) for an eps model; the
@@ -242,7 +256,7 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
     components = pipe.components
     described = describe(folder)
     kind, class_conditional = described["kind"], described["class_conditional"]
-    unet = components["unet"]
+    denoiser = components["transformer"] if kind == "latent-class" else components["unet"]
     vae, text_encoder, tokenizer = (components.get(k) for k in ("vae", "text_encoder", "tokenizer"))
     sched = components["scheduler"]
     if scheduler in ("ddim", "ddpm"):
@@ -253,15 +267,16 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
     if not hasattr(sched, "alphas_cumprod"):
         raise DiffusionModelError(f"scheduler {type(sched).__name__} has no alphas_cumprod, which x0 prediction "
                                   "(Eq. 4) needs; use --scheduler ddim")
-    for module in (unet, vae, text_encoder):
+    for module in (denoiser, vae, text_encoder):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    native = int(unet.config.sample_size) * scale
+    native = int(denoiser.config.sample_size) * scale
     side = resolution or native
     if side % scale:
         raise DiffusionModelError(f"resolution {side} is not a multiple of the VAE's downsampling factor {scale}")
+    null = denoiser.config.get("num_embeds_ada_norm") if kind == "latent-class" else None
     info = {"kind": kind, "pipeline": index.get("_class_name"), "scheduler": type(sched).__name__,
             "native_resolution": native, "resolution": side, "dtype": str(dtype).removeprefix("torch.")}
-    return DiffusionModel(kind, unet, sched, dtype, vae, text_encoder, tokenizer, class_conditional,
-                          (int(unet.config.in_channels), side // scale, side // scale), info)
+    return DiffusionModel(kind, denoiser, sched, dtype, vae, text_encoder, tokenizer, class_conditional, null,
+                          (int(denoiser.config.in_channels), side // scale, side // scale), info)

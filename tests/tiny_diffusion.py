@@ -64,3 +64,23 @@ def save_stable_diffusion(path: Path, seed: int = 0) -> Path:
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(path)
     return path
+
+
+def save_dit(path: Path, id2label: dict[int, str], seed: int = 0) -> Path:
+    """A DiT pipeline in miniature: DiTTransformer2DModel (learned sigma, 1000 classes + the null class) + VAE +
+    DDIM; ``id2label`` is written into model_index.json as the hub's DiT pipelines carry it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                        norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, sample_size=16)
+    scheduler = DDIMScheduler(num_train_timesteps=100)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())
+    index["id2label"] = {str(k): v for k, v in id2label.items()}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

@@ -1,8 +1,8 @@
 """DiffDFKD: teacher-guided latent editing of a pretrained diffusion model, with Latent CutMix
 (papers/diffdfkd.txt).
 
-A pretrained diffusion model (:mod:`synth.diffusion`: Stable Diffusion family or a pixel-space DDPM, local path
-or hub id) denoises a batch of latents for T steps. At every step t, for ``inner_steps`` updates (Sec. III-C):
+A pretrained diffusion model (:mod:`synth.diffusion`: Stable Diffusion family, DiT, or a pixel-space DDPM, local
+path or hub id) denoises a batch of latents for T steps. At every step t, for ``inner_steps`` updates (Sec. III-C):
 
     eps   = eps(z_t, t | 0) + s (eps(z_t, t | c) - eps(z_t, t | 0))                     Eq. 3 (one forward)
     x̂0_t  = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)                                       Eq. 4 (with gradients)
@@ -40,6 +40,9 @@ Readings where the paper is silent (each the one that works best here, and why):
 * A pixel-space DDPM has no text input: it runs unconditioned (s has no effect) and the teacher's guidance
   alone steers it to the asked class, the domain-bridging case the paper motivates; a class-conditional UNet
   takes ``--class-ids`` (the diffusion model's class for each teacher class).
+* DiT (class-conditional latent): the teacher's class names are looked up among the model's own label names
+  (``id2label``, case-insensitive, any comma-separated synonym); ``--class-ids`` overrides. Eq. 3's null
+  condition is DiT's null class (``num_embeds_ada_norm``); the prompts are unused.
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ class DiffDFKDConfig(SynthConfig):
     negative_prompt: str = field(default="", metadata={
         "help": "the unconditional branch of Eq. 3 (empty: the null prompt)"})
     class_ids: str = field(default="", metadata={
-        "help": "class-conditional UNet: comma-separated diffusion class id for each teacher class"})
+        "help": "class-conditional model (DiT, a class-conditional UNet): its class id for each teacher class, "
+                "comma-separated (DiT default: the teacher's class names looked up in the model's labels)"})
     proxy_student: str = field(default="wrn16_1", metadata={"help": "architecture of the proxy student for L_adv"})
     proxy_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the proxy student"})
     kd_steps: int = field(default=5, metadata={"help": "proxy-student KD steps after each batch (0: no L_adv)"})
@@ -126,8 +130,16 @@ class DiffDFKDConfig(SynthConfig):
             raise ValueError("latent_lr, kd_steps and resolution must be >= 0; cutmix_beta > 0")
 
 
-def parse_class_ids(text: str, num_classes: int) -> list[int]:
-    """``--class-ids``: the class-conditional diffusion model's class id for each teacher class."""
+def lookup_class_ids(text: str, num_classes: int, labels: dict[str, int] | None = None,
+              class_names: list[str] | None = None) -> list[int]:
+    """The class-conditional diffusion model's class id for each teacher class: ``--class-ids`` when given,
+    else the teacher's class names looked up in the model's own label names (DiT's ImageNet synonyms)."""
+    if not text and labels and class_names:
+        missing = [name for name in class_names if name.strip().lower() not in labels]
+        if not missing:
+            return [labels[name.strip().lower()] for name in class_names]
+        raise SynthError(f"the diffusion model has no class named {missing[0]!r} (nor {len(missing) - 1} other "
+                         "teacher class names); give --class-ids, its class id for each teacher class")
     if not text:
         raise SynthError("this diffusion model is class-conditional: give --class-ids, the diffusion model's class "
                          f"id for each of the teacher's {num_classes} classes (comma-separated)")
@@ -155,7 +167,9 @@ class DiffDFKD(SynthesisMethod):
         if model["kind"] == "latent-text":
             PromptBuilder(config.prompt, teacher.card.class_names, teacher.num_classes, config.subjects, config.styles)
         if model["class_conditional"]:
-            parse_class_ids(config.class_ids, teacher.num_classes)
+            labels = diffusion.describe(diffusion.resolve(config.diffusion, config.revision or None))["labels"]
+            names = teacher.card.class_names
+            model["class_ids"] = lookup_class_ids(config.class_ids, teacher.num_classes, labels, names)
         return {"diffusion": model}
 
     def __init__(self, teacher: zoo.Classifier, config: DiffDFKDConfig, device: torch.device, plugins: Any = (),
@@ -169,7 +183,9 @@ class DiffDFKD(SynthesisMethod):
                                          config.styles)
         self.class_ids = None
         if self.model.class_conditional:
-            self.class_ids = torch.tensor(parse_class_ids(config.class_ids, self.num_classes), device=device)
+            labels = diffusion.describe(folder)["labels"]
+            ids = lookup_class_ids(config.class_ids, self.num_classes, labels, teacher.card.class_names)
+            self.class_ids = torch.tensor(ids, device=device)
         self.proxy = ProxyStudent(teacher, config.proxy_student, device, config.proxy_lr, config.memory_capacity,
                                   config.kd_temperature)
         self.loss_trace: list[float] = []  # L_inv at each update of the last batch, in order
