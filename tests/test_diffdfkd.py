@@ -4,6 +4,7 @@ manifest's identity of the model, and the missing-model error without network ac
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -221,3 +222,18 @@ def test_dit_class_names_must_be_found_or_given(tmp_path, tiny_teacher):
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert manifest["method"]["diffusion"]["kind"] == "latent-class"
     assert manifest["method"]["diffusion"]["class_ids"] == [0, 1] * 5
+
+
+def test_resume_state_reproduces_the_next_batch_and_the_proxy_student_joins(calibrated_teacher, ddpm_dir):
+    method = _method(calibrated_teacher, ddpm_dir)
+    stream = method.synthesize()
+    next(stream)
+    state, rng = copy.deepcopy(method.state_dict()), torch.get_rng_state()  # as the runner saves it, at once
+    second = next(stream)
+    assert "adv" in method.losses_of_last_step()  # the proxy student learnt from the first batch
+    resumed = _method(calibrated_teacher, ddpm_dir)
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)
+    again = next(resumed.synthesize())
+    assert torch.equal(again.images, second.images) and again.sample_meta == second.sample_meta
+    assert again.sample_meta[0]["latent"] == 4  # latent ids continue across batches
