@@ -221,8 +221,9 @@ class DiffDFKD(SynthesisMethod):
         cfg = self.config
         with recording(self.bn_hook):
             logits = self.teacher(images).float()
-        loss = cfg.class_weight * class_prior_loss(logits, labels)
-        terms = {"cls": loss.detach()}
+        cls = class_prior_loss(logits, labels)
+        loss = cfg.class_weight * cls
+        terms = {"cls": cls.detach()}  # unweighted, as the other terms
         if self.bn_hook is not None:
             bn = bn_statistics_loss(self.bn_hook)
             loss = loss + cfg.bn_weight * bn
