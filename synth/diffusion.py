@@ -249,6 +249,11 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
     extra = {name: None for name in ("safety_checker", "feature_extractor", "image_encoder") if name in index}
     if "requires_safety_checker" in index:
         extra["requires_safety_checker"] = False
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:  # else diffusers warns that it would load faster with it
+        extra["low_cpu_mem_usage"] = False
+    diffusers.utils.logging.disable_progress_bar()  # synth shows its own progress
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError) as error:
