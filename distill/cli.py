@@ -147,6 +147,12 @@ def main() -> None:
 @click.option("--progress-eval-samples", type=int, default=None,
               help="Evaluations before the last use a seeded subset of this many test images; the last one always "
                    "uses the whole test set. [default: 2000 on a CPU, all on CUDA]")
+@click.option("--msarc-weight", type=float, default=0.0, show_default=True,
+              help="With --teacher: weight of mSARC (DiffDFKD Eq. 12), the alignment of the student's class "
+                   "activation maps with the teacher's at paired stages; 0: off.")
+@click.option("--msarc-stages", default=None, metavar="S1,S2:T1,T2",
+              help="Stage modules mSARC pairs (student:teacher, dotted paths). [default: the deepest stages of "
+                   "each zoo architecture, paired in order]")
 @_common_options
 @_friendly_errors
 def run(**kwargs: Any) -> None:

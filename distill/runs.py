@@ -80,6 +80,8 @@ class RunOptions:
     resize: int | None = None  # shard images resized to N×N (else a set of several sizes trains by resolution)
     synthetic_weight: float = 1.0  # mixed sets: weight of the KD expectation over synthetic samples
     condensed_weight: float = 1.0  # mixed sets: weight of the KD expectation over condensed samples
+    msarc_weight: float = 0.0  # DiffDFKD Eq. 12: weight of the CAM alignment with the live teacher (0: off)
+    msarc_stages: str | None = None  # "s1,s2:t1,t2" module paths; None: chosen for zoo architectures
     progress: bool = True
     command: str = ""
 
@@ -321,6 +323,9 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
             warnings.warn(f"teacher {opts.teacher} (sha256 {teacher.card.sha256[:12]}…) is not the one that "
                           f"labelled {where} ({recorded[:12]}…)", stacklevel=1)
         teacher_acc = teacher.card.test_accuracy if teacher.card.test_accuracy is not None else teacher_acc
+    if opts.msarc_weight > 0 and teacher is None:
+        raise DistillError("--msarc-weight aligns the student's class activation maps with the teacher's: it needs "
+                           "the teacher (--teacher CHECKPOINT)")
     eval_ds = _load_eval(opts.eval_data, opts.eval_size, opts.max_eval_samples, opts.loop.seed, shape, k, where)
 
     augment = _resolve_augment(opts.augment, teacher is not None, supervised=False)
@@ -335,7 +340,13 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
                                      with_sources=mixed, cache_dir=opts.cache_dir, plan=plan)
     student.to(device)
     objective: Any
-    if mixed:
+    if opts.msarc_weight > 0 and mixed:
+        raise DistillError("--msarc-weight is not supported on sets with condensed samples yet")
+    if opts.msarc_weight > 0:
+        from distill.msarc import MSARCKD
+
+        objective = MSARCKD(student, teacher.to(device), opts.temperature, opts.msarc_weight, opts.msarc_stages)
+    elif mixed:
         objective = SyntheticCondensedKD(opts.temperature, opts.synthetic_weight, opts.condensed_weight,
                                          teacher.to(device) if teacher is not None else None)
     elif teacher is not None:
@@ -379,6 +390,8 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         run_config.update(synthetic_weight=opts.synthetic_weight, condensed_weight=opts.condensed_weight)
     if opts.resize is not None:
         run_config["resize"] = opts.resize
+    if opts.msarc_weight > 0:
+        run_config.update(msarc_weight=opts.msarc_weight, msarc_stages=[list(p) for p in objective.pairs])
 
     result = fit(student, source, objective, opts.loop, device=device, out_dir=out, run_config=run_config,
                  evaluate_fn=evaluate_fn, resume=opts.resume, progress=opts.progress,

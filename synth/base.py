@@ -61,7 +61,8 @@ class SynthBatch:
     images: torch.Tensor
     labels: torch.Tensor
     source: str = "synthetic"  # recorded per sample: e.g. synthetic, condensed, prior-stage
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # recorded with every sample of the batch
+    sample_meta: list[dict[str, Any]] | None = None  # one dict per sample, recorded with that sample only
 
 
 class Artifacts(Protocol):
@@ -111,6 +112,14 @@ class SynthesisMethod(abc.ABC):
         self.batches_done = 0
         self.last_losses: dict[str, float] = {}
         self.show_progress = False  # progress bars inside a method (D2CIP's stage 1); the runner sets it
+
+    @classmethod
+    def identity_extras(cls, config: SynthConfig, teacher: zoo.Classifier) -> dict[str, Any]:
+        """Inputs besides the config that make a dataset what it is (DiffDFKD: the diffusion model's id,
+        revision and file hash), added to the dataset identity and the manifest's method section. Runs before
+        anything is written: raises a :class:`~synth.errors.SynthError` when such an input is missing or does
+        not fit the config or the teacher."""
+        return {}
 
     @classmethod
     def planned_images(cls, config: SynthConfig) -> int | None:

@@ -162,8 +162,10 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
                                 options.accelerate)
     if fanout:
         identity["fanout"] = fanout
+    extras = method_class.identity_extras(config, teacher)  # empty for most methods: their identity is unchanged
+    identity.update(extras)
     method_header = {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
-                     "preset": options.preset, "accelerate": options.accelerate}
+                     "preset": options.preset, "accelerate": options.accelerate, **extras}
     if plugins:
         method_header["plugins"] = plugin_configs(plugins)
     if fanout:
@@ -221,7 +223,8 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
         for i in range(len(labels)):
             if next_index >= target:
                 break
-            meta = {"source": batch.source, "resolution": [int(height), int(width)], **batch.meta}
+            meta = {"source": batch.source, "resolution": [int(height), int(width)], **batch.meta,
+                    **(batch.sample_meta[i] if batch.sample_meta else {})}
             pending.append(shards.Sample(key=f"{key_offset + next_index:09d}", image=pixels[i], label=int(labels[i]),
                                          logits=logits[i], meta=meta))
             next_index += 1

@@ -1,0 +1,48 @@
+"""Text prompts for text-conditioned diffusion models (DiffDFKD Sec. IV-A): "a realistic photo of a {name}"
+with one random subject and one random style modifier per image.
+
+Class names come from the teacher's card. Modifier lists are ``|``-separated strings (so that a modifier may
+hold a comma); an empty entry means "no modifier", so a list may leave some prompts unmodified.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SynthError
+
+
+def split_modifiers(text: str) -> list[str]:
+    """``"a|b||c"`` -> ``["a", "b", "", "c"]``; an empty string -> ``[""]`` (no modifier)."""
+    return [part.strip() for part in text.split("|")] if text.strip() else [""]
+
+
+class PromptBuilder:
+    """Builds one prompt per asked label: the template with the class name, then a subject and a style."""
+
+    def __init__(self, template: str, class_names: list[str] | None, num_classes: int, subjects: str = "",
+                 styles: str = ""):
+        if "{name}" not in template:
+            raise SynthError(f"the prompt template {template!r} must contain {{name}} (where the class name goes)")
+        if not class_names:
+            raise SynthError("a text-conditioned diffusion model needs the teacher's class names: give "
+                             "--class-names (comma-separated or a file) or a teacher card that lists them")
+        if len(class_names) != num_classes:
+            raise SynthError(f"{len(class_names)} class names for a teacher with {num_classes} classes")
+        self.template = template
+        self.class_names = list(class_names)
+        self.subjects = split_modifiers(subjects)
+        self.styles = split_modifiers(styles)
+
+    def base(self, label: int) -> str:
+        return self.template.format(name=self.class_names[label])
+
+    def __call__(self, labels: list[int]) -> list[str]:
+        """One prompt per label; modifiers drawn from torch's global generator (so a seed fixes them)."""
+        subjects = torch.randint(len(self.subjects), (len(labels),)).tolist()
+        styles = torch.randint(len(self.styles), (len(labels),)).tolist()
+        prompts = []
+        for label, i, j in zip(labels, subjects, styles, strict=True):
+            parts = [self.base(label), self.subjects[i], self.styles[j]]
+            prompts.append(", ".join(p for p in parts if p))
+        return prompts
