@@ -31,6 +31,7 @@ from .format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     ShardError,
+    image_shapes,
     sample_key,
     shard_name,
     summary_from_shards,
@@ -61,7 +62,7 @@ def _check_compatible(sources: list[tuple[str, dict[str, Any]]]) -> None:
         for what, mine, theirs in (
                 ("format_version", manifest["format_version"], first["format_version"]),
                 ("teacher sha256", _teacher_sha(manifest), _teacher_sha(first)),
-                ("image shape", manifest["schema"]["image"]["shape"], first["schema"]["image"]["shape"]),
+                ("image shapes", sorted(image_shapes(manifest)) or None, sorted(image_shapes(first)) or None),
                 ("num_classes", manifest["num_classes"], first["num_classes"])):
             if mine != theirs or mine is None:
                 raise ShardError(f"{where}: {what} is {mine!r} but {first_where} has {theirs!r}; only datasets of "
@@ -199,6 +200,10 @@ def _merged_manifest(loaded: list[tuple[str, dict[str, Any]]], entries: list[dic
     for manifest in manifests:
         for key, value in (manifest.get("source_counts") or {"unspecified": manifest["num_samples"]}).items():
             sources[key] = sources.get(key, 0) + int(value)
+    resolutions: dict[str, int] = {}  # multi-resolution parts (K-Gen): their per-size counts add up
+    for manifest in manifests:
+        for key, value in (manifest.get("resolution_counts") or {}).items():
+            resolutions[key] = resolutions.get(key, 0) + int(value)
     names = sorted({(m.get("method") or {}).get("name") or "?" for m in manifests})
     lineage = []
     for index, (where, manifest) in enumerate(loaded):
@@ -216,7 +221,7 @@ def _merged_manifest(loaded: list[tuple[str, dict[str, Any]]], entries: list[dic
                "per_class_agreement": _per_class_agreement(manifests, counts)}
     if seconds:
         summary["synthesis_seconds"] = round(math.fsum(seconds), 3)
-    return {
+    merged = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tool_version": tool_version(),
         "identity": {"merge": [item["manifest_sha256"] for item in lineage]},
         "method": {"name": names[0] if len(names) == 1 else "+".join(names), "merged_from": len(loaded)},
@@ -227,6 +232,9 @@ def _merged_manifest(loaded: list[tuple[str, dict[str, Any]]], entries: list[dic
         "summary": summary, "artifacts": {}, "resume_state": None, "lineage": lineage,
         "commands": [command] if command else [], "created": now, "updated": now,
     }
+    if resolutions:
+        merged["resolution_counts"] = dict(sorted(resolutions.items()))
+    return merged
 
 
 __all__ = ["merge"]

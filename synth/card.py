@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import shards
 from atomicio import write_atomic
 
 CARD_NAME = "README.md"
@@ -107,14 +108,20 @@ def _contents_section(manifest: dict[str, Any], per_class: Sequence[float | None
     names = (manifest.get("teacher") or {}).get("class_names") or []
     counts = manifest.get("class_counts") or []
     total_bytes = sum(int(e["bytes"]) for e in manifest["shards"])
-    shape = manifest["schema"]["image"]["shape"]
+    shapes = shards.image_shapes(manifest)
+    if len(shapes) > 1:  # a multi-resolution set (K-Gen): each size with its count
+        counts_by_size = manifest.get("resolution_counts") or {}
+        shape = ", ".join(f"{list(s)} ×{counts_by_size.get(shards.size_key(s[0], s[1]), '?')}" for s in shapes)
+        shape = f"shapes {shape}"
+    else:
+        shape = f"shape {shapes[0] if shapes else None}"
     state = "complete" if manifest.get("complete") else "INCOMPLETE (a run is unfinished: rerun its command)"
     stop = manifest.get("stop")
     if isinstance(stop, dict) and stop.get("reason") == "time_budget":
         state += (f", stopped by its time budget of {_num(stop.get('time_budget_seconds'))} s "
                   f"({stop.get('requested_images')} images were asked for; a larger --time-budget continues it)")
     lines = ["## Contents", "",
-             f"{manifest['num_samples']} images of shape {shape} (H, W, C) in {len(manifest['shards'])} shards, "
+             f"{manifest['num_samples']} images of {shape} (H, W, C) in {len(manifest['shards'])} shards, "
              f"{total_bytes} bytes ({_num(summary.get('bytes_per_sample'))} bytes/sample); {state}.", "",
              f"- teacher agreement with the asked label: **{_pct(summary.get('teacher_agreement'))}**",
              f"- mean teacher entropy: {_num(summary.get('mean_entropy'))} nats", "",
@@ -203,8 +210,6 @@ def write_card(directory: str | os.PathLike[str], manifest: dict[str, Any], *, l
     directory = Path(directory)
     grid = None
     if arrays is not None:
-        import shards
-
         names = (manifest.get("teacher") or {}).get("class_names")
         write_atomic(directory / GRID_NAME, lambda tmp: shards.sample_grid_png(arrays, tmp, class_names=names))
         grid = GRID_NAME
@@ -232,8 +237,9 @@ def recorded_commands(out: str | os.PathLike[str], command: str | None) -> list[
 
 
 def publish(out: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
-    """Card and sample grid for the finished local dataset ``out`` (decodes it once for the grid)."""
-    import shards
-
-    arrays = shards.load_arrays(out, progress=False)
+    """Card and sample grid for the finished local dataset ``out`` (decodes it once for the grid; a set of
+    several image sizes is shown resized to its largest)."""
+    sizes = shards.image_shapes(manifest)
+    largest = max((max(h, w) for h, w, _ in sizes), default=None) if len(sizes) > 1 else None
+    arrays = shards.load_arrays(out, progress=False, resize=largest)
     return write_card(out, manifest, arrays=arrays)

@@ -29,6 +29,8 @@ TINY = {
     "cpsc": GENERATOR,
     "d2cip": [*GENERATOR, "--prior-iterations", "1", "--bank-size", "32"],
     "deepinversion": ["--batch-size", "8", "--iterations", "1"],
+    "kgen": [*GENERATOR, "--class-embedding", "centre", "--resolutions", "16,32", "--batch-sizes", "4,4"],
+    "kgen-s": [*GENERATOR, "--class-embedding", "centre", "--resolutions", "16"],
 }
 
 
@@ -71,7 +73,10 @@ def test_synth_run_writes_a_card_that_describes_the_dataset(method, tmp_path, ti
     synth_run(method, out, tiny_teacher)
     card = (out / "README.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
-    arrays = shards.load_arrays(out, progress=False)
+    mixed = len(shards.image_shapes(manifest)) > 1  # kgen: 16x16 and 32x32 images
+    arrays = shards.load_arrays(out, progress=False, resize=32 if mixed else None)
+    if mixed:
+        assert "8 images of shapes [16, 16, 3] ×4, [32, 32, 3] ×4 (H, W, C)" in card
     cls = all_methods()[method]
     assert f"**`{method}`**: {cls.summary}." in card and f"Paper: {cls.paper}." in card
     # Teacher identity as the checkpoint file and its card say, not as the manifest says.

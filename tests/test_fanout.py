@@ -189,3 +189,20 @@ def test_merge_checks_every_source_shard_first_and_falls_back_to_symlinks(fanned
     assert {e["placed"] for e in manifest["shards"]} == {"symlink"}
     assert os.readlink(tmp_path / "out" / "shard-000003.tar") == "../b/shard-000001.tar"
     assert shards.verify(tmp_path / "out") == []
+
+
+def test_multi_resolution_parts_merge_with_their_size_counts(tmp_path, tiny_teacher):
+    out = tmp_path / "kgen"
+    base = ["run", "kgen", "--out", str(out), "--teacher", str(tiny_teacher), "--num-images", "16", "--world", "2",
+            "--class-embedding", "centre", "--resolutions", "16,32", "--batch-sizes", "4,4", *TINY]
+    for rank in ("0", "1"):
+        synth(*base, "--rank", rank)
+    merged = tmp_path / "merged"
+    synth("merge", str(out / "part-00000"), str(out / "part-00001"), "--out", str(merged))
+    manifest = json.loads((merged / "manifest.json").read_text())
+    parts = [json.loads((out / f"part-0000{r}" / "manifest.json").read_text()) for r in (0, 1)]
+    assert manifest["resolution_counts"] == {
+        size: sum(p["resolution_counts"].get(size, 0) for p in parts) for size in ("16x16", "32x32")}
+    assert sum(manifest["resolution_counts"].values()) == 16 and shards.verify(merged) == []
+    small = shards.load_arrays(merged, progress=False, resolution=(16, 16))
+    assert small.images.shape[1:] == (16, 16, 3) and len(small.keys) == manifest["resolution_counts"]["16x16"]
