@@ -31,15 +31,27 @@ TINY = {
     "deepinversion": ["--batch-size", "8", "--iterations", "1"],
     "kgen": [*GENERATOR, "--class-embedding", "centre", "--resolutions", "16,32", "--batch-sizes", "4,4"],
     "kgen-s": [*GENERATOR, "--class-embedding", "centre", "--resolutions", "16"],
+    "diffdfkd": ["--diffusion", "{ddpm}", "--batch-size", "4", "--num-inference-steps", "4", "--proxy-student",
+                 "resnet8", "--kd-steps", "1"],
 }
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
 
-def synth_run(method: str, out: Path, teacher: Path, images: int = 8) -> None:
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory) -> Path:
+    """A tiny random pixel-space DDPM saved with save_pretrained, for diffdfkd's run."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusion import save_ddpm
+
+    return save_ddpm(tmp_path_factory.mktemp("ddpm") / "pipeline")
+
+
+def synth_run(method: str, out: Path, teacher: Path, images: int = 8, ddpm: Path | None = None) -> None:
+    options = [str(ddpm) if option == "{ddpm}" else option for option in TINY[method]]
     args = ["run", method, "--out", str(out), "--teacher", str(teacher), "--num-images", str(images),
-            "--shard-size", "4", "--device", "cpu", "--quiet", "--preset", "paper", *TINY[method]]
+            "--shard-size", "4", "--device", "cpu", "--quiet", "--preset", "paper", *options]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
@@ -68,9 +80,9 @@ def test_every_registered_method_has_a_tiny_run_here():
 
 
 @pytest.mark.parametrize("method", sorted(TINY))
-def test_synth_run_writes_a_card_that_describes_the_dataset(method, tmp_path, tiny_teacher):
+def test_synth_run_writes_a_card_that_describes_the_dataset(method, tmp_path, tiny_teacher, request):
     out = tmp_path / method
-    synth_run(method, out, tiny_teacher)
+    synth_run(method, out, tiny_teacher, ddpm=request.getfixturevalue("ddpm_dir") if method == "diffdfkd" else None)
     card = (out / "README.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     mixed = len(shards.image_shapes(manifest)) > 1  # kgen: 16x16 and 32x32 images
