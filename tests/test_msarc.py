@@ -90,7 +90,7 @@ def test_alignment_is_zero_for_the_teacher_itself_and_training_on_it_lowers_it()
         grads = [p.grad for p in student.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads)
         optimizer.step()
-        values.append(float(loss))
+        values.append(float(loss.detach()))
     assert values[0] > 0 and values[-1] < values[0], values
 
 
