@@ -69,18 +69,23 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def adversarial_kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
-                        decision_adversarial: bool = False) -> torch.Tensor:
+                        decision_adversarial: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Negative teacher-student disagreement, minimised by the generator to find hard samples.
 
     D2CIP Eq. 3: L_adv = -KL(theta_T(x'), theta_S(x')) (Fang et al. 2019). With
     ``decision_adversarial=True`` it is D2CIP Eq. 15 (CMI's variant): only samples on which teacher and
     student agree on the class contribute, so the generator is pushed towards the decision boundary
-    without being rewarded for samples the teacher itself would label differently.
+    without being rewarded for samples the teacher itself would label differently. Given ``labels`` (a
+    conditional generator's asked classes) that class must be the asked one: a sample whose teacher class
+    has left the asked class stops being pushed further away.
     """
     per_sample = kl_divergence(teacher_logits, student_logits, temperature, reduction="none")
     if decision_adversarial:
-        agree = (teacher_logits.argmax(dim=1) == student_logits.argmax(dim=1)).to(per_sample.dtype)
-        per_sample = per_sample * agree
+        teacher_class = teacher_logits.argmax(dim=1)
+        agree = teacher_class == student_logits.argmax(dim=1)
+        if labels is not None:
+            agree = agree & (teacher_class == labels)
+        per_sample = per_sample * agree.to(per_sample.dtype)
     return -per_sample.mean()
 
 

@@ -85,8 +85,14 @@ def test_full_cpsc_has_every_term_on_the_generator_only(calibrated_teacher):
         "ikd": {"generator"}, "scl": {"generator"}, "ce": {"generator"}, "bn": {"generator"}}
     assert set(groups) == {"generator"}  # z is noise, not optimised, by default
     assert not method.latents.requires_grad
-    # Values: the generator's -KL (on samples teacher and student agree on) and L_SCL, recomputed literally.
-    agree = (step.teacher_logits.argmax(1) == step.student_logits.argmax(1)).float()
+    # Values: the generator's -KL (on samples teacher and student both give the asked class) and L_SCL,
+    # recomputed literally.
+    teacher_class = step.teacher_logits.argmax(1)
+    agree = ((teacher_class == step.student_logits.argmax(1)) & (teacher_class == step.labels)).float()
+    assert 0 < agree.sum() < len(agree)  # the mask matters in this test
+    # The teacher's side is the fixed reference: no gradient of the adversarial term reaches the teacher's logits.
+    assert step.teacher_logits.requires_grad
+    assert torch.autograd.grad(terms["ikd"].value, step.teacher_logits, retain_graph=True, allow_unused=True) == (None,)
     p_teacher = step.teacher_logits.softmax(1)
     kl = (p_teacher * (p_teacher.log() - step.student_logits.log_softmax(1))).sum(1)
     torch.testing.assert_close(terms["ikd"].value, -(kl * agree).mean())

@@ -124,6 +124,10 @@ def test_decision_adversarial_counts_only_agreeing_samples():
     assert adversarial_kl_loss(teacher, student).item() == pytest.approx(-kl.mean().item(), rel=1e-6)
     assert adversarial_kl_loss(teacher, student, decision_adversarial=True).item() == pytest.approx(
         -kl[0].item() / 2, rel=1e-6)
+    # With the asked labels (a conditional generator), agreeing on another class does not count either.
+    assert adversarial_kl_loss(teacher, student, decision_adversarial=True, labels=torch.tensor([0, 0])).item() == \
+        pytest.approx(-kl[0].item() / 2, rel=1e-6)
+    assert adversarial_kl_loss(teacher, student, decision_adversarial=True, labels=torch.tensor([1, 0])).item() == 0
 
 
 def test_bn_statistics_loss_is_zero_on_matching_statistics_and_positive_otherwise():
