@@ -1,6 +1,6 @@
 """Does the loader starve the trainer? WRN-16-1 training images/s from shards against a tensor in memory.
 
-    python -m pipelines.loader [--images 4096] [--epochs 2] [--workers 1,2] [--out pipelines/results/loader.json]
+    python -m pipelines.loader [--images 4096] [--epochs 2] [--workers 1,2] [--rounds 3] [--out FILE.json]
 
 Writes a shard dataset of real FMNIST-32 training images (one-hot "teacher" logits: the content does not
 change the speed) and trains a WRN-16-1 student with ``distill``'s own loop (:func:`distill.train.fit`, KD from
@@ -12,7 +12,9 @@ stored logits, batch 128, no evaluation) from:
 - ``stream``: ``distill run --cache stream``: WebDataset streaming, verified, decoded in N ``DataLoader``
   workers while the trainer runs.
 
-For each it prints training images/s and the ratio to ``tensor``; for the streaming path also how fast the
+Paths take turns in rounds, each round between two ``tensor`` runs; a path's ratio is its rate over the mean of
+its round's two (a shared machine drifts by more than the effect measured). For each it prints training images/s
+and the median ratio with its range over the rounds; for the streaming path also how fast the
 stream decodes with the trainer idle (its ceiling), so a shortfall can be traced to decode throughput or to
 the decoders and the trainer sharing the machine's cores. Figures go to ``--out`` (JSON).
 """
@@ -77,53 +79,80 @@ def stream_ceiling(location: Path, workers: int, seconds: float = 10.0) -> float
     return count / (time.perf_counter() - started)
 
 
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each round measures every path once, beside a tensor run of its own: on a shared "
+                             "machine the ratio to the neighbouring tensor run is what drifts least")
     parser.add_argument("--out", type=Path, default=Path("pipelines/results/loader.json"))
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
     results: dict[str, Any] = {"images": args.images, "epochs": args.epochs, "batch_size": BATCH,
-                               "student": "wrn16_1", "cpu_count": os.cpu_count(),
+                               "student": "wrn16_1", "cpu_count": os.cpu_count(), "rounds": args.rounds,
                                "torch_threads": torch.get_num_threads(), "rows": []}
+    rates: dict[tuple[str, int], list[float]] = {}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    extra: dict[tuple[str, int], list[float]] = {}
+    cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         location = write_dataset(Path(tmp) / "set", args.images)
         arrays = shards.load_arrays(location, progress=False)
         bound = TensorSource(torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels),
-                             torch.from_numpy(arrays.logits), batch_size=BATCH, device=torch.device("cpu"))
+                             torch.from_numpy(arrays.logits), batch_size=BATCH, device=cpu)
         train(bound, 1, Path(tmp) / "warm-up")  # first-use costs (allocator, kernels) fall on no one's figure
-        tensor_rate, _ = train(bound, args.epochs, Path(tmp) / "tensor")
-        results["rows"].append({"path": "tensor", "workers": 0, "images_per_second": tensor_rate, "ratio": 1.0})
-        print(f"{'path':<8}{'workers':>8}{'train img/s':>13}{'ratio':>8}{'decode s':>10}{'stream ceiling':>16}")
-        print(f"{'tensor':<8}{0:>8}{tensor_rate:>13.0f}{1.0:>8.3f}")
         for n in workers:
-            started = time.perf_counter()
-            source, _ = shard_source(str(location), arrays.manifest, cache="memory", workers=n, batch_size=BATCH,
-                                     seed=0, device=torch.device("cpu"), augment=False, with_logits=True,
-                                     progress=False)
-            decode = time.perf_counter() - started
-            rate, seconds = train(source, args.epochs, Path(tmp) / f"memory{n}")
-            overall = args.images * args.epochs / (seconds + decode)  # the one-time decode charged to training
-            results["rows"].append({"path": "memory", "workers": n, "images_per_second": rate,
-                                    "images_per_second_with_decode": overall, "decode_seconds": decode,
-                                    "ratio": rate / tensor_rate, "ratio_with_decode": overall / tensor_rate})
-            print(f"{'memory':<8}{n:>8}{rate:>13.0f}{rate / tensor_rate:>8.3f}{decode:>10.2f}"
-                  f"   ({overall:.0f} img/s, {overall / tensor_rate:.3f} with the decode)")
-            ceiling = stream_ceiling(location, n)
-            source, _ = shard_source(str(location), arrays.manifest, cache="stream", workers=n, batch_size=BATCH,
-                                     seed=0, device=torch.device("cpu"), augment=False, with_logits=True,
-                                     progress=False)
-            rate, _seconds = train(source, args.epochs, Path(tmp) / f"stream{n}")
-            results["rows"].append({"path": "stream", "workers": n, "images_per_second": rate,
-                                    "ratio": rate / tensor_rate, "stream_ceiling_samples_per_second": ceiling})
-            print(f"{'stream':<8}{n:>8}{rate:>13.0f}{rate / tensor_rate:>8.3f}{'':>10}{ceiling:>16.0f}")
-        # The bound again at the end: on a shared machine, drift shows as a gap between the two.
-        again, _ = train(bound, args.epochs, Path(tmp) / "tensor-again")
-        results["rows"].append({"path": "tensor (again)", "workers": 0, "images_per_second": again,
-                                "ratio": again / tensor_rate})
-        print(f"{'tensor':<8}{0:>8}{again:>13.0f}{again / tensor_rate:>8.3f}   (again, at the end)")
+            extra[("ceiling", n)] = [stream_ceiling(location, n)]
+        for r in range(args.rounds):
+            tensor_before, _ = train(bound, args.epochs, Path(tmp) / f"tensor{r}a")
+            measured: dict[tuple[str, int], float] = {}
+            for n in workers:
+                started = time.perf_counter()
+                source, _ = shard_source(str(location), arrays.manifest, cache="memory", workers=n,
+                                         batch_size=BATCH, seed=0, device=cpu, augment=False, with_logits=True,
+                                         progress=False)
+                decode = time.perf_counter() - started
+                rate, seconds = train(source, args.epochs, Path(tmp) / f"memory{n}-{r}")
+                measured[("memory", n)] = rate
+                # The one-time decode charged to training.
+                extra.setdefault(("memory+decode", n), []).append(args.images * args.epochs / (seconds + decode))
+                source, _ = shard_source(str(location), arrays.manifest, cache="stream", workers=n,
+                                         batch_size=BATCH, seed=0, device=cpu, augment=False, with_logits=True,
+                                         progress=False)
+                measured[("stream", n)], _ = train(source, args.epochs, Path(tmp) / f"stream{n}-{r}")
+            tensor_after, _ = train(bound, args.epochs, Path(tmp) / f"tensor{r}b")
+            reference = (tensor_before + tensor_after) / 2
+            rates.setdefault(("tensor", 0), []).extend([tensor_before, tensor_after])
+            for key, rate in measured.items():
+                rates.setdefault(key, []).append(rate)
+                ratios.setdefault(key, []).append(rate / reference)
+            for n in workers:
+                ratios.setdefault(("memory+decode", n), []).append(extra[("memory+decode", n)][-1] / reference)
+            print(f"round {r + 1}/{args.rounds}: tensor {tensor_before:.0f} / {tensor_after:.0f} img/s; "
+                  + ", ".join(f"{p} x{n} {v / reference:.3f}" for (p, n), v in measured.items()), flush=True)
+    print(f"\n{'path':<15}{'workers':>8}{'train img/s':>13}{'ratio (median, min-max)':>28}")
+    print(f"{'tensor':<15}{0:>8}{_median(rates[('tensor', 0)]):>13.0f}{'1.000':>28}")
+    results["rows"].append({"path": "tensor", "workers": 0, "images_per_second": _median(rates[("tensor", 0)]),
+                            "runs": rates[("tensor", 0)], "ratio": 1.0})
+    for path in ("memory", "memory+decode", "stream"):
+        for n in workers:
+            values = ratios[(path, n)]
+            rate = _median(rates[(path, n)]) if (path, n) in rates else _median(extra[(path, n)])
+            row = {"path": path, "workers": n, "images_per_second": rate, "ratio": _median(values),
+                   "ratios": values}
+            if path == "stream":
+                row["stream_ceiling_samples_per_second"] = extra[("ceiling", n)][0]
+            results["rows"].append(row)
+            spread = f"{_median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+            print(f"{path:<15}{n:>8}{rate:>13.0f}{spread:>28}")
+    for n in workers:
+        print(f"stream ceiling with {n} worker(s), trainer idle: {extra[('ceiling', n)][0]:.0f} samples/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from atomicio import write_json_atomic
 
