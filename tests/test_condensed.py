@@ -28,8 +28,9 @@ from synth.plugins.condensed import CondensedGuidance, CondensedOptions
 TINY = ["--batch-size", "10", "--inversion-steps", "2", "--kd-steps", "1", "--proxy-student", "resnet8",
         "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "64", "--device", "cpu",
         "--quiet", "--preset", "paper"]
-EXTRA = {"d2cip": ["--prior-iterations", "2", "--bank-size", "16"]}
-HOSTS = ["gmi", "fast", "cmi", "d2cip", "cpsc"]
+EXTRA = {"d2cip": ["--prior-iterations", "2", "--bank-size", "16"],
+         "kgen": ["--class-embedding", "centre", "--batch-sizes", "10,10"]}  # 28x28 and 32x32 batches
+HOSTS = ["gmi", "fast", "cmi", "d2cip", "cpsc", "kgen"]
 
 
 def smooth_images(n: int, seed: int, size: int = 32) -> np.ndarray:
@@ -146,6 +147,8 @@ def test_without_condensed_the_loss_dictionary_is_unchanged(tiny_teacher, method
                   generator_width=8, memory_capacity=64)
     if method == "d2cip":
         values.update(prior_iterations=2, bank_size=16)
+    if method == "kgen":
+        values.update(class_embedding="centre", batch_sizes="10,10")
     losses = []
     for plugins in ([], _build_plugins({}, {"condensed": defaults})):
         torch.manual_seed(0)
