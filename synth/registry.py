@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import threading
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ ENTRY_POINT_GROUP = "dfkd_toolkit.synth"
 METHODS: dict[str, type[SynthesisMethod]] = {}
 PLUGINS: dict[str, type[LossPlugin]] = {}
 _discovered = False
+_discover_lock = threading.RLock()
 
 
 def _same_class(a: type, b: type) -> bool:
@@ -89,15 +91,18 @@ def _import_package_modules(package: str) -> None:
 
 
 def discover() -> None:
-    """Imports the built-in method and plug-in modules and those of installed extensions (once)."""
+    """Imports the built-in method and plug-in modules and those of installed extensions (once).
+
+    Thread-safe: a caller never sees the registries half filled (the benchmark's lanes are threads)."""
     global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    _import_package_modules("synth.methods")
-    _import_package_modules("synth.plugins")
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()
+    with _discover_lock:  # re-entrant: a module being imported may itself look a method up
+        if _discovered:
+            return
+        _import_package_modules("synth.methods")
+        _import_package_modules("synth.plugins")
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            entry.load()
+        _discovered = True
 
 
 def get_method(name: str) -> type[SynthesisMethod]:

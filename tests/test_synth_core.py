@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +328,16 @@ def test_the_plugin_example_in_the_architecture_doc_runs(temp_module, tiny_teach
     next(method.synthesize())
     assert "critic" in method.losses_of_last_step()
     assert not torch.equal(plugin.critic.weight, before)
+
+
+def test_methods_are_found_by_threads_asking_at_once_in_a_fresh_interpreter():
+    """The benchmark's lanes are threads: none may see the registry half filled (7 of 8 did once)."""
+    code = ("import threading\nfrom synth import registry\nerrors = []\n"
+            "def ask():\n    try:\n        registry.get_method('gmi')\n    except ValueError as e:\n"
+            "        errors.append(e)\n"
+            "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
+            "[t.start() for t in threads]\n[t.join() for t in threads]\nprint(len(errors))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0"
