@@ -170,8 +170,9 @@ class TensorSource:
             yield Batch(to_float_nchw(images, self.channels_last), labels, logits, condensed)
 
 
-#: One host batch: uint8 N×H×W×C images, int64 labels, float16/32 logits or None (numpy or torch).
-HostBatch = tuple[Any, Any, Any]
+#: One host batch: uint8 N×H×W×C images, int64 labels, float16/32 logits or None (numpy or torch), and
+#: optionally a fourth item, bool [N] "is a condensed sample" (mixed synthetic + condensed sets) or None.
+HostBatch = tuple[Any, ...]
 
 
 class LoaderSource:
@@ -211,15 +212,16 @@ class LoaderSource:
         seed = epoch_seed(self.seed, epoch)
         aug_gen = _generator(self.device, seed + 1) if self.augment else None
         pin = self.device.type == "cuda"
-        for images, labels, logits in self.make_iterable(epoch):
+        for images, labels, logits, *sources in self.make_iterable(epoch):
             if self.training and len(labels) < 2:  # BatchNorm cannot train on a single sample
                 continue
             x = _as_tensor(images, pin).to(self.device, non_blocking=True)
             y = _as_tensor(labels, pin).to(self.device, torch.int64, non_blocking=True)
             z = None if logits is None else _as_tensor(logits, pin).to(self.device, non_blocking=True).float()
+            condensed = None if not sources or sources[0] is None else _as_tensor(sources[0], pin).to(self.device)
             if aug_gen is not None:
                 x = augment_batch(x, aug_gen)
-            yield Batch(to_float_nchw(x, self.channels_last), y, z)
+            yield Batch(to_float_nchw(x, self.channels_last), y, z, condensed)
 
 
 def _as_tensor(value: Any, pin: bool) -> torch.Tensor:
@@ -248,10 +250,8 @@ def rebatch(items: Iterable[HostBatch], batch_size: int) -> Iterator[HostBatch]:
 def _concat(parts: list[HostBatch]) -> HostBatch:
     if len(parts) == 1:
         return parts[0]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    logits = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-    return images, labels, logits
+    return tuple(None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
+                 for i in range(len(parts[0])))
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -263,35 +263,35 @@ class ShardBatches(torch.utils.data.IterableDataset):
     the user sees the message naming the shard.
     """
 
-    def __init__(self, stream: Any, batch_size: int, with_logits: bool = True) -> None:
+    def __init__(self, stream: Any, batch_size: int, with_logits: bool = True, with_sources: bool = False) -> None:
         super().__init__()
-        self.stream = stream
+        self.stream = stream  # yields (image, label, logits[, meta]): meta when built with_meta=with_sources
         self.batch_size = batch_size
         self.with_logits = with_logits
+        self.with_sources = with_sources
 
     def __iter__(self) -> Iterator[Any]:
         import shards
 
-        images: list[np.ndarray] = []
-        labels: list[int] = []
-        logits: list[np.ndarray] = []
+        samples: list[tuple[Any, ...]] = []
         try:
-            for image, label, logit in self.stream:
-                images.append(image)
-                labels.append(label)
-                logits.append(logit)
-                if len(labels) == self.batch_size:
-                    yield self._stack(images, labels, logits)
-                    images, labels, logits = [], [], []
+            for sample in self.stream:
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    yield self._stack(samples)
+                    samples = []
         except shards.ShardError as exc:
             yield {"error": str(exc)}
             return
-        if labels:
-            yield self._stack(images, labels, logits)
+        if samples:
+            yield self._stack(samples)
 
-    def _stack(self, images: list[np.ndarray], labels: list[int], logits: list[np.ndarray]) -> HostBatch:
-        return (np.stack(images), np.asarray(labels, dtype=np.int64),
-                np.stack(logits) if self.with_logits else None)
+    def _stack(self, samples: list[tuple[Any, ...]]) -> HostBatch:
+        batch = (np.stack([s[0] for s in samples]), np.asarray([s[1] for s in samples], dtype=np.int64),
+                 np.stack([s[2] for s in samples]) if self.with_logits else None)
+        if self.with_sources:  # which samples are condensed images (synth --condensed), for their own KD term
+            batch += (np.asarray([s[3].get("source") == "condensed" for s in samples], dtype=bool),)
+        return batch
 
 
 def identity_collate(item: Any) -> Any:

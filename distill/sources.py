@@ -82,12 +82,12 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
                  plan: ResolutionPlan | None = None) -> tuple[TensorSource | LoaderSource | ResolutionBatches, str]:
     """The shards as batches: decoded into memory (``cache`` "memory", or "auto" below
     :data:`MEMORY_CACHE_LIMIT`) or streamed; returns the source and which path it took. ``with_sources``:
-    batches say which samples are condensed images (``meta["source"]``), from memory only. A ``plan`` that
+    batches say which samples are condensed images (``meta["source"]``), in memory and streamed. A ``plan`` that
     resizes or batches by resolution (:mod:`distill.resolutions`) reads into memory."""
     if plan is not None and plan.mode != "single":
         return _resolution_source(location, manifest, plan, cache=cache, workers=workers, batch_size=batch_size,
                                   seed=seed, device=device, augment=augment, with_logits=with_logits,
-                                  progress=progress)
+                                  with_sources=with_sources, progress=progress)
     h, w, c = manifest["schema"]["image"]["shape"]
     n = int(manifest["num_samples"])
     k = int(manifest["num_classes"])
@@ -96,9 +96,6 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
     if mode == "auto":
         mode = "memory" if decoded < MEMORY_CACHE_LIMIT else "stream"
     workers = default_workers() if workers is None else workers
-    if with_sources and mode != "memory":
-        raise shards.ShardError(f"{location}: mixes condensed and synthetic samples, whose two KD terms need the "
-                                "per-sample source; streaming does not carry it. Use --cache memory.")
     if mode == "memory":
         arrays = shards.load_arrays(location, workers=workers, progress=progress, cache_dir=cache_dir)
         logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
@@ -106,17 +103,23 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
             torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels), logits,
             batch_size=batch_size, device=device, augment=augment, seed=seed,
             on_device=device.type == "cuda" and _fits_on_gpu(decoded, device),
-            condensed=torch.tensor([m.get("source") == "condensed" for m in arrays.meta], dtype=torch.bool)
-            if with_sources else None, dist=dist,
+            condensed=_condensed_flags(arrays) if with_sources else None, dist=dist,
         )
         return source, "memory" + (" (on GPU)" if source.images.device.type == "cuda" else "")
     return stream_source(location, n, batch_size=batch_size, device=device, augment=augment, seed=seed,
-                         workers=workers, with_logits=with_logits, cache_dir=cache_dir, dist=dist), "stream"
+                         workers=workers, with_logits=with_logits, with_sources=with_sources, cache_dir=cache_dir,
+                         dist=dist), "stream"
+
+
+def _condensed_flags(arrays: shards.ShardArrays) -> torch.Tensor:
+    """bool [N]: which samples are condensed images (``meta["source"]``, written by ``synth --condensed``)."""
+    return torch.tensor([m.get("source") == "condensed" for m in arrays.meta], dtype=torch.bool)
 
 
 def _resolution_source(location: str, manifest: dict[str, Any], plan: ResolutionPlan, *, cache: str,
                        workers: int | None, batch_size: int, seed: int, device: torch.device, augment: bool,
-                       with_logits: bool, progress: bool) -> tuple[TensorSource | ResolutionBatches, str]:
+                       with_logits: bool, with_sources: bool,
+                       progress: bool) -> tuple[TensorSource | ResolutionBatches, str]:
     if cache == "stream":
         raise shards.ShardError(f"{location}: {plan.describe()} is read into memory; use --cache memory or auto")
     workers = default_workers() if workers is None else workers
@@ -127,7 +130,7 @@ def _resolution_source(location: str, manifest: dict[str, Any], plan: Resolution
         logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if with_logits else None
         return TensorSource(torch.from_numpy(np.ascontiguousarray(arrays.images)), torch.from_numpy(arrays.labels),
                             logits, batch_size=batch_size, device=device, augment=augment, seed=seed,
-                            on_device=on_device)
+                            on_device=on_device, condensed=_condensed_flags(arrays) if with_sources else None)
 
     if plan.mode == "resized":
         size = plan.train_size[0] if plan.train_size else 0
@@ -139,8 +142,8 @@ def _resolution_source(location: str, manifest: dict[str, Any], plan: Resolution
 
 
 def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
-                  seed: int, workers: int, with_logits: bool = True, cache_dir: str | None = None,
-                  dist: Distributed = SINGLE) -> LoaderSource:
+                  seed: int, workers: int, with_logits: bool = True, with_sources: bool = False,
+                  cache_dir: str | None = None, dist: Distributed = SINGLE) -> LoaderSource:
     """WebDataset streaming of the shards (verified as they stream), batched in ``DataLoader`` workers.
 
     Each epoch pins the stream's epoch (shard order and shuffle buffer are seeded by ``(seed, epoch)``), so a
@@ -153,13 +156,14 @@ def stream_source(location: str, num_samples: int, *, batch_size: int, device: t
     """
     if dist.active:
         return _resampled_source(location, num_samples, batch_size=batch_size, device=device, augment=augment,
-                                 seed=seed, workers=workers, with_logits=with_logits, cache_dir=cache_dir, dist=dist)
-    pipeline = shards.stream(location, shuffle=1000, seed=seed, cache_dir=cache_dir)
+                                 seed=seed, workers=workers, with_logits=with_logits, with_sources=with_sources,
+                                 cache_dir=cache_dir, dist=dist)
+    pipeline = shards.stream(location, shuffle=1000, seed=seed, cache_dir=cache_dir, with_meta=with_sources)
 
     def make(epoch: int) -> Iterator[HostBatch]:
         pipeline.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            ShardBatches(pipeline, batch_size, with_logits), batch_size=None, num_workers=workers,
+            ShardBatches(pipeline, batch_size, with_logits, with_sources), batch_size=None, num_workers=workers,
             collate_fn=identity_collate, persistent_workers=False,
         )
         yield from rebatch(raise_stream_errors(loader), batch_size)
@@ -169,18 +173,19 @@ def stream_source(location: str, num_samples: int, *, batch_size: int, device: t
 
 
 def _resampled_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
-                      seed: int, workers: int, with_logits: bool, cache_dir: str | None,
+                      seed: int, workers: int, with_logits: bool, with_sources: bool, cache_dir: str | None,
                       dist: Distributed) -> LoaderSource:
     steps = num_samples // dist.world // batch_size
     if steps == 0:
         raise shards.ShardError(f"{location}: {num_samples} samples cannot give each of {dist.world} ranks one batch "
                                 f"of {batch_size}; use a smaller --batch-size or --cache memory")
-    pipeline = shards.stream(location, shuffle=1000, seed=seed, resampled=True, cache_dir=cache_dir)
+    pipeline = shards.stream(location, shuffle=1000, seed=seed, resampled=True, cache_dir=cache_dir,
+                             with_meta=with_sources)
 
     def make(epoch: int) -> Iterator[HostBatch]:
         pipeline.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            ShardBatches(pipeline, batch_size, with_logits), batch_size=None, num_workers=workers,
+            ShardBatches(pipeline, batch_size, with_logits, with_sources), batch_size=None, num_workers=workers,
             collate_fn=identity_collate, persistent_workers=False,
         )
         # The stream never ends: the epoch is the step count, the same on every rank.

@@ -14,7 +14,14 @@ and shows in the measured total (the curve's x axis). Every figure is measured b
 this script around the two public commands, in one run, on one machine.
 
 ``[budget] lanes = N`` runs N rows at a time, each with cores / N threads (two 1-thread lanes on a 2-core
-machine: every method has one core and one neighbour, and the whole benchmark takes half the time).
+machine: every method has one core and one neighbour, and the whole benchmark takes half the time). Rows that
+should see the same machine must all fit in the lanes at once: a row queued behind others runs on a quieter
+machine and gets more of it.
+
+``seeds = [0, 1, 2]`` in ``[benchmark]`` (or in a row, for that row only) runs every row once per seed (seed
+drives synthesis and distillation), each seed its own lane; tables then give accuracy as mean ± standard
+deviation (range, n) and the plot the mean with the range as error bars. ``seed = N`` is one seed, kept for
+older pipeline files (their folders have no ``seed-N`` level).
 
 Recorded per point: images made, synthesis and distillation wall time, synthesis images/s, distillation
 images/s, train seconds / wall seconds of distillation, student accuracy and student/teacher. Written as
@@ -29,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import threading
 import tomllib
 from pathlib import Path
@@ -59,9 +67,16 @@ class WallTimeBenchmark:
         self.lanes = int(self.budget.get("lanes", 1))
         self._lock = threading.Lock()
 
-    def row(self, row: dict[str, Any]) -> None:
+    def seeds(self, row: dict[str, Any]) -> list[int]:
+        return [int(s) for s in row.get("seeds", self.spec.get("seeds", [self.spec.get("seed", 0)]))]
+
+    def row_dir(self, row: dict[str, Any], seed: int) -> Path:
+        directory = self.out / _slug(row["name"])
+        return directory / f"seed-{seed}" if "seeds" in self.spec or "seeds" in row else directory
+
+    def row(self, row: dict[str, Any], seed: int) -> None:
         name, method = row["name"], row["method"]
-        directory = self.out / _slug(name)
+        directory = self.row_dir(row, seed)
         if self.fresh and directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -82,7 +97,7 @@ class WallTimeBenchmark:
                                       "--config", str(config), "--preset", "cpu", "--num-images", "10000000",
                                       "--shard-size", str(self.budget["shard_size"]),
                                       "--time-budget", f"{self.share * total:.1f}s",
-                                      "--seed", str(self.spec.get("seed", 0)), "--quiet"),
+                                      "--seed", str(seed), "--quiet"),
                                point_dir / "synth.log")
             manifest = json.loads((dataset / "manifest.json").read_text())
             distill_budget = (1 - self.share) * total
@@ -95,14 +110,14 @@ class WallTimeBenchmark:
                                          "--batch-size", str(self.budget["distill_batch_size"]),
                                          "--time-budget", f"{distill_budget:.1f}s", "--budget-covers", "training",
                                          "--eval-every", "1000000",
-                                         "--seed", str(self.spec.get("seed", 0)),
+                                         "--seed", str(seed),
                                          "--quiet"),
                                 point_dir / "distill.log")
             metrics = json.loads((student / "metrics.json").read_text())
             distill_wall -= metrics.get("eval_seconds") or 0.0  # not charged (--budget-covers training)
             summary = manifest.get("summary", {})
             point = {
-                "total_budget_seconds": total, "images": manifest["num_samples"],
+                "seed": seed, "total_budget_seconds": total, "images": manifest["num_samples"],
                 "synthesis_wall_seconds": synth_wall,
                 "synthesis_seconds": summary.get("synthesis_seconds"),
                 "synthesis_images_per_second": manifest["num_samples"] / synth_wall,
@@ -119,17 +134,19 @@ class WallTimeBenchmark:
                 "student_per_class_accuracy": metrics.get("per_class_accuracy"),
             }
             write_json_atomic(point_file, point, indent=2)
-            print(f"   {name} @ {label}: {point['images']} images, accuracy {point['accuracy']:.2%}, "
+            print(f"   {name} (seed {seed}) @ {label}: {point['images']} images, accuracy {point['accuracy']:.2%}, "
                   f"wall {point['total_wall_seconds']:.0f} s", flush=True)
 
     def run(self, only: set[str] | None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.teacher_acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
-        run_in_lanes([row for row in self.rows if not only or row["name"] in only], self._row_and_write, self.lanes)
+        units = [(row, seed) for row in self.rows if not only or row["name"] in only for seed in self.seeds(row)]
+        run_in_lanes(units, self._row_and_write, self.lanes)
 
-    def _row_and_write(self, row: dict[str, Any]) -> None:
-        print(f"== {row['name']}", flush=True)
-        self.row(row)
+    def _row_and_write(self, unit: tuple[dict[str, Any], int]) -> None:
+        row, seed = unit
+        print(f"== {row['name']} (seed {seed})", flush=True)
+        self.row(row, seed)
         with self._lock:
             self.write()
 
@@ -138,7 +155,8 @@ class WallTimeBenchmark:
         processes too (two 1-thread lanes side by side each run some rows into the same folder)."""
         found = {}
         for row in self.rows:
-            files = [self.out / _slug(row["name"]) / f"total-{format_duration(t)}" / "point.json" for t in self.totals]
+            files = [self.row_dir(row, seed) / f"total-{format_duration(t)}" / "point.json"
+                     for seed in self.seeds(row) for t in self.totals]
             points = [json.loads(f.read_text()) for f in files if f.exists()]
             if points:
                 found[row["name"]] = points
@@ -171,25 +189,57 @@ def format_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: flo
              f"{environment['device']}, torch {environment['torch']}, {environment['cpu_threads']} threads per run, "
              f"{environment['lanes']} run(s) at a time.", ""]
     totals = sorted({p["total_budget_seconds"] for points in results.values() for p in points})
+    several = any(len(_at(points, total)) > 1 for points in results.values() for total in totals)
     for total in totals:
-        lines += [f"## Total budget {format_duration(total)}", "",
-                  "| method | images | synthesis s | synthesis img/s | distill s | distill epochs | distill img/s "
+        lines += [f"## Total budget {format_duration(total)}", ""]
+        if several:
+            lines += ["Figures other than accuracy are means over the seeds; accuracy is mean ± standard deviation "
+                      "(range, seeds).", ""]
+        lines += ["| method | images | synthesis s | synthesis img/s | distill s | distill epochs | distill img/s "
                   "| distill train/wall | total s | accuracy | student/teacher | teacher agreement | worst class |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, points in results.items():
-            for p in points:
-                if p["total_budget_seconds"] != total:
-                    continue
-                agreement, worst = p.get("teacher_agreement"), p.get("worst_class_agreement")
-                lines.append(
-                    f"| {name} | {p['images']:,} | {p['synthesis_wall_seconds']:.0f} "
-                    f"| {p['synthesis_images_per_second']:.2f} | {p['distill_wall_seconds']:.0f} "
-                    f"| {p['distill_epochs']} | {p['distill_images_per_second'] or 0:,.0f} "
-                    f"| {p['distill_train_share']:.2f} | {p['total_wall_seconds']:.0f} | {p['accuracy']:.2%} "
-                    f"| {p['ratio']:.3f} | {'–' if agreement is None else f'{agreement:.1%}'} "
-                    f"| {'–' if worst is None else f'{worst:.1%}'} |")
+            at = _at(points, total)
+            if not at:
+                continue
+            p = {key: _mean([q.get(key) for q in at]) for key in at[0] if key != "student_per_class_accuracy"}
+            agreement, worst = p.get("teacher_agreement"), p.get("worst_class_agreement")
+            lines.append(
+                f"| {name} | {p['images']:,.0f} | {p['synthesis_wall_seconds']:.0f} "
+                f"| {p['synthesis_images_per_second']:.2f} | {p['distill_wall_seconds']:.0f} "
+                f"| {p['distill_epochs']:.0f} | {p['distill_images_per_second'] or 0:,.0f} "
+                f"| {p['distill_train_share']:.2f} | {p['total_wall_seconds']:.0f} "
+                f"| {_spread([q['accuracy'] for q in at])} "
+                f"| {p['ratio']:.3f} | {'–' if agreement is None else f'{agreement:.1%}'} "
+                f"| {'–' if worst is None else f'{worst:.1%}'} |")
+        lines.append("")
+    if several:
+        lines += ["## Every seed", "", "| method | seed | total budget | images | accuracy |", "|---|---|---|---|---|"]
+        for name, points in results.items():
+            for p in sorted(points, key=lambda q: (q["total_budget_seconds"], q.get("seed", 0))):
+                lines.append(f"| {name} | {p.get('seed', '–')} | {format_duration(p['total_budget_seconds'])} "
+                             f"| {p['images']:,} | {p['accuracy']:.2%} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _at(points: list[dict[str, Any]], total: float) -> list[dict[str, Any]]:
+    return [p for p in points if p["total_budget_seconds"] == total]
+
+
+def _mean(values: list[Any]) -> Any:
+    """Mean of the numbers (None if any is missing); the first value of anything else."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return sum(values) / len(values)
+    return None if any(v is None for v in values) else values[0]
+
+
+def _spread(accuracies: list[float]) -> str:
+    if len(accuracies) == 1:
+        return f"{accuracies[0]:.2%}"
+    std = statistics.stdev(accuracies)
+    return (f"{statistics.fmean(accuracies):.2%} ± {std:.2%} "
+            f"({min(accuracies):.2%}–{max(accuracies):.2%}, {len(accuracies)})")
 
 
 def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, path: Path, machine: str) -> None:
@@ -200,9 +250,12 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, pa
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in results.items():
-        points = sorted(points, key=lambda p: p["total_wall_seconds"])
-        ax.plot([p["total_wall_seconds"] / 60 for p in points], [100 * p["accuracy"] for p in points],
-                marker="o", label=name)
+        groups = [_at(points, t) for t in sorted({p["total_budget_seconds"] for p in points})]
+        x = [statistics.fmean(p["total_wall_seconds"] for p in g) / 60 for g in groups]
+        y = [statistics.fmean(100 * p["accuracy"] for p in g) for g in groups]
+        low = [m - min(100 * p["accuracy"] for p in g) for m, g in zip(y, groups, strict=True)]
+        high = [max(100 * p["accuracy"] for p in g) - m for m, g in zip(y, groups, strict=True)]
+        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=name)
     ax.axhline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1, label="teacher")
     ax.set_xlabel("total wall time, synthesis + distillation (minutes)")
     ax.set_ylabel("student test accuracy (%)")

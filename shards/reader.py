@@ -350,8 +350,9 @@ def _load_selected(location: Location, manifest: dict[str, Any], workers: int, v
 
 def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int = 0, resampled: bool = False,
            verify_local: bool = True, checksum: bool = True,
-           cache_dir: str | os.PathLike[str] | None = None) -> ShardStream:
-    """A WebDataset pipeline yielding ``(image uint8 H×W×C, label int, logits float16)`` tuples.
+           cache_dir: str | os.PathLike[str] | None = None, with_meta: bool = False) -> ShardStream:
+    """A WebDataset pipeline yielding ``(image uint8 H×W×C, label int, logits float16)`` tuples; with
+    ``with_meta``, ``(image, label, logits, meta dict)`` (``{}`` for a sample without metadata).
 
     - ``shuffle`` > 0 shuffles the shard order (seeded by ``seed`` and the epoch, identical on every rank) and
       samples through a buffer of that many; ``shuffle=0`` streams in key order.
@@ -382,7 +383,7 @@ def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int
                                  f"bytes, found {os.path.getsize(url)}")
     return ShardStream(manifest, urls, local=local, shuffle=shuffle, seed=seed, epoch=epoch,
                        resampled=resampled, checksum=checksum,
-                       cache_dir=None if cache_dir is None else str(cache_dir))
+                       cache_dir=None if cache_dir is None else str(cache_dir), with_meta=with_meta)
 
 
 # --------------------------------------------------------------------------------------------- verify

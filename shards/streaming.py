@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-import numpy as np
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
@@ -149,21 +148,24 @@ class _SampleShuffle:
 
 
 class _Decode:
-    def __init__(self, manifest: dict[str, Any]):
+    def __init__(self, manifest: dict[str, Any], with_meta: bool = False):
         self.manifest = manifest
+        self.with_meta = with_meta
 
-    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[tuple[Any, ...]]:
         for sample in source:
-            image, label, logits, _meta = decode_fields(sample, self.manifest, with_meta=False)
-            yield image, label, logits
+            image, label, logits, meta = decode_fields(sample, self.manifest, with_meta=self.with_meta)
+            yield (image, label, logits, meta or {}) if self.with_meta else (image, label, logits)
 
 
 class ShardStream(wds.DataPipeline, wds.FluidInterface):
     """What :func:`shards.stream` returns: a ``webdataset`` pipeline (an ``IterableDataset``) of
-    ``(image, label, logits)`` tuples, plus ``manifest``, ``num_samples``, ``num_shards`` and ``set_epoch``."""
+    ``(image, label, logits)`` tuples (``(image, label, logits, meta)`` with ``with_meta``), plus ``manifest``,
+    ``num_samples``, ``num_shards`` and ``set_epoch``."""
 
     def __init__(self, manifest: dict[str, Any], urls: list[str], *, local: bool, shuffle: int, seed: int,
-                 epoch: int, resampled: bool, checksum: bool, cache_dir: str | None = None):
+                 epoch: int, resampled: bool, checksum: bool, cache_dir: str | None = None,
+                 with_meta: bool = False):
         super().__init__()
         self.manifest = manifest
         self.num_samples = int(manifest["num_samples"])
@@ -178,7 +180,7 @@ class ShardStream(wds.DataPipeline, wds.FluidInterface):
         self.append(_Expand(checksum, cache_dir))
         if shuffle > 1:
             self.append(_SampleShuffle(shuffle, seed, self._state))
-        self.append(_Decode(manifest))
+        self.append(_Decode(manifest, with_meta))
 
     def set_epoch(self, epoch: int) -> None:
         """Pins the next iteration's epoch (shard order and shuffle seed); later iterations count up from it."""

@@ -61,6 +61,7 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
         "teacher_agreement": float((predicted == labels).mean()),
         "mean_entropy": float(entropy.mean()),
         "per_class": per_class,
+        "agreement_over_run": agreement_over_run(manifest),
     }
     dev = zoo.pick_device(device)
     teacher = _teacher_for(manifest, teacher_path)
@@ -94,6 +95,22 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
     return report
 
 
+def agreement_over_run(manifest: dict[str, Any], parts: int = 10) -> list[dict[str, Any]]:
+    """Teacher agreement with the asked label over consecutive stretches of the set, in the order it was made
+    (shards by first index, grouped into at most ``parts`` stretches): shows a generator that drifts away
+    from the asked classes as the run goes on, which the set's overall figure hides."""
+    entries = sorted((s for s in manifest.get("shards", []) if s.get("agreement_count") is not None),
+                     key=lambda s: s.get("first_index", 0))
+    groups = np.array_split(np.arange(len(entries)), min(parts, len(entries))) if entries else []
+    stretches = []
+    for group in groups:
+        chosen = [entries[i] for i in group]
+        samples = sum(int(s["num_samples"]) for s in chosen)
+        stretches.append({"first_index": int(chosen[0].get("first_index", 0)), "samples": samples,
+                          "agreement": sum(int(s["agreement_count"]) for s in chosen) / max(samples, 1)})
+    return stretches
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"dataset   {report['location']}  ({'complete' if report['complete'] else 'INCOMPLETE'})",
@@ -104,6 +121,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['bytes_per_sample']:.0f} bytes/sample",
         f"teacher agreement with asked label  {report['teacher_agreement']:.1%}",
         f"mean teacher entropy                {report['mean_entropy']:.3f} nats",
+    ]
+    stretches = report.get("agreement_over_run") or []
+    if len(stretches) > 1:
+        sizes = sorted({s["samples"] for s in stretches})
+        size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        shares = " ".join(f"{s['agreement']:.0%}" for s in stretches)
+        lines.append(f"agreement over the run              {shares}  ({len(stretches)} stretches of {size} samples, "
+                     "in the order made)")
+    lines += [
         "",
         f"{'class':<16}{'count':>8}{'agreement':>11}{'predicted':>11}",
     ]

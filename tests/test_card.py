@@ -191,3 +191,19 @@ def test_plain_webdataset_reads_the_raw_bytes(gmi_set):
         assert np.load(io.BytesIO(sample["logits.npy"]), allow_pickle=False).dtype == np.float16
     arrays = shards.load_arrays(gmi_set, progress=False)
     assert np.array_equal(np.stack(images), arrays.images) and labels == arrays.labels.tolist()
+
+
+def test_agreement_over_the_run_follows_the_order_the_shards_were_made():
+    from synth.inspect import agreement_over_run
+
+    # Listed out of order (as a merge may list them): stretches follow first_index, not the list.
+    shards_ = [{"first_index": 64 * i, "num_samples": 64, "agreement_count": count}
+               for i, count in enumerate([51, 47, 44, 28, 39, 51])]
+    manifest = {"shards": shards_[3:] + shards_[:3]}
+    stretches = agreement_over_run(manifest)
+    assert [s["first_index"] for s in stretches] == [0, 64, 128, 192, 256, 320]
+    assert [round(s["agreement"], 4) for s in stretches] == [round(c / 64, 4) for c in (51, 47, 44, 28, 39, 51)]
+    grouped = agreement_over_run(manifest, parts=4)  # 6 shards into 4 stretches: 2, 2, 1, 1
+    assert [s["samples"] for s in grouped] == [128, 128, 64, 64]
+    assert grouped[0]["agreement"] == pytest.approx((51 + 47) / 128)
+    assert agreement_over_run({"shards": []}) == []

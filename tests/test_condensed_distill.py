@@ -12,9 +12,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import shards
 from distill.cli import main as distill_main
 from distill.data import Batch
 from distill.mixed import SyntheticCondensedKD
+from distill.sources import stream_source
 from distill.train import kd_loss
 from synth.cli import main as synth_main
 from synth.condense import CondenseConfig, distribution_matching, embedding_network
@@ -47,22 +49,46 @@ def test_distill_learns_from_a_mixed_set_and_reports_the_condensed_share(tmp_pat
         result = CliRunner().invoke(synth_main, ["run", "gmi", "--out", str(tmp_path / name), "--teacher",
                                                  str(tiny_teacher), "--num-images", "20", *TINY, *extra])
         assert result.exit_code == 0, result.output
-        out = tmp_path / f"student-{name}"
-        result = CliRunner().invoke(distill_main, ["run", "--shards", str(tmp_path / name), "--student", "resnet8",
-                                                   "--epochs", "1", "--batch-size", "8", "--eval-data", "none",
-                                                   "--device", "cpu", "--out", str(out), "--quiet",
-                                                   "--condensed-weight", "0.5"])
-        assert result.exit_code == 0, result.output
-        metrics = json.loads((out / "metrics.json").read_text())
-        rows = list(csv.DictReader((out / "log.csv").open()))
-        if name == "mixed":
-            assert metrics["config"]["objective"] == "kd-synthetic+condensed"
-            assert metrics["sources"]["condensed"] == 20 and metrics["sources"]["condensed_weight"] == 0.5
-            assert 0 < float(rows[0]["condensed_share"]) < 1
-            assert 0 < metrics["sources"]["condensed_share_of_batches"] < 1
-        else:
-            assert metrics["config"]["objective"] == "kd-stored-logits" and "sources" not in metrics
-            assert "condensed_share" not in rows[0]
+        for cache in ("memory", "stream") if name == "mixed" else ("memory",):
+            out = tmp_path / f"student-{name}-{cache}"
+            result = CliRunner().invoke(distill_main, ["run", "--shards", str(tmp_path / name), "--student",
+                                                       "resnet8", "--epochs", "1", "--batch-size", "8",
+                                                       "--eval-data", "none", "--device", "cpu", "--out", str(out),
+                                                       "--quiet", "--condensed-weight", "0.5", "--cache", cache,
+                                                       "--workers", "1"])
+            assert result.exit_code == 0, result.output
+            metrics = json.loads((out / "metrics.json").read_text())
+            rows = list(csv.DictReader((out / "log.csv").open()))
+            if name == "mixed":
+                assert metrics["config"]["objective"] == "kd-synthetic+condensed"
+                assert metrics["sources"]["condensed"] == 20 and metrics["sources"]["condensed_weight"] == 0.5
+                assert 0 < float(rows[0]["condensed_share"]) < 1
+                # 20 condensed of 40 samples, every sample seen once per epoch (no batch dropped at 40 / 8)
+                assert metrics["sources"]["condensed_share_of_batches"] == pytest.approx(0.5)
+            else:
+                assert metrics["config"]["objective"] == "kd-stored-logits" and "sources" not in metrics
+                assert "condensed_share" not in rows[0]
+
+
+def test_streamed_batches_mark_the_same_samples_condensed_as_the_in_memory_ones(tmp_path, tiny_teacher):
+    npz = tmp_path / "c.npz"
+    rng = np.random.default_rng(1)
+    np.savez(npz, images=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), labels=np.arange(10))
+    result = CliRunner().invoke(synth_main, ["run", "gmi", "--out", str(tmp_path / "mixed"), "--teacher",
+                                             str(tiny_teacher), "--num-images", "20", *TINY, "--condensed", str(npz),
+                                             "--fa-weight", "0"])
+    assert result.exit_code == 0, result.output
+    arrays = shards.load_arrays(tmp_path / "mixed", progress=False)
+    expected = {arrays.images[i].tobytes(): m.get("source") == "condensed" for i, m in enumerate(arrays.meta)}
+    assert sum(expected.values()) == 10
+    source = stream_source(str(tmp_path / "mixed"), len(arrays), batch_size=6, device=torch.device("cpu"),
+                           augment=False, seed=0, workers=1, with_sources=True)
+    seen = {}
+    for batch in source.epoch(0):
+        assert batch.condensed is not None and batch.condensed.dtype == torch.bool
+        images = (batch.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        seen.update({image.tobytes(): bool(flag) for image, flag in zip(images, batch.condensed, strict=True)})
+    assert seen == expected
 
 
 def _real_folder(root: Path, per_class: int = 6) -> Path:
@@ -119,3 +145,26 @@ def test_synth_condense_writes_a_set_that_condensed_accepts_and_refuses_what_it_
     result = CliRunner().invoke(synth_main, ["condense", "--data", f"imagefolder:{data}", "--ipc", "1", "--out",
                                              str(out)])
     assert result.exit_code == 1 and "exists" in result.output
+
+
+@pytest.mark.parametrize("resize", [[], ["--resize", "32"]])
+def test_a_multi_resolution_set_with_condensed_samples_distils_with_both_kd_terms(tmp_path, tiny_teacher, resize):
+    """K-Gen hosting --condensed: 28x28 and 32x32 synthetic images beside 32x32 condensed ones (once refused with
+    "this batch source does not say which samples are condensed", by resolution and resized alike)."""
+    npz = tmp_path / "c.npz"
+    np.savez(npz, images=np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+             labels=np.arange(10))
+    result = CliRunner().invoke(synth_main, ["run", "kgen", "--out", str(tmp_path / "set"), "--teacher",
+                                             str(tiny_teacher), "--num-images", "20", *TINY, "--class-embedding",
+                                             "centre", "--batch-sizes", "10,10", "--condensed", str(npz)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert manifest["source_counts"] == {"condensed": 10, "synthetic": 20} and len(manifest["resolution_counts"]) == 2
+    out = tmp_path / "student"
+    result = CliRunner().invoke(distill_main, ["run", "--shards", str(tmp_path / "set"), "--student", "resnet8",
+                                               "--epochs", "1", "--batch-size", "8", "--eval-data", "none",
+                                               "--device", "cpu", "--out", str(out), "--quiet", *resize])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["objective"] == "kd-synthetic+condensed"
+    assert 0 < metrics["sources"]["condensed_share_of_batches"] < 1
