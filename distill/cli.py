@@ -232,7 +232,7 @@ def train(**kwargs: Any) -> None:
     Example:
       distill train --data fmnist32 --arch wrn16_2 --out artifacts/teachers/wrn16_2-fmnist32 --epochs 30
     """
-    from distill.runs import TrainOptions, train_on_real
+    from distill.train_real import TrainOptions, train_on_real
 
     loop = _pop_loop(kwargs)
     quiet = kwargs.pop("quiet")

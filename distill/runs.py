@@ -1,15 +1,7 @@
-"""The two jobs behind the CLI, as plain functions: :func:`distill_from_shards` (``distill run``) and
-:func:`train_on_real` (``distill train``). They resolve the inputs (manifest, student, teacher, eval
-data), check that they fit together *before* any expensive work, build a batch source and an objective,
-hand both to :func:`distill.train.fit`, and write the outputs. ``cli.py`` only parses options.
-
-Augmentation with stored logits (``--augment auto``): the stored logits belong to the stored pixels, so a
-crop or flip makes the target slightly wrong, while augmentation fights overfitting of a small set. Measured
-here (FMNIST-32, resnet8 teacher at 80.7 %, 5,000 real training images with its stored logits, resnet8
-student, 10 epochs, batch 128, 2,000 test images, seeds 0/1): without augmentation 78.25 / 79.10 %, with
-crop+flip 76.70 / 78.35 % — so ``auto`` trains on the stored views as they are, and turns crop+flip on only
-where the target follows the view (a live ``--teacher``, or labels in ``distill train``). ``--augment on``
-remains for large budgets on small synthetic sets, where overfitting may dominate.
+"""``distill run`` as a plain function, :func:`distill_from_shards`: it resolves the inputs (manifest, student,
+teacher, eval data), checks that they fit together *before* any expensive work, builds a batch source and an
+objective, hands both to :func:`distill.train.fit`, and writes the outputs. ``cli.py`` only parses options;
+``distill train`` is :mod:`distill.train_real`, what both share :mod:`distill.jobs`.
 """
 
 from __future__ import annotations
@@ -27,18 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
-import realdata
 import shards
 import zoo
 from distill import distributed, report
+from distill.jobs import (
+    EVAL_BATCH,
+    JobResult,
+    check_fits,
+    configure_device,
+    load_eval,
+    load_teacher,
+    resolve_augment,
+    student_card_kwargs,
+    summary_line,
+    write_outputs,
+)
 from distill.mixed import SyntheticCondensedKD
 from distill.resolutions import plan_resolutions
 from distill.sources import real_source, shard_source
 from distill.train import (
     DEFAULT_TEMPERATURE,
-    CrossEntropy,
     DistillError,
-    FitResult,
     LiveTeacherKD,
     LoopConfig,
     StoredLogitsKD,
@@ -48,10 +49,6 @@ from distill.train import (
     per_class_accuracy,
 )
 from timebudget import Deadline
-
-#: Whether ``--augment auto`` applies crop+flip when training on *stored* logits: no, measured (module docstring).
-AUGMENT_STORED_LOGITS = False
-EVAL_BATCH = 1024
 
 
 @dataclass
@@ -86,41 +83,7 @@ class RunOptions:
     command: str = ""
 
 
-@dataclass
-class TrainOptions:
-    """Everything ``distill train`` needs; defaults are the CLI's."""
-
-    data: str
-    arch: str
-    out: Path
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    temperature: float = DEFAULT_TEMPERATURE
-    teacher: str | None = None
-    teacher_arch: str | None = None
-    size: int | None = None
-    eval_data: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    resume: bool = False
-    device: str = "auto"
-    workers: int | None = None
-    augment: str = "auto"
-    progress: bool = True
-    command: str = ""
-
-
-@dataclass
-class JobResult:
-    out_dir: Path
-    metrics: dict[str, Any]
-    summary_line: str | None
-
-
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _shape_text(channels: int, height: int, width: int) -> str:
-    return f"{height}×{width}×{channels}"
 
 
 def default_run_out(shards_location: str, student: str) -> Path:
@@ -137,94 +100,12 @@ def _is_checkpoint(student: str) -> bool:
     ).is_file()
 
 
-def check_fits(model: nn.Module, shape_chw: tuple[int, int, int], num_classes: int, what: str, where: str) -> None:
-    """Refuse ``model`` unless it maps one image of ``shape_chw`` to ``num_classes`` logits (a dry run
-    on CPU, before any data is loaded)."""
-    c, h, w = shape_chw
-    holds = f"{where} holds {_shape_text(c, h, w)} images of {num_classes} classes"
-    card = getattr(model, "card", None)
-    if card is not None:
-        if card.in_channels != c:
-            raise DistillError(f"{holds}; {what} is built for {card.in_channels}-channel input")
-        if card.num_classes != num_classes:
-            raise DistillError(f"{holds}; {what} has {card.num_classes} outputs")
-    probe = model.to("cpu")
-    was_training = probe.training
-    probe.eval()
-    try:
-        with torch.no_grad():
-            out = probe(torch.zeros(2, c, h, w))
-    except (RuntimeError, ValueError) as exc:
-        raise DistillError(f"{holds}; {what} cannot take them: {exc}") from None
-    finally:
-        probe.train(was_training)
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise DistillError(f"{holds}; {what} gives output of shape {tuple(out.shape[1:])}")
-
-
-def _load_eval(spec: str | None, size: int | None, max_samples: int | None, seed: int,
-               shape: tuple[int, int, int], num_classes: int, where: str) -> realdata.RealDataset | None:
-    if spec is None:
-        return None
-    ds = realdata.load(spec, split="test", size=size).subset(max_samples, seed=seed)
-    if ds.input_shape != shape or ds.num_classes != num_classes:
-        c, h, w = ds.input_shape
-        raise DistillError(
-            f"--eval-data {spec} holds {_shape_text(c, h, w)} images of {ds.num_classes} classes, but "
-            f"{where} holds {_shape_text(*shape)} images of {num_classes} classes; "
-            "pick the matching eval set (e.g. fmnist32 for FMNIST-32 shards)"
-        )
-    return ds
-
-
-def _resolve_augment(flag: str, live_teacher: bool, supervised: bool) -> bool:
-    if flag == "on":
-        return True
-    if flag == "off":
-        return False
-    return True if (live_teacher or supervised) else AUGMENT_STORED_LOGITS
-
-
-def _configure_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        # Fixed input shapes: let cuDNN pick the fastest kernels once.
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _load_teacher(path: str, arch: str | None) -> zoo.Classifier:
-    # Loaded on the CPU: check_fits probes it there before it moves to the training device.
-    return zoo.load_classifier(path, arch=arch, map_location="cpu")
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-def _summary_line(student_acc: float | None, teacher_acc: float | None) -> str | None:
-    if student_acc is None:
-        return None
-    return f"student test accuracy: {_percent(student_acc)} (teacher: {_percent(teacher_acc)})"
-
-
-def _write_outputs(out: Path, metrics: dict[str, Any], result: FitResult, title: str,
-                   teacher_acc: float | None) -> None:
-    report.write_log_csv(out / "log.csv", result.history)
-    report.plot_accuracy(out / "accuracy.png", result.history, title=title, teacher_accuracy=teacher_acc)
-    report.write_json(out / "metrics.json", metrics)
-
-
 def _manifest_digest(location: str, manifest: dict[str, Any]) -> tuple[str, str]:
     local = Path(location) / "manifest.json"
     if "://" not in location and local.is_file():
         return hashlib.sha256(local.read_bytes()).hexdigest(), "file"
     canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(canonical).hexdigest(), "canonical-json"
-
-
-def _student_card_kwargs(card: Any) -> dict[str, Any]:
-    return {k: getattr(card, k) for k in ("arch", "num_classes", "in_channels", "input_size", "mean", "std",
-                                          "class_names")}
 
 
 # ------------------------------------------------------------------------------------------ distill run
@@ -316,7 +197,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     teacher = None
     teacher_acc = teacher_info.get("test_accuracy")
     if opts.teacher:
-        teacher = _load_teacher(opts.teacher, opts.teacher_arch)
+        teacher = load_teacher(opts.teacher, opts.teacher_arch)
         check_fits(teacher, shape, k, f"teacher {opts.teacher}", where)
         recorded = teacher_info.get("sha256")
         if recorded and teacher.card.sha256 and recorded != teacher.card.sha256:
@@ -326,10 +207,10 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     if opts.msarc_weight > 0 and teacher is None:
         raise DistillError("--msarc-weight aligns the student's class activation maps with the teacher's: it needs "
                            "the teacher (--teacher CHECKPOINT)")
-    eval_ds = _load_eval(opts.eval_data, opts.eval_size, opts.max_eval_samples, opts.loop.seed, shape, k, where)
+    eval_ds = load_eval(opts.eval_data, opts.eval_size, opts.max_eval_samples, opts.loop.seed, shape, k, where)
 
-    augment = _resolve_augment(opts.augment, teacher is not None, supervised=False)
-    _configure_device(device)
+    augment = resolve_augment(opts.augment, teacher is not None, supervised=False)
+    configure_device(device)
     # A set with condensed samples (synth --condensed) learns from the paper's two KD expectations.
     sources = manifest.get("source_counts") or {}
     mixed = int(sources.get("condensed", 0)) > 0
@@ -406,7 +287,7 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
     final_acc = result.final_accuracy
     student.to("cpu")
     zoo.save_classifier(student, out / "student.pt", test_accuracy=final_acc, command=opts.command,
-                        dataset=f"shards:{opts.shards}", **_student_card_kwargs(student.card))
+                        dataset=f"shards:{opts.shards}", **student_card_kwargs(student.card))
     metrics = {
         "job": "distill run",
         "student": arch,
@@ -440,114 +321,9 @@ def distill_from_shards(opts: RunOptions) -> JobResult:
         shares = [row["condensed_share"] for row in result.history if "condensed_share" in row]
         metrics["sources"] = {**sources, "condensed_share_of_batches": sum(shares) / len(shares) if shares else None,
                               "synthetic_weight": opts.synthetic_weight, "condensed_weight": opts.condensed_weight}
-    _write_outputs(out, metrics, result, f"{arch} distilled from {opts.shards}", teacher_acc)
+    write_outputs(out, metrics, result, f"{arch} distilled from {opts.shards}", teacher_acc)
     distributed.shutdown()
-    return JobResult(out, metrics, _summary_line(final_acc, teacher_acc))
+    return JobResult(out, metrics, summary_line(final_acc, teacher_acc))
 
 
 # ------------------------------------------------------------------------------------------ distill train
-
-
-def train_on_real(opts: TrainOptions) -> JobResult:
-    """``distill train``: supervised training (or KD from ``--teacher``) on a real labelled dataset."""
-    wall_start = time.perf_counter()
-    device = zoo.pick_device(opts.device)
-    check_out_dir(opts.out, opts.resume)
-    train_ds = realdata.load(opts.data, split="train", size=opts.size).subset(opts.max_train_samples,
-                                                                              seed=opts.loop.seed)
-    shape, k = train_ds.input_shape, train_ds.num_classes
-    c, h, w = shape
-    where = f"--data {opts.data}"
-    eval_spec = opts.eval_data or opts.data
-    eval_ds = _load_eval(eval_spec, opts.size, opts.max_eval_samples, opts.loop.seed, shape, k, where)
-    mean, std = realdata.normalization(train_ds)
-
-    arch = zoo.canonical_arch(opts.arch)
-    torch.manual_seed(opts.loop.seed)
-    card = zoo.TeacherCard(arch=arch, num_classes=k, in_channels=c, input_size=h, mean=mean, std=std,
-                           class_names=train_ds.class_names, dataset=opts.data)
-    model = zoo.Classifier(zoo.build_model(arch, k, c), card=card)
-    check_fits(model, shape, k, f"model {arch}", where)
-    teacher = None
-    if opts.teacher:
-        teacher = _load_teacher(opts.teacher, opts.teacher_arch)
-        check_fits(teacher, shape, k, f"teacher {opts.teacher}", where)
-
-    augment = _resolve_augment(opts.augment, teacher is not None, supervised=teacher is None)
-    _configure_device(device)
-    source = real_source(train_ds, batch_size=opts.loop.batch_size, device=device, augment=augment,
-                         shuffle=True, seed=opts.loop.seed, workers=opts.workers)
-    eval_source = real_source(eval_ds, batch_size=EVAL_BATCH, device=device, augment=False, shuffle=False,
-                              seed=0, workers=opts.workers) if eval_ds is not None else None
-    model.to(device)
-    objective: Any = CrossEntropy()
-    teacher_acc = None
-    if teacher is not None:
-        teacher.to(device)
-        if device.type == "cuda":
-            teacher.to(memory_format=torch.channels_last)
-        objective = LiveTeacherKD(teacher, opts.temperature, amp=True)
-        teacher_acc = teacher.card.test_accuracy
-        if teacher_acc is None and eval_source is not None:
-            teacher_acc = evaluate(teacher, eval_source)
-
-    run_config = {
-        "job": "distill train", "student": arch, "data": opts.data, "objective": objective.name,
-        "dataset_id": f"{opts.data} size={opts.size} max_train_samples={opts.max_train_samples}",
-        "batch_size": opts.loop.batch_size, "temperature": opts.temperature if teacher is not None else None,
-        "in_channels": c, "num_classes": k, "augment": augment, "teacher": opts.teacher, "size": opts.size,
-        "max_train_samples": opts.max_train_samples, "eval_data": eval_spec,
-        "max_eval_samples": opts.max_eval_samples, **{f"loop.{k_}": v for k_, v in asdict(opts.loop).items()},
-    }
-
-    def evaluate_fn(m: nn.Module, final: bool) -> float:
-        assert eval_source is not None
-        return evaluate(m, eval_source)
-
-    result = fit(model, source, objective, opts.loop, device=device, out_dir=opts.out, run_config=run_config,
-                 evaluate_fn=evaluate_fn if eval_source is not None else None, resume=opts.resume,
-                 progress=opts.progress, on_epoch=lambda history: report.write_log_csv(opts.out / "log.csv",
-                                                                                       history))
-    final_acc = result.final_accuracy
-    model.to("cpu")
-    zoo.save_classifier(model, opts.out / "model.pt", test_accuracy=final_acc, command=opts.command,
-                        dataset=opts.data, **_student_card_kwargs(model.card))
-    metrics = {
-        "job": "distill train",
-        "arch": arch,
-        "objective": objective.name,
-        "final_accuracy": final_acc,
-        "best_accuracy": result.best_accuracy,
-        "teacher_accuracy": teacher_acc,
-        "epochs": opts.loop.epochs,
-        "epochs_this_process": opts.loop.epochs - result.start_epoch,
-        "images_per_second": result.images_per_second,
-        "train_images": result.train_images,
-        "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "peak_memory": report.peak_memory(device),
-        "device": report.device_description(device),
-        "data_path": "memory" if train_ds.in_memory else "loader",
-        "dataset": {"spec": opts.data, "train_samples": len(train_ds), "eval_spec": eval_spec,
-                    "eval_samples": len(eval_ds) if eval_ds is not None else 0, "image_shape": [h, w, c],
-                    "num_classes": k, "mean": list(mean), "std": list(std)},
-        "config": run_config,
-        "command": opts.command,
-    }
-    title = f"{arch} on {opts.data}" + (" (KD)" if teacher is not None else "")
-    _write_outputs(opts.out, metrics, result, title, teacher_acc)
-    line = _summary_line(final_acc, teacher_acc) if teacher is not None else (
-        None if final_acc is None else f"test accuracy: {_percent(final_acc)}")
-    return JobResult(opts.out, metrics, line)
-
-
-__all__ = [
-    "DEFAULT_TEMPERATURE",
-    "JobResult",
-    "RunOptions",
-    "TrainOptions",
-    "check_fits",
-    "default_run_out",
-    "distill_from_shards",
-    "train_on_real",
-]
