@@ -165,12 +165,12 @@ class ShardWriter:
     Not safe for two processes writing the same directory at once (there is no lock); one run per ``--out``.
     """
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size: int):
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size: int, mixed_sizes: bool = False):
         # Private: use ShardWriter.open, which validates and cleans the directory first.
         self.out_dir = out_dir
         self._manifest = manifest
         self.shard_size = shard_size
-        self.mixed_sizes = False  # set by open()
+        self.mixed_sizes = mixed_sizes  # images may differ in H×W (a multi-resolution method's)
 
     # ----------------------------------------------------------------------------------------- open
 
@@ -214,10 +214,10 @@ class ShardWriter:
 
         manifest_path = out / MANIFEST_NAME
         if manifest_path.exists():
-            writer = cls._resume(out, identity, header, target_samples, shard_size, image_shape, num_classes)
+            writer = cls._resume(out, identity, header, target_samples, shard_size, image_shape, num_classes,
+                                 mixed_sizes)
             if writer.key_offset != key_offset:  # the identity normally catches this first
                 raise ShardError(f"{out}: its keys start at {writer.key_offset}, asked for {key_offset}")
-            writer.mixed_sizes = mixed_sizes
             return writer
 
         if out.exists():
@@ -255,15 +255,15 @@ class ShardWriter:
         }
         if key_offset:  # absent when 0, so plain datasets keep the manifest they always had
             manifest["key_offset"] = key_offset
-        writer = cls(out, manifest, shard_size)
-        writer.mixed_sizes = mixed_sizes
+        writer = cls(out, manifest, shard_size, mixed_sizes)
         # Claims the directory at once, so a run with another identity refuses even before the first shard.
         writer._commit_manifest(manifest, lambda error: f"cannot write {manifest_path}: {error}")
         return writer
 
     @classmethod
     def _resume(cls, out: Path, identity: dict[str, Any], header: dict[str, Any], target_samples: int,
-                shard_size: int, image_shape: tuple[int, ...] | None, num_classes: int | None) -> ShardWriter:
+                shard_size: int, image_shape: tuple[int, ...] | None, num_classes: int | None,
+                mixed_sizes: bool) -> ShardWriter:
         manifest_path = out / MANIFEST_NAME
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -316,7 +316,7 @@ class ShardWriter:
                 changed["class_counts"] = [0] * num_classes
                 changed["schema"] = make_schema(changed["schema"]["image"]["shape"], num_classes)
 
-        writer = cls(out, manifest, shard_size)
+        writer = cls(out, manifest, shard_size, mixed_sizes)
         writer._commit_manifest(apply_open_arguments, lambda error: f"cannot write {manifest_path}: {error}",
                                 only_if_changed=True)
         return writer
