@@ -55,6 +55,7 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
         "num_samples": int(len(labels)),
         "image_shape": list(arrays.images.shape[1:]),
         "resolution_counts": manifest.get("resolution_counts"),
+        "images_per_second_by_resolution": manifest.get("summary", {}).get("images_per_second_by_resolution"),
         "shards": len(manifest["shards"]),
         "bytes_per_sample": sum(s["bytes"] for s in manifest["shards"]) / max(len(labels), 1),
         "complete": manifest.get("complete"),
@@ -122,6 +123,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"teacher agreement with asked label  {report['teacher_agreement']:.1%}",
         f"mean teacher entropy                {report['mean_entropy']:.3f} nats",
     ]
+    if report.get("resolution_counts") and len(report["resolution_counts"]) > 1:
+        sizes_line = ", ".join(f"{size}: {count}" for size, count in report["resolution_counts"].items())
+        lines.append(f"images per resolution               {sizes_line}")
+    if report.get("images_per_second_by_resolution"):
+        speeds = ", ".join(f"{size}: {speed}" for size, speed in report["images_per_second_by_resolution"].items())
+        lines.append(f"synthesis images/s by resolution    {speeds}  (the last run)")
     stretches = report.get("agreement_over_run") or []
     if len(stretches) > 1:
         sizes = sorted({s["samples"] for s in stretches})

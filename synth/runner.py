@@ -216,10 +216,18 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     shard_started = run_started
     produced = 0
     out_of_time = False
+    # Seconds and images per stored size (a multi-resolution method's sizes cost differently): from one batch
+    # handed over to the next, shard commits excluded.
+    by_size: dict[str, list[float]] = {}
+    batch_started = time.perf_counter()
     for batch in method.synthesize():
         pixels, logits = quantise_and_label(teacher, batch.images)
         labels = batch.labels.cpu().tolist()
         height, width = pixels.shape[1:3]
+        if batch.source == "synthetic":  # a plug-in's stored images (condensed) cost no synthesis
+            size_record = by_size.setdefault(f"{height}x{width}", [0.0, 0])
+            size_record[0] += time.perf_counter() - batch_started
+            size_record[1] += min(len(labels), target - next_index)
         for i in range(len(labels)):
             if next_index >= target:
                 break
@@ -247,6 +255,7 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
                 break
         if out_of_time or next_index >= target:
             break
+        batch_started = time.perf_counter()
     if pending and not out_of_time:
         writer.commit_shard(pending, state=None, seconds=time.perf_counter() - shard_started)
     bar.close()
@@ -255,6 +264,9 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     summary["synthesis_seconds_this_run"] = round(elapsed, 2)
     summary["synthesis_images_per_second"] = round(produced / elapsed, 2) if elapsed > 0 else None
     summary["peak_memory_bytes"] = peak_memory_bytes(device)
+    if len(by_size) > 1:
+        summary["images_per_second_by_resolution"] = {size: round(n / seconds, 2) if seconds > 0 else None
+                                                      for size, (seconds, n) in sorted(by_size.items())}
     manifest = writer.finish(summary, stop=_budget_stop(deadline, options) if out_of_time else None)
     stopped = f"; stopped by the time budget ({format_duration(deadline.seconds)})" if out_of_time else ""
     log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "

@@ -85,6 +85,8 @@ def test_synth_run_kgen_stores_each_resolution_at_its_size(kgen_set):
     manifest = shards.read_manifest(kgen_set)
     assert manifest["resolution_counts"] == {"16x16": 24, "24x24": 16}  # batches of 12 and 8 taking turns
     assert manifest["schema"]["image"]["shapes"] == [[16, 16, 3], [24, 24, 3]]
+    speeds = manifest["summary"]["images_per_second_by_resolution"]  # what each size costs to make
+    assert set(speeds) == {"16x16", "24x24"} and all(v > 0 for v in speeds.values())
     assert shards.verify(kgen_set) == []
     arrays = shards.load_arrays(kgen_set, progress=False, resolution=(24, 24))
     assert len(arrays) == 16 and all(m["resolution"] == [24, 24] for m in arrays.meta)
