@@ -123,6 +123,7 @@ class Benchmark:
         self.budget = pipeline["budget"]
         self.condense = pipeline.get("condense", {})
         self._lock = threading.RLock()
+        self._condense_locks: dict[Path, threading.Lock] = {}
         self.rows = pipeline.get("rows", [])
         self.out = Path(self.spec["out"])
         self.fresh = fresh
@@ -172,7 +173,9 @@ class Benchmark:
     def condensed_set(self, ipc: int, seed: int) -> Path:
         """``synth condense`` of the real training split, ``ipc`` images per class (made once, then reused)."""
         path = self.out / "condensed" / f"ipc-{ipc}-seed-{seed}"
-        with self._lock:  # rows in parallel lanes share one condensed set
+        with self._lock:
+            lock = self._condense_locks.setdefault(path, threading.Lock())
+        with lock:  # rows in parallel lanes share one condensed set; different sets are made side by side
             self._condense(path, ipc, seed)
         return path
 
