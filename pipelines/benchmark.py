@@ -273,8 +273,8 @@ class Benchmark:
             run = self.condensed_only_run(row, seed) if only else self.method_run(row, seed)
             self.runs[(row["name"], seed)] = run
             runs.append(run)
-            print(f"   seed {seed}: accuracy {run['accuracy']:.2%}  synthesis {run['synthesis_seconds']:.0f} s",
-                  flush=True)
+            made = f"  synthesis {run['synthesis_seconds']:.0f} s" if run.get("synthesis_seconds") is not None else ""
+            print(f"   {row['name']}, seed {seed}: accuracy {run['accuracy']:.2%}{made}", flush=True)
 
         def mean(key: str) -> float | None:
             values = [r[key] for r in runs if r.get(key) is not None]
