@@ -254,6 +254,11 @@ def _concat(parts: list[HostBatch]) -> HostBatch:
                  for i in range(len(parts[0])))
 
 
+def is_condensed(meta: dict[str, Any]) -> bool:
+    """Whether a stored sample is a condensed image (``synth --condensed`` writes ``meta["source"]``)."""
+    return meta.get("source") == "condensed"
+
+
 class ShardBatches(torch.utils.data.IterableDataset):
     """Worker-side batching of a :func:`shards.stream` pipeline (which splits shards across workers).
 
@@ -290,7 +295,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         batch = (np.stack([s[0] for s in samples]), np.asarray([s[1] for s in samples], dtype=np.int64),
                  np.stack([s[2] for s in samples]) if self.with_logits else None)
         if self.with_sources:  # which samples are condensed images (synth --condensed), for their own KD term
-            batch += (np.asarray([s[3].get("source") == "condensed" for s in samples], dtype=bool),)
+            batch += (np.asarray([is_condensed(s[3]) for s in samples], dtype=bool),)
         return batch
 
 

@@ -20,6 +20,7 @@ from distill.data import (
     default_workers,
     epoch_seed,
     identity_collate,
+    is_condensed,
     raise_stream_errors,
     rebatch,
 )
@@ -112,8 +113,8 @@ def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers
 
 
 def _condensed_flags(arrays: shards.ShardArrays) -> torch.Tensor:
-    """bool [N]: which samples are condensed images (``meta["source"]``, written by ``synth --condensed``)."""
-    return torch.tensor([m.get("source") == "condensed" for m in arrays.meta], dtype=torch.bool)
+    """bool [N]: which samples are condensed images."""
+    return torch.tensor([is_condensed(m) for m in arrays.meta], dtype=torch.bool)
 
 
 def _resolution_source(location: str, manifest: dict[str, Any], plan: ResolutionPlan, *, cache: str,
