@@ -48,8 +48,8 @@ import torch
 
 import realdata
 import zoo
+from synth.core.registry import get_method
 from synth.presets import preset_values
-from synth.registry import get_method
 
 from .lanes import run_in_lanes
 
@@ -80,7 +80,7 @@ def _train_share(metrics: dict[str, Any]) -> float | None:
 
 
 def _synth(*args: str) -> list[str]:
-    return [sys.executable, "-m", "synth.cli", *args]
+    return [sys.executable, "-m", "synth", *args]
 
 
 def _distill(*args: str) -> list[str]:

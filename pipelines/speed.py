@@ -46,7 +46,7 @@ REFERENCE_OPTIONS = {
 
 
 def _synth_run(tree: Path, method: str, out: Path, num_images: int) -> float:
-    command = [sys.executable, "-m", "synth.cli", "run", method, "--out", str(out), "--preset", "paper",
+    command = [sys.executable, "-m", "synth", "run", method, "--out", str(out), "--preset", "paper",
                "--num-images", str(num_images), "--shard-size", str(num_images), "--device", "cpu", "--quiet",
                *REFERENCE_OPTIONS[method]]
     result = subprocess.run(command, cwd=tree, capture_output=True, text=True,
@@ -93,7 +93,7 @@ def profile(method_name: str, steps: int, batch_size: int, fuse_views: bool | No
     from torch.profiler import profile as torch_profile
 
     import zoo
-    from synth.registry import get_method
+    from synth.core.registry import get_method
 
     torch.manual_seed(0)
     teacher = zoo.load_classifier(zoo.default_teacher_path())

@@ -1,5 +1,5 @@
 """``python -m synth …`` (and ``torchrun … -m synth run …``): the ``synth`` command."""
 
-from synth.cli import main
+from .commands.cli import main
 
 main()

@@ -3,7 +3,7 @@
 ``paper`` is each method's config defaults (the papers' hyperparameters and iteration counts), sized for a
 GPU. ``cpu`` scales iteration counts and batch sizes down so that a run finishes in minutes on a 2-core
 CPU; loss weights and every other hyperparameter stay the paper's. Each method declares its own CPU budget
-on its config class (``cpu_budget``, see :class:`synth.base.SynthConfig`); the run-level part (how many
+on its config class (``cpu_budget``, see :class:`synth.core.protocol.SynthConfig`); the run-level part (how many
 images) lives here, once. ``auto`` picks ``paper`` when CUDA is present and ``cpu`` otherwise, and says so.
 The preset used is recorded in the manifest with the resolved config.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import SynthesisMethod
+from .core.protocol import SynthesisMethod
 
 PRESETS = ("paper", "cpu")
 #: Options of ``synth run`` itself under each preset.

@@ -25,12 +25,11 @@ import shards
 import zoo
 from timebudget import Deadline, format_duration
 
-from . import card as dataset_card
-from .base import SynthConfig, SynthesisMethod
-from .diversity import diversity_report, subsample, teacher_features
+from .core.pixels import quantise
+from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
+from .dataset import card as dataset_card
+from .dataset.diversity import diversity_report, subsample, teacher_features
 from .fanout import FanOut
-from .pixels import quantise
-from .plugins import LossPlugin
 
 
 @dataclass

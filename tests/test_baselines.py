@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synth.hooks import BatchNormStatisticsHook
-from synth.losses import bn_statistics_loss
+from synth.core.hooks import BatchNormStatisticsHook
+from synth.core.losses import bn_statistics_loss
+from synth.core.updates import term
 from synth.methods.cmi import CMI, CMIConfig, contrastive_instance_loss
 from synth.methods.fast import Fast, FastConfig
-from synth.updates import term
 
 TINY = dict(batch_size=8, kd_steps=1, proxy_student="resnet8", latent_dim=16, generator_width=8,
             memory_capacity=32)

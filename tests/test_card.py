@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import shards
-from synth.cli import main
-from synth.registry import all_methods
+from synth.commands.cli import main
+from synth.core.registry import all_methods
 
 GENERATOR = ["--batch-size", "8", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
              "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "32"]
@@ -194,7 +194,7 @@ def test_plain_webdataset_reads_the_raw_bytes(gmi_set):
 
 
 def test_agreement_over_the_run_follows_the_order_the_shards_were_made():
-    from synth.inspect import agreement_over_run
+    from synth.dataset.inspect import agreement_over_run
 
     # Listed out of order (as a merge may list them): stretches follow first_index, not the list.
     shards_ = [{"first_index": 64 * i, "num_samples": 64, "agreement_count": count}

@@ -19,11 +19,11 @@ from torch import nn
 
 import shards
 import zoo
-from synth import registry
-from synth.cli import _build_plugins, main
-from synth.condensed_data import CondensedDataError, load_condensed
+from synth.commands.cli import _build_plugins, main
+from synth.core import registry
 from synth.methods.gmi import GMI, GMIConfig
-from synth.plugins.condensed import CondensedGuidance, CondensedOptions
+from synth.plugins.condensed.data import CondensedDataError, load_condensed
+from synth.plugins.condensed.plugin import CondensedGuidance, CondensedOptions
 
 TINY = ["--batch-size", "10", "--inversion-steps", "2", "--kd-steps", "1", "--proxy-student", "resnet8",
         "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "64", "--device", "cpu",

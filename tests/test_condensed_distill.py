@@ -18,9 +18,9 @@ from distill.data import Batch
 from distill.mixed import SyntheticCondensedKD
 from distill.sources import stream_source
 from distill.train import kd_loss
-from synth.cli import main as synth_main
-from synth.condense import CondenseConfig, distribution_matching, embedding_network
-from synth.condensed_data import load_condensed
+from synth.commands.cli import main as synth_main
+from synth.plugins.condensed.condense import CondenseConfig, distribution_matching, embedding_network
+from synth.plugins.condensed.data import load_condensed
 
 TINY = ["--batch-size", "10", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
         "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "64", "--device", "cpu",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from synth.cli import main
-from synth.generators import CategoricalFeatureEmbedding, ConditionalDCGANGenerator
-from synth.losses import kl_divergence, logit_discrepancy_loss, supervised_contrastive_loss
+from synth.commands.cli import main
+from synth.core.generators import CategoricalFeatureEmbedding, ConditionalDCGANGenerator
+from synth.core.losses import kl_divergence, logit_discrepancy_loss, supervised_contrastive_loss
+from synth.core.updates import make_optimizers
 from synth.methods.cpsc import CPSC, CPSCConfig
-from synth.updates import make_optimizers
 
 TINY = dict(batch_size=8, inversion_steps=1, kd_steps=2, proxy_student="resnet8", memory_capacity=32,
             latent_dim=16, generator_width=8)
@@ -142,7 +142,7 @@ def _kl(method: CPSC, images: torch.Tensor) -> float:
 def test_student_step_lowers_the_discrepancy_and_generator_step_raises_it(calibrated_teacher):
     method = _method(calibrated_teacher, proxy_lr=0.02)
     # The proxy student (minimises L_IKD + L_SCL) on the images it replays.
-    from synth.pixels import dequantise
+    from synth.core.pixels import dequantise
 
     replayed = dequantise(method.memory.sample(8))
     method.student.eval()

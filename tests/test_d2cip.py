@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from conftest import NoArtifacts
 
-from synth.cli import main
-from synth.inversion import InversionStep
+from synth.commands.cli import main
+from synth.core.inversion import InversionStep
+from synth.core.priors import ClassConditionalGMM, StandardNormalPrior
+from synth.core.updates import make_optimizers
 from synth.methods.d2cip import D2CIP, D2CIPConfig
-from synth.priors import ClassConditionalGMM, StandardNormalPrior
-from synth.updates import make_optimizers
 
 TINY = dict(batch_size=8, inversion_steps=1, kd_steps=1, proxy_student="resnet8", prior_iterations=2,
             memory_capacity=32, bank_size=16, latent_dim=16, generator_width=8)
@@ -179,7 +179,7 @@ def test_stage_1_loss_falls(teacher):
         torch.manual_seed(123)  # the same latent draws and views for both measurements
         with torch.no_grad():
             images = method.generate(method.prior.sample(labels), labels)
-            from synth.hooks import recording
+            from synth.core.hooks import recording
 
             with recording(method.bn_hook):
                 logits = method.teacher(images)

@@ -20,10 +20,10 @@ pytest.importorskip("transformers")
 
 from tiny_diffusion import save_ddpm, save_dit, save_stable_diffusion  # noqa: E402
 
-from synth import diffusion  # noqa: E402
-from synth.cli import main  # noqa: E402
-from synth.cutmix import apply_mixes, draw_mixes  # noqa: E402
-from synth.methods.diffdfkd import DiffDFKD, DiffDFKDConfig  # noqa: E402
+from synth.commands.cli import main  # noqa: E402
+from synth.methods.diffdfkd import diffusion  # noqa: E402
+from synth.methods.diffdfkd.cutmix import apply_mixes, draw_mixes  # noqa: E402
+from synth.methods.diffdfkd.method import DiffDFKD, DiffDFKDConfig  # noqa: E402
 
 TINY = dict(batch_size=4, num_inference_steps=4, interval=2, proxy_student="resnet8", kd_steps=1,
             memory_capacity=64)

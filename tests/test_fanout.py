@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import shards
 from shards import writer as writer_module
-from synth.cli import main
+from synth.commands.cli import main
 
 TINY = ["--batch-size", "4", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
         "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "32", "--shard-size", "2",

@@ -17,11 +17,11 @@ from torch import nn
 
 import shards
 import zoo
-from synth.cam import CamError, CamRecorder, key_region_loss, target_mask
-from synth.cli import main
-from synth.embedding_diversity import derived_radii, inner_margin_loss, outer_margin_loss
+from synth.commands.cli import main
 from synth.errors import SynthError
-from synth.methods.kgen import EMBEDDINGS_FILE, KGen, KGenConfig, KGenS, KGenSConfig
+from synth.methods.kgen.cam import CamError, CamRecorder, key_region_loss, target_mask
+from synth.methods.kgen.embedding_diversity import derived_radii, inner_margin_loss, outer_margin_loss
+from synth.methods.kgen.method import EMBEDDINGS_FILE, KGen, KGenConfig, KGenS, KGenSConfig
 
 TINY = dict(batch_size=20, inversion_steps=2, kd_steps=2, proxy_student="resnet8", memory_capacity=64,
             latent_dim=16, generator_width=8)
@@ -200,7 +200,7 @@ def _tiny_bert(folder):
 
 def test_text_encoder_loads_from_a_local_folder_offline_and_mean_pools(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from synth.text_embeddings import encode_texts
+    from synth.methods.kgen.text_embeddings import encode_texts
 
     model, tokenizer = _tiny_bert(tmp_path / "bert")
     texts = ["a photo of a class3", "class1"]
@@ -308,7 +308,7 @@ def test_synth_run_takes_its_image_count_from_the_memory_ratio(tmp_path, tiny_te
 
 
 def test_fewer_patches_vit_is_the_plain_vit_at_full_size_and_draws_centre_biased_windows():
-    from synth.vit_regions import FewerPatchesViT, centre_probabilities
+    from synth.methods.kgen.vit_regions import FewerPatchesViT, centre_probabilities
 
     torch.manual_seed(0)
     vit = zoo.build_model("tv:vit_b_16", 10, 3).eval()

@@ -14,7 +14,7 @@ import shards
 from distill.cli import main as distill_main
 from distill.data import TensorSource
 from distill.resolutions import ResolutionBatches
-from synth.cli import main as synth_main
+from synth.commands.cli import main as synth_main
 
 
 def _samples(start: int, sizes: list[int]) -> list[shards.Sample]:

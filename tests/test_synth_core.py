@@ -18,8 +18,8 @@ from conftest import NoArtifacts
 
 import shards
 import zoo
-from synth import registry
-from synth.cli import main
+from synth.commands.cli import main
+from synth.core import registry
 from synth.methods.gmi import GMI, GMIConfig
 from synth.runner import RunOptions, run
 
@@ -46,7 +46,7 @@ def temp_module(tmp_path, monkeypatch):
 THROWAWAY_METHOD = '''
     from dataclasses import dataclass, field
     import torch
-    from synth.base import SynthBatch, SynthConfig, SynthesisMethod
+    from synth.core.protocol import SynthBatch, SynthConfig, SynthesisMethod
 
     @dataclass
     class NoiseConfig(SynthConfig):
@@ -133,8 +133,8 @@ def test_a_cpu_budget_naming_an_unknown_option_is_refused_at_definition(temp_mod
 TOY_PLUGIN = '''
     from dataclasses import dataclass, field
     import torch
-    from synth.plugins import LossPlugin
-    from synth.updates import term
+    from synth.core.protocol import LossPlugin
+    from synth.core.updates import term
 
     @dataclass
     class ToyOptions:
@@ -301,7 +301,7 @@ def _doc_block(heading: str) -> str:
 
 
 def test_the_worked_example_in_the_architecture_doc_runs(temp_module, tmp_path, tiny_teacher):
-    source = _doc_block("### Adding a method").replace("from ..", "from synth.")
+    source = _doc_block("### Adding a method")
     module = temp_module("doc_example_method", source)
     out = tmp_path / "set"
     result = CliRunner().invoke(main, ["run", "gmi-tv", "--out", str(out), "--teacher", str(tiny_teacher),
@@ -318,7 +318,7 @@ def test_the_worked_example_in_the_architecture_doc_runs(temp_module, tmp_path, 
 
 def test_the_plugin_example_in_the_architecture_doc_runs(temp_module, tiny_teacher):
     source = "import torch\nfrom dataclasses import dataclass, field\nfrom synth.plugins import LossPlugin\n" \
-             "from synth.updates import Term, term\n" + _doc_block("### Adding a loss plug-in")
+             "from synth.core.updates import Term, term\n" + _doc_block("### Adding a loss plug-in")
     module = temp_module("doc_example_plugin", source)
     teacher = zoo.load_classifier(tiny_teacher)
     plugin = module.FeatureCritic(module.CriticOptions(critic_weight=0.3))

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synth.hooks import BatchNormStatisticsHook, MissingBatchNormError
-from synth.losses import adversarial_kl_loss, bn_statistics_loss, info_nce_loss, total_variation_loss
-from synth.memory import MemoryBank
-from synth.priors import ClassConditionalGMM
+from synth.core.hooks import BatchNormStatisticsHook, MissingBatchNormError
+from synth.core.losses import adversarial_kl_loss, bn_statistics_loss, info_nce_loss, total_variation_loss
+from synth.core.memory import MemoryBank
+from synth.core.priors import ClassConditionalGMM
 
 
 def _set_gmm(gmm: ClassConditionalGMM, weights: list[float]) -> None:

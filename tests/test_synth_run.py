@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import shards
 import zoo
-from synth.cli import main
+from synth.commands.cli import main
 
 FAST_GMI = ["--batch-size", "8", "--inversion-steps", "2", "--kd-steps", "1", "--proxy-student", "resnet8",
             "--memory-capacity", "64", "--device", "cpu", "--quiet", "--preset", "paper"]
@@ -105,7 +105,7 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, tiny_
             *METHOD_ARGS[method]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "synth.cli", *args, "--out", str(killed)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "synth", *args, "--out", str(killed)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = killed / "manifest.json"
     deadline = time.time() + 120
@@ -118,7 +118,7 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, tiny_
     partial = json.loads(manifest.read_text())
     assert 2 <= len(partial["shards"]) < num_images // 8, "the kill should land mid-run"
 
-    rerun = subprocess.run([sys.executable, "-m", "synth.cli", *args, "--out", str(killed)], env=env,
+    rerun = subprocess.run([sys.executable, "-m", "synth", *args, "--out", str(killed)], env=env,
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr
@@ -131,7 +131,7 @@ def test_sigkill_mid_run_then_rerun_completes_without_duplicates(tmp_path, tiny_
 
     # Resuming reproduces exactly what an uninterrupted run with the same seed writes.
     clean = tmp_path / "clean"
-    subprocess.run([sys.executable, "-m", "synth.cli", *args, "--out", str(clean)], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "synth", *args, "--out", str(clean)], env=env, check=True,
                    capture_output=True)
     assert _shard_hashes(clean) == _shard_hashes(killed)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synth.updates import ParamGroup, Term, UpdateDeclarationError, UpdateEngine, make_optimizers, term
+from synth.core.updates import ParamGroup, Term, UpdateDeclarationError, UpdateEngine, make_optimizers, term
 
 
 def _toy():

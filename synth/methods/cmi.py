@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import augment
-from ..hooks import recording
-from ..inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
-from ..memory import MemoryBank
-from ..updates import ParamGroup, Term, term
+from synth.core import augment
+from synth.core.hooks import recording
+from synth.core.inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from synth.core.memory import MemoryBank
+from synth.core.updates import ParamGroup, Term, term
 
 
 @dataclass

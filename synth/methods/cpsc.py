@@ -2,7 +2,7 @@
 
 A conditional generator G(z | y) persists for the whole run (it is a GAN, not a per-batch inversion): z ~
 N(0, I) and the asked label go in at the input, and every BatchNorm is a Categorical Feature Embedding block
-(:class:`~synth.generators.CategoricalFeatureEmbedding`, Sec. 3.2) whose class-dependent scale and shift maps
+(:class:`~synth.core.generators.CategoricalFeatureEmbedding`, Sec. 3.2) whose class-dependent scale and shift maps
 W_y, b_y let each class shape its own feature distribution. Training alternates (Sec. 3.3-3.5):
 
     proxy student S (and its adapter) minimise   L_IKD + gamma * L_SCL                        (on replay)
@@ -60,10 +60,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..generators import ConditionalDCGANGenerator
-from ..inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
-from ..losses import adversarial_kl_loss, class_prior_loss, logit_discrepancy_loss, supervised_contrastive_loss
-from ..updates import ParamGroup, Term, term
+from synth.core.generators import ConditionalDCGANGenerator
+from synth.core.inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from synth.core.losses import (
+    adversarial_kl_loss,
+    class_prior_loss,
+    logit_discrepancy_loss,
+    supervised_contrastive_loss,
+)
+from synth.core.updates import ParamGroup, Term, term
 
 
 @dataclass

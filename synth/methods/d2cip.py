@@ -1,7 +1,7 @@
 """D2CIP: Dual Contrastive Inversion with Distributional Priors (papers/d2cip.txt).
 
 Stage 1 - distributional prior recovery (Alg. 1, Eq. 5-7). A class-conditional Gaussian mixture over the
-generator's latent (:class:`synth.priors.ClassConditionalGMM`) is trained jointly with a generator on
+generator's latent (:class:`synth.core.priors.ClassConditionalGMM`) is trained jointly with a generator on
 
     L_s1 = alpha * L_cls + beta * L_bn                                                         (Eq. 6)
 
@@ -55,16 +55,14 @@ import torch
 from tqdm import tqdm
 
 import zoo
-
-from ..base import Artifacts, SynthBatch
-from ..generators import ProjectionHead
-from ..hooks import recording
-from ..inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
-from ..losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, info_nce_loss
-from ..memory import MemoryBank
-from ..plugins import LossPlugin
-from ..priors import ClassConditionalGMM, StandardNormalPrior
-from ..updates import ParamGroup, Term, UpdateEngine, make_optimizers, term
+from synth.core.generators import ProjectionHead
+from synth.core.hooks import recording
+from synth.core.inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from synth.core.losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, info_nce_loss
+from synth.core.memory import MemoryBank
+from synth.core.priors import ClassConditionalGMM, StandardNormalPrior
+from synth.core.protocol import Artifacts, LossPlugin, SynthBatch
+from synth.core.updates import ParamGroup, Term, UpdateEngine, make_optimizers, term
 
 PRIOR_FILE = "prior.pt"
 

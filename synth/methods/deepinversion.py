@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import SynthBatch, SynthConfig, SynthesisMethod
-from ..hooks import recording
-from ..losses import bn_statistics_loss, class_prior_loss, image_l2_loss, total_variation_loss
+from synth.core.hooks import recording
+from synth.core.losses import bn_statistics_loss, class_prior_loss, image_l2_loss, total_variation_loss
+from synth.core.protocol import SynthBatch, SynthConfig, SynthesisMethod
 
 
 @dataclass

@@ -38,10 +38,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import augment
-from ..inversion import GeneratorInversion, InversionConfig, ResetMode
-from ..losses import bn_statistics_loss
-from ..updates import ParamGroup
+from synth.core import augment
+from synth.core.inversion import GeneratorInversion, InversionConfig, ResetMode
+from synth.core.losses import bn_statistics_loss
+from synth.core.updates import ParamGroup
 
 
 @dataclass

@@ -8,7 +8,7 @@ with the class prior L_cls (Eq. 1), BN-statistics matching L_bn (Eq. 2) and the 
 L_adv = -KL(theta_T(x'), theta_S(x')) (Eq. 3) against the in-loop proxy student, all updating the generator
 and the latents. As in CMI and Fast, a generator and per-batch learnable latents are optimised for
 ``inversion_steps`` steps; here the generator *persists* across batches (``reset_generator=auto`` is
-``keep``), so its training accumulates over the run. The loop itself is :mod:`synth.inversion`.
+``keep``), so its training accumulates over the run. The loop itself is :mod:`synth.core.inversion`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..inversion import GeneratorInversion, InversionConfig
+from synth.core.inversion import GeneratorInversion, InversionConfig
 
 
 @dataclass

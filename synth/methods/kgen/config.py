@@ -1,6 +1,6 @@
 """K-Gen's options: Table 8's CIFAR row as defaults, the resolutions plan and the data-memory budget (Sec. 3.6).
 
-The method itself, and every reading where the paper is silent, is :mod:`synth.methods.kgen`.
+The method itself, and every reading where the paper is silent, is :mod:`.method`.
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from synth.core.inversion import InversionConfig
+
 from .cam import parse_mask
-from .inversion import InversionConfig
 from .text_embeddings import DEFAULT_PROMPT, DEFAULT_TEXT_ENCODER
 
 

@@ -14,7 +14,7 @@ What the paper specifies, and where it lives here:
   an auxiliary class head would only repeat the teacher's class prior L_cls that every host already has.
   ``--unconditional-discriminator`` drops e_y (the paper's ablation: global alignment only).
 * **Differentiable augmentation on both sides** ("to prevent discriminator overfitting"): DiffAugment
-  (colour, translation, cutout; :func:`synth.augment.diff_augment`) on the generator's images and on the
+  (colour, translation, cutout; :func:`synth.core.augment.diff_augment`) on the generator's images and on the
   condensed images before the teacher. The synthetic side gets its own augmented teacher pass rather than the
   host's view, so both sides see the same augmentation whatever the host does (one more teacher forward and
   backward per step: the price of the plug-in).
@@ -46,16 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import diff_augment
-from ..base import SynthBatch
-from ..condensed_data import MAX_PER_CLASS, CondensedSet, load_condensed
-from ..updates import Term, term
-from . import LossPlugin
+from synth.core.augment import diff_augment
+from synth.core.protocol import LossPlugin, SynthBatch
+from synth.core.updates import Term, term
+
+from .data import MAX_PER_CLASS, CondensedSet, load_condensed
 
 if TYPE_CHECKING:
     import zoo
-
-    from ..inversion import GeneratorInversion, InversionStep
+    from synth.core.inversion import GeneratorInversion, InversionStep
 
 
 @dataclass

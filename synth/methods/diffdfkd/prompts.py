@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SynthError
+from synth.errors import SynthError
 
 
 def split_modifiers(text: str) -> list[str]:

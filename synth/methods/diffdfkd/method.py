@@ -1,7 +1,7 @@
 """DiffDFKD: teacher-guided latent editing of a pretrained diffusion model, with Latent CutMix
 (papers/diffdfkd.txt).
 
-A pretrained diffusion model (:mod:`synth.diffusion`: Stable Diffusion family, DiT, or a pixel-space DDPM, local
+A pretrained diffusion model (:mod:`.diffusion`: Stable Diffusion family, DiT, or a pixel-space DDPM, local
 path or hub id) denoises a batch of latents for T steps. At every step t, for ``inner_steps`` updates (Sec. III-C):
 
     eps   = eps(z_t, t | 0) + s (eps(z_t, t | c) - eps(z_t, t | 0))                     Eq. 3 (one forward)
@@ -10,11 +10,11 @@ path or hub id) denoises a batch of latents for T steps. At every step t, for ``
     L_inv = alpha L_bn(x) + beta L_cls(x, y) + gamma L_adv(x)                           Eq. 6-9
     z_t  <- z_t - eta grad_{z_t} L_inv                                                  Eq. 10
 
-then (every k steps) Latent CutMix between random pairs of the batch (Eq. 11, :mod:`synth.cutmix`) and the
+then (every k steps) Latent CutMix between random pairs of the batch (Eq. 11, :mod:`.cutmix`) and the
 scheduler's step to z_{t-1} (Eq. 5). At t = T-k, T-2k, ..., 0 the decoded x̂0 joins the dataset (Sec. III-D:
 each latent gives T/k images), with its step, timestep, prompt and the mixes it went through in its metadata.
-L_bn, L_cls and L_adv are :mod:`synth.losses`' functions; L_adv's student is an in-loop proxy student
-(:mod:`synth.proxy`) that learns by KD from the teacher on the stored images, as in CMI and Fast.
+L_bn, L_cls and L_adv are :mod:`synth.core.losses`' functions; L_adv's student is an in-loop proxy student
+(:mod:`synth.core.proxy`) that learns by KD from the teacher on the stored images, as in CMI and Fast.
 Distillation's CAM-alignment loss (Eq. 12) is not part of synthesis.
 
 Readings where the paper is silent (each the one that works best here, and why):
@@ -54,15 +54,15 @@ from typing import Any, ClassVar, Literal
 import torch
 
 import zoo
+from synth.core.hooks import recording
+from synth.core.losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss
+from synth.core.protocol import SynthBatch, SynthConfig, SynthesisMethod
+from synth.core.proxy import ProxyStudent
+from synth.errors import SynthError
 
-from .. import diffusion
-from ..base import SynthBatch, SynthConfig, SynthesisMethod
-from ..cutmix import apply_mixes, draw_mixes
-from ..errors import SynthError
-from ..hooks import recording
-from ..losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss
-from ..prompts import PromptBuilder
-from ..proxy import ProxyStudent
+from . import diffusion
+from .cutmix import apply_mixes, draw_mixes
+from .prompts import PromptBuilder
 
 DEFAULT_SUBJECTS = "|close-up|centered|from the side|on a plain background|in natural light"
 DEFAULT_STYLES = "|photograph|studio photo|product shot|black and white photo|film photo"

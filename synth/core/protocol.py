@@ -1,15 +1,44 @@
-"""The protocol every synthesis method follows, and the set-up every method shares.
+"""The protocols of the inversion core: a synthesis method, one step of the generator loop, a loss plug-in.
 
-A method is one class in one file under ``synth/methods/``: built from a teacher (:class:`zoo.Classifier`,
-pixel-space input) and its config dataclass, it yields :class:`SynthBatch` objects from
-:meth:`SynthesisMethod.synthesize` forever; the runner (:mod:`synth.runner`) decides how many it needs,
+A method is one class in one file (or folder) under ``synth/methods/``: built from a teacher
+(:class:`zoo.Classifier`, pixel-space input) and its config dataclass, it yields :class:`SynthBatch` objects
+from :meth:`SynthesisMethod.synthesize` forever; the runner (:mod:`synth.runner`) decides how many it needs,
 stores them and checkpoints the method between shards with :meth:`~SynthesisMethod.state_dict`. Defining a
-subclass with a ``name`` registers it (:mod:`synth.registry`); nothing else needs editing.
+subclass with a ``name`` registers it (:mod:`synth.core.registry`); nothing else needs editing.
 
 What every method shares is done here, once: the teacher is frozen, the BatchNorm-statistics hook is
 attached when the config asks for BN matching, and the labels follow one class schedule. A method never
 touches the disk except through the :class:`Artifacts` it is given (for files such as D2CIP's learned
 prior that belong inside the dataset).
+
+Loss plug-ins: one implementation of an extra objective that every generator-based method accepts.
+
+A plug-in is a :class:`LossPlugin` subclass in one file (or folder) of ``synth/plugins/`` (or of an installed extension,
+see :mod:`synth.core.registry`). Defining it registers it, and every method that accepts plug-ins
+(:class:`~synth.core.inversion.GeneratorInversion` and its subclasses) gains its options on ``synth run METHOD``.
+The condensed-data discriminator is the intended first one: ``synth run gmi --condensed X`` and
+``synth run d2cip --condensed X`` then run the same code.
+
+What a plug-in has, and when it is called:
+
+* ``options_class`` -- a dataclass whose fields (each with ``metadata["help"]``) become command-line
+  options and pipeline-file keys; :meth:`LossPlugin.enabled` says whether the given options switch it on.
+  Only enabled plug-ins are built, and only their options enter the manifest and the dataset's identity,
+  so a run without them writes exactly what it wrote before they existed;
+* :meth:`~LossPlugin.check` -- once, with the teacher, before the run touches the disk: read the plug-in's
+  input and refuse what does not fit (so a bad input leaves nothing behind);
+* :meth:`~LossPlugin.extra_samples` / :meth:`~LossPlugin.initial_batches` -- samples the plug-in adds to the
+  dataset on top of ``--num-images`` (the condensed images), stored first, once per dataset;
+* :meth:`~LossPlugin.attach` -- once, with the host method (teacher, device, ``num_classes``); create
+  parameters and optimisers here;
+* :meth:`~LossPlugin.begin_batch` -- before each inverted batch; may return extra parameter groups that the
+  host's update engine optimises with the step's terms;
+* :meth:`~LossPlugin.losses` -- every step: named terms (:func:`synth.core.updates.term`), each declaring the
+  groups it updates, added to the host's terms (a name clash is an error);
+* :meth:`~LossPlugin.after_step` -- every step, after the host's update: the plug-in's own update (a
+  discriminator step on detached features, with its own optimiser);
+* :meth:`~LossPlugin.end_batch` -- after every stored batch; may return extra batches to store;
+* :meth:`~LossPlugin.state_dict` / :meth:`~LossPlugin.load_state_dict` -- saved with the host's resume state.
 """
 
 from __future__ import annotations
@@ -18,16 +47,15 @@ import abc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 import zoo
 
 from .hooks import BatchNormStatisticsHook
-
-if TYPE_CHECKING:
-    from .plugins import LossPlugin
+from .registry import register_method, register_plugin
+from .updates import ParamGroup, Term
 
 
 @dataclass
@@ -92,8 +120,8 @@ class SynthesisMethod(abc.ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
-            from .registry import register_method
-
+            if not issubclass(cls.config_class, SynthConfig):
+                raise TypeError(f"method {cls.name!r}: config_class must subclass {SynthConfig.__qualname__}")
             register_method(cls)
 
     def __init__(self, teacher: zoo.Classifier, config: SynthConfig, device: torch.device,
@@ -167,3 +195,79 @@ class SynthesisMethod(abc.ABC):
     def losses_of_last_step(self) -> dict[str, float]:
         """The named loss terms of the most recent optimisation step, for progress bars and tests."""
         return self.last_losses
+
+
+@dataclass
+class InversionStep:
+    """What one optimisation step computed, handed to :meth:`GeneratorInversion.losses` and plug-ins."""
+
+    index: int  # step within the batch, from 0
+    labels: torch.Tensor
+    latents: torch.Tensor
+    images: torch.Tensor  # generator output, pixel space
+    views: list[torch.Tensor]  # what the teacher saw: one augmented batch per view
+    teacher_logits: torch.Tensor  # on views[0], float32
+    teacher_features: list[torch.Tensor]  # penultimate features, one tensor per view
+    student_logits: torch.Tensor | None  # proxy student on views[0]; None until it has learnt anything
+    instance_features: list[torch.Tensor] | None = None  # per view, when the method asks (CMI)
+    student_features: torch.Tensor | None = None  # proxy student's penultimate features, when asked (CPSC)
+
+
+class LossPlugin(abc.ABC):
+    """Base class of loss plug-ins; subclasses set ``name``, ``summary`` and ``options_class``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    options_class: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            register_plugin(cls)
+
+    def __init__(self, options: Any):
+        self.options = options
+        self.host: SynthesisMethod | None = None  # a GeneratorInversion
+
+    @classmethod
+    @abc.abstractmethod
+    def enabled(cls, options: Any) -> bool:
+        """Whether these options switch the plug-in on (e.g. its input path was given)."""
+
+    def check(self, teacher: zoo.Classifier) -> None:
+        """Before the run touches the disk: read inputs and raise a user error if they do not fit ``teacher``."""
+        return None
+
+    def extra_samples(self) -> int:
+        """Samples this plug-in adds to the dataset beyond ``--num-images`` (after :meth:`check`)."""
+        return 0
+
+    def initial_batches(self) -> list[SynthBatch]:
+        """Batches stored before the first synthetic one, once per dataset (the resume state must say so)."""
+        return []
+
+    def attach(self, host: SynthesisMethod) -> None:
+        """Called once by the host method; build parameters and optimisers on ``host.device`` here."""
+        self.host = host
+
+    def begin_batch(self, labels: torch.Tensor) -> dict[str, ParamGroup]:
+        """Before each inverted batch; extra parameter groups for the host's update engine (usually none)."""
+        return {}
+
+    @abc.abstractmethod
+    def losses(self, step: InversionStep) -> dict[str, Term]:
+        """This step's terms, added to the host's objective."""
+
+    def after_step(self, step: InversionStep) -> None:
+        """After the host's update of this step: the plug-in's own optimisation, if it has one."""
+        return None
+
+    def end_batch(self, batch: SynthBatch) -> list[SynthBatch]:
+        """After every stored batch; extra batches to store (none by default)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

@@ -1,13 +1,14 @@
 """``synth merge A B … --out C [--link]``: unite datasets of one teacher (:mod:`shards.merge`), then write the
-merged set's card. Kept out of ``cli.py`` to keep that file one screenful of commands shorter."""
+merged set's card."""
 
 from __future__ import annotations
 
 import click
 
 from shards.merge import merge as merge_datasets
+from synth.dataset.card import publish
 
-from .card import publish
+from .common import USER_ERRORS, command_line
 
 
 @click.command()
@@ -21,8 +22,6 @@ def merge(sources: tuple[str, ...], out: str, link: bool) -> None:
     Each source's method, config and commands are kept as lineage in the manifest and the dataset card.
     Sources whose sample keys overlap (separate runs) are renumbered, which copies the shards.
     """
-    from .cli import USER_ERRORS, command_line  # the command's own module imports this one
-
     try:
         manifest = merge_datasets(list(sources), out, link=link, command=command_line())
         publish(out, manifest)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import SynthError
+from synth.errors import SynthError
 
 #: Files hashed into a model's identity: every file of the pipeline directory (weights, configs, tokenizer).
 _HASH_CHUNK = 1 << 20

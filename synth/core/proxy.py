@@ -1,7 +1,7 @@
 """A proxy student trained inside a synthesis loop, for the adversarial term L_adv (CMI, Fast, DiffDFKD).
 
 It learns by KD from the teacher on images replayed from a memory of stored (quantised) samples, so that
-L_adv = -KL(teacher || student) has something to disagree with. Methods on :mod:`synth.inversion` have this
+L_adv = -KL(teacher || student) has something to disagree with. Methods on :mod:`synth.core.inversion` have this
 built in; methods with a loop of their own (DiffDFKD) use this class.
 """
 

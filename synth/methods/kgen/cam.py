@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import SynthError
+from synth.errors import SynthError
 
 _MASK = re.compile(r"^\s*(G|Full)\s*\(\s*([0-9.eE+-]+)\s*(?:,\s*([0-9.eE+-]+)\s*)?\)\s*$", re.IGNORECASE)
 

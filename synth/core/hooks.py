@@ -23,7 +23,7 @@ class BatchNormStatisticsHook:
     """Records, for each BatchNorm layer of ``network``, the mean and variance of its input batch.
 
     The statistics are kept with their autograd graph, so a loss built from them (see
-    :func:`synth.losses.bn_statistics_loss`) sends gradients back to the images and from there to a
+    :func:`synth.core.losses.bn_statistics_loss`) sends gradients back to the images and from there to a
     generator or latent codes. Recording happens only inside :meth:`recording`.
     """
 

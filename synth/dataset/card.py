@@ -36,7 +36,7 @@ def _method_info(name: str | None) -> tuple[str, str]:
     """(summary, paper) of a registered method; blank for names this install does not know (merged sets)."""
     if not name:
         return "", ""
-    from .registry import all_methods
+    from synth.core.registry import all_methods
 
     cls = all_methods().get(name)
     return (cls.summary, cls.paper) if cls is not None else ("", "")

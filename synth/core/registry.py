@@ -1,7 +1,8 @@
 """Which methods and loss plug-ins exist: registered on import, found by discovery.
 
-A method registers itself by being defined (a :class:`~synth.base.SynthesisMethod` subclass with a
-``name``); a loss plug-in likewise (:class:`~synth.plugins.LossPlugin`). :func:`discover` imports every
+Imports nothing of ``synth`` (the protocol imports it), so it sits at the bottom of the core.
+A method registers itself by being defined (a :class:`~synth.core.protocol.SynthesisMethod` subclass with a
+``name``); a loss plug-in likewise (:class:`~synth.core.protocol.LossPlugin`). :func:`discover` imports every
 module in ``synth/methods/`` and ``synth/plugins/``, and every module another installed package names under
 the entry-point group ``dfkd_toolkit.synth``, so adding a method is one new file and nothing else.
 """
@@ -13,16 +14,11 @@ import importlib
 import pkgutil
 import threading
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .base import SynthesisMethod
-    from .plugins import LossPlugin
 
 ENTRY_POINT_GROUP = "dfkd_toolkit.synth"
 
-METHODS: dict[str, type[SynthesisMethod]] = {}
-PLUGINS: dict[str, type[LossPlugin]] = {}
+METHODS: dict[str, type] = {}
+PLUGINS: dict[str, type] = {}
 _discovered = False
 _discover_lock = threading.RLock()
 
@@ -40,17 +36,13 @@ def _check_options(owner: str, options_class: type) -> None:
             raise TypeError(f"{owner}: option {f.name!r} has no help text (field metadata 'help')")
 
 
-def register_method(cls: type[SynthesisMethod]) -> type[SynthesisMethod]:
+def register_method(cls: type) -> type:
     """Adds ``cls`` to :data:`METHODS` after checking what ``synth run`` relies on."""
-    from .base import SynthConfig
-
     name = cls.name
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise TypeError(f"{cls.__qualname__}: method name {name!r} must be letters, digits, '-' or '_'")
     if not getattr(cls, "summary", ""):
         raise TypeError(f"method {name!r} needs a one-line `summary` for `synth list`")
-    if not issubclass(cls.config_class, SynthConfig):
-        raise TypeError(f"method {name!r}: config_class must subclass synth.base.SynthConfig")
     _check_options(f"method {name!r}", cls.config_class)
     budget = cls.config_class.own_cpu_budget()
     if budget is not None:
@@ -65,7 +57,7 @@ def register_method(cls: type[SynthesisMethod]) -> type[SynthesisMethod]:
     return cls
 
 
-def register_plugin(cls: type[LossPlugin]) -> type[LossPlugin]:
+def register_plugin(cls: type) -> type:
     """Adds ``cls`` to :data:`PLUGINS`; its options must not clash with another plug-in's."""
     name = cls.name
     _check_options(f"plug-in {name!r}", cls.options_class)
@@ -105,7 +97,7 @@ def discover() -> None:
         _discovered = True
 
 
-def get_method(name: str) -> type[SynthesisMethod]:
+def get_method(name: str) -> type:
     discover()
     try:
         return METHODS[name]
@@ -113,11 +105,11 @@ def get_method(name: str) -> type[SynthesisMethod]:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}") from None
 
 
-def all_methods() -> dict[str, type[SynthesisMethod]]:
+def all_methods() -> dict[str, type]:
     discover()
     return dict(sorted(METHODS.items()))
 
 
-def all_plugins() -> dict[str, type[LossPlugin]]:
+def all_plugins() -> dict[str, type]:
     discover()
     return dict(sorted(PLUGINS.items()))

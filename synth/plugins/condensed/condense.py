@@ -13,7 +13,7 @@ Distribution Matching (DM; Zhao & Bilen, "Dataset Condensation with Distribution
 per class c, the mean embedding of real images T_c and of the synthetic images S_c under a *freshly, randomly
 initialised* embedding network psi_theta each iteration (ConvNet-3: conv 3x3, instance norm, ReLU, average
 pool, as in DM), with differentiable Siamese augmentation A (the same random parameters on both sides:
-:func:`synth.augment.diff_augment` drawn from one seed). S starts from randomly chosen real images of its class
+:func:`synth.core.augment.diff_augment` drawn from one seed). S starts from randomly chosen real images of its class
 (DM's initialisation) and is optimised by SGD (momentum 0.5, DM's) in pixel space, clamped to [0, 1]. DM's
 learning rate 1 acts on normalised images; on [0, 1] pixels it diverges (measured on the toy set of
 tests/test_condensed_distill.py: the held-out mean-embedding gap grows 12.6 -> 16.6 in 30 iterations), 0.1
@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from atomicio import TMP_SUFFIX, fsync_dir, write_atomic
+from synth.core.augment import diff_augment
+from synth.errors import SynthError
 
-from .augment import diff_augment
-from .condensed_data import MAX_PER_CLASS
-from .errors import SynthError
+from .data import MAX_PER_CLASS
 
 
 class CondenseError(SynthError):

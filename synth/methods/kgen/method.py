@@ -16,10 +16,10 @@ CIFAR row (K-Gen-S 28x28 x 260, K-Gen [28, 32] x [130, 100], g = 40, a_ce 0.5, a
 a_ed 10, a_aed 5), Adam lr 4e-3 (C.2), target mask G(1,2) (Table 20).
 
 Class representatives f_y (Sec. 3.4): ``--class-embedding text`` embeds ``--prompt`` with each class name of the
-teacher's card through ``--text-encoder`` (:mod:`synth.text_embeddings`), cached in the dataset as
+teacher's card through ``--text-encoder`` (:mod:`.text_embeddings`), cached in the dataset as
 ``class_embeddings.pt``; ``centre`` takes the mean teacher penultimate feature of each class over the first
 stored batch(es) ("the mean of the embeddings in T from the first batch"). CAM, masks and the ED losses live in
-:mod:`synth.cam` and :mod:`synth.embedding_diversity`; Z and G in :mod:`synth.noisy_generator`.
+:mod:`.cam` and :mod:`.embedding_diversity`; Z and G in :mod:`.noisy_generator`.
 
 Readings where the paper is silent (each the one that works, and why):
 
@@ -31,7 +31,7 @@ Readings where the paper is silent (each the one that works, and why):
 * Eq. 11 writes the student's embedding, the prose says the teacher's: we use the student's (Eq. 11 as
   written) - the in-out game of Fig. 2 is between the student pulling old data in and the generator pushing
   new data out *in the same space*. Embeddings are projected to the representatives' size and L2-normalised
-  (see :mod:`synth.embedding_diversity`). A replayed image's class is the teacher's argmax (the pool keeps
+  (see :mod:`.embedding_diversity`). A replayed image's class is the teacher's argmax (the pool keeps
   images, not labels).
 * Radii: given ``--inner-radius``/``--outer-radius`` win; 0 (default) derives r_i = d_min / 2, r_o = d_min from
   the representatives in use (Table 14's rule; its 0.015/0.03 belong to the paper's encoder).
@@ -43,9 +43,9 @@ Readings where the paper is silent (each the one that works, and why):
   reaches the class prior. Measured on the shipped teacher (batch 32, 10 steps, first two batches): the teacher
   agrees with the asked class on 19-28 % of the images with a_bn = 10, 72 % with a_bn = 1 (gmi: 78-84 %). The
   same runs without L_kr reach 31 %: the key-region loss is what makes so few steps work (Table 4's finding).
-* A torchvision ViT teacher (no CAM, Sec. 3.3) runs through :class:`~synth.vit_regions.FewerPatchesViT`
+* A torchvision ViT teacher (no CAM, Sec. 3.3) runs through :class:`~.vit_regions.FewerPatchesViT`
   (A.1): fewer patches with centre-biased position-embedding windows, the [CLS] attention as M(x, y), no L_bn
-  (LayerNorm only). Any other teacher without a CAM is refused with :class:`~synth.cam.CamError`.
+  (LayerNorm only). Any other teacher without a CAM is refused with :class:`~.cam.CamError`.
 * Table 8's E (epochs) and I (iterations per epoch) are not options: every iteration's batch is stored (Alg. 1
   line 9), so the image count (``--num-images``, or ``--memory-ratio`` with ``--real-set-size``: Sec. 3.6, one
   l x l real image's pixels buy (l/e)^2 images at e x e) decides how many iterations run.
@@ -64,20 +64,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
+from synth.core import augment
+from synth.core.inversion import GeneratorInversion, InversionStep, ResetMode
+from synth.core.losses import distillation_loss
+from synth.core.memory import MemoryBank
+from synth.core.protocol import Artifacts, SynthBatch
+from synth.core.updates import ParamGroup, Term, term
+from synth.errors import SynthError
 
-from .. import augment
-from ..base import Artifacts, SynthBatch
-from ..cam import CamRecorder, cam_grid, key_region_loss, target_mask
-from ..embedding_diversity import EmbeddingProjection, derived_radii, inner_margin_loss, outer_margin_loss
-from ..errors import SynthError
-from ..inversion import GeneratorInversion, InversionStep, ResetMode
-from ..kgen_config import KGenConfig, KGenSConfig
-from ..losses import distillation_loss
-from ..memory import MemoryBank
-from ..noisy_generator import MultiResolutionGenerator, NoisyLayer, reinitialise_generator
-from ..text_embeddings import class_prompts, encode_texts, resolve_encoder
-from ..updates import ParamGroup, Term, term
-from ..vit_regions import FewerPatchesViT, is_torchvision_vit
+from .cam import CamRecorder, cam_grid, key_region_loss, target_mask
+from .config import KGenConfig, KGenSConfig
+from .embedding_diversity import EmbeddingProjection, derived_radii, inner_margin_loss, outer_margin_loss
+from .noisy_generator import MultiResolutionGenerator, NoisyLayer, reinitialise_generator
+from .text_embeddings import class_prompts, encode_texts, resolve_encoder
+from .vit_regions import FewerPatchesViT, is_torchvision_vit
 
 EMBEDDINGS_FILE = "class_embeddings.pt"
 

@@ -22,7 +22,7 @@ something to disagree with. A method changes the loop only through these named p
 ==========================  ===============================================================================
 
 Loss plug-ins (:mod:`synth.plugins`) add terms and their own updates to any such method without touching its
-file. The updates are exact and fused: :class:`~synth.updates.UpdateEngine` gives each group the gradient of
+file. The updates are exact and fused: :class:`~synth.core.updates.UpdateEngine` gives each group the gradient of
 exactly the terms that name it, in the fewest backward passes. All views of a step go through the teacher
 in one forward pass, BN statistics read from the first view only (the teacher is in eval mode, so the other
 rows do not change them).
@@ -41,13 +41,12 @@ from torch.profiler import record_function
 import zoo
 
 from . import augment
-from .base import SynthBatch, SynthConfig, SynthesisMethod
 from .generators import DCGANGenerator, reinitialise
 from .hooks import recording
 from .losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, distillation_loss
 from .memory import MemoryBank
 from .pixels import dequantise, quantise
-from .plugins import LossPlugin
+from .protocol import InversionStep, LossPlugin, SynthBatch, SynthConfig, SynthesisMethod
 from .updates import ParamGroup, Term, UpdateDeclarationError, UpdateEngine, make_optimizers, term
 
 ResetMode = Literal["auto", "keep", "initial", "random"]
@@ -86,22 +85,6 @@ class InversionConfig(SynthConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kd_steps < 0:
             raise ValueError(f"kd_steps must be >= 0, got {self.kd_steps}")
-
-
-@dataclass
-class InversionStep:
-    """What one optimisation step computed, handed to :meth:`GeneratorInversion.losses` and plug-ins."""
-
-    index: int  # step within the batch, from 0
-    labels: torch.Tensor
-    latents: torch.Tensor
-    images: torch.Tensor  # generator output, pixel space
-    views: list[torch.Tensor]  # what the teacher saw: one augmented batch per view
-    teacher_logits: torch.Tensor  # on views[0], float32
-    teacher_features: list[torch.Tensor]  # penultimate features, one tensor per view
-    student_logits: torch.Tensor | None  # proxy student on views[0]; None until it has learnt anything
-    instance_features: list[torch.Tensor] | None = None  # per view, when the method asks (CMI)
-    student_features: torch.Tensor | None = None  # proxy student's penultimate features, when asked (CPSC)
 
 
 class GeneratorInversion(SynthesisMethod):

@@ -11,7 +11,7 @@ image).
 
 :class:`KGenGenerator` is Table 7: Linear(L -> 128 (h/4)(w/4)), normalisation, reshape, [2x up, spectral-norm
 3x3 conv 128->128, BN, LeakyReLU], [2x up, spectral-norm 3x3 conv 128->64, BN, LeakyReLU], spectral-norm 3x3
-conv 64->3, sigmoid - the DCGAN body every generator method here shares (:func:`synth.generators.dcgan_body`,
+conv 64->3, sigmoid - the DCGAN body every generator method here shares (:func:`synth.core.generators.dcgan_body`,
 its upsample+conv pairs fused) with spectral normalisation on the convolutions. Table 7 ends with a BatchNorm2d
 *after* the sigmoid (the public code feeds the teacher normalised tensors); our teachers take pixels in [0, 1]
 and normalise themselves, so the generator ends at the sigmoid. One such generator per resolution
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from .generators import NearestUpsampleConv2d, dcgan_body
+from synth.core.generators import NearestUpsampleConv2d, dcgan_body
 
 
 class NoisyLayer(nn.Module):

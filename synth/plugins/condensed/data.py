@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SynthError
+from synth.errors import SynthError
 
 #: The paper's range of condensed images per class (Sec. "Background": 1-50).
 MAX_PER_CLASS = 50

@@ -1,0 +1,11 @@
+"""K-Gen (papers/k-gen.txt): ``kgen`` (multi-resolution) and ``kgen-s`` (one lower resolution).
+
+``method.py`` is the method and its readings; the helpers are K-Gen's own: ``config.py`` (options, resolution plan,
+data-memory budget), ``noisy_generator.py`` (noisy layer Z and generator G), ``text_embeddings.py`` (class
+representatives f_y), ``cam.py`` (class activation maps, key-region loss), ``embedding_diversity.py`` (Eq. 8-11),
+``vit_regions.py`` (appendix A.1, ViT teachers).
+"""
+
+from .method import KGen, KGenS
+
+__all__ = ["KGen", "KGenS"]
