@@ -317,7 +317,7 @@ def test_the_worked_example_in_the_architecture_doc_runs(temp_module, tmp_path, 
 
 
 def test_the_plugin_example_in_the_architecture_doc_runs(temp_module, tiny_teacher):
-    source = "import torch\nfrom dataclasses import dataclass, field\nfrom synth.plugins import LossPlugin\n" \
+    source = "import torch\nfrom dataclasses import dataclass, field\nfrom synth.core.protocol import LossPlugin\n" \
              "from synth.core.updates import Term, term\n" + _doc_block("### Adding a loss plug-in")
     module = temp_module("doc_example_plugin", source)
     teacher = zoo.load_classifier(tiny_teacher)
@@ -332,7 +332,7 @@ def test_the_plugin_example_in_the_architecture_doc_runs(temp_module, tiny_teach
 
 def test_methods_are_found_by_threads_asking_at_once_in_a_fresh_interpreter():
     """The benchmark's lanes are threads: none may see the registry half filled (7 of 8 did once)."""
-    code = ("import threading\nfrom synth import registry\nerrors = []\n"
+    code = ("import threading\nfrom synth.core import registry\nerrors = []\n"
             "def ask():\n    try:\n        registry.get_method('gmi')\n    except ValueError as e:\n"
             "        errors.append(e)\n"
             "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
