@@ -1,281 +1,293 @@
 """Equal-wall-time benchmark: for the same minutes on this machine, which method gives the better student?
 
-    python -m pipelines.walltime pipelines/fmnist32_cpu_walltime.toml [--rows 'd2cip;fast-2'] [--fresh]
+    python -m pipelines.benchmark pipelines/fmnist32_cpu_decisive.toml [--rows 'd2cip;fast-2'] [--fresh] [--plan]
 
-For every row (a method and its options) and every total budget T in ``[budget] totals`` (ascending), the
-rule is: synthesis runs with ``synth run --time-budget share x T`` (continuing the row's dataset from the
-previous budget, so the points of one row share their synthesis; it stops at the first shard boundary after
-the budget, so a slow method overruns by up to one batch), then a fresh student is distilled with
-``distill run --time-budget (1 - share) x T --budget-covers training``: that much training, then one
-evaluation on the real test set that is timed and reported but not charged (it costs every method the same,
-about half a minute on one core for 10k images, and at the smallest budgets would otherwise leave no time to
-train). Distillation's budget does not shrink when synthesis overran: the overrun is the synthesis method's,
-and shows in the measured total (the curve's x axis). Every figure is measured by
-this script around the two public commands, in one run, on one machine.
+For every row (a method and its options), every seed and every total budget T in ``[budget] totals`` (or the
+row's own ``totals``), the rule is: synthesis runs with ``synth run --time-budget share x T`` (continuing the
+row's dataset from the previous point, so the points of one row share their synthesis; it stops at the first
+shard boundary after the budget), then a fresh student is distilled with ``distill run --time-budget
+(1 - share) x T --budget-covers training``: that much training, then one evaluation on the real test set that
+is timed and reported but not charged (it costs every method the same, about half a minute on one core for 10k
+images). Every point records its synthesis and distillation wall seconds against their budgets and their CPU
+seconds; a point whose total ran more than 5% over T is marked over budget, and its row is not ranked
+(``pipelines/tables.py``).
 
-``[budget] lanes = N`` runs N rows at a time, each with cores / N threads (two 1-thread lanes on a 2-core
-machine: every method has one core and one neighbour, and the whole benchmark takes half the time). Rows that
-should see the same machine must all fit in the lanes at once: a row queued behind others runs on a quieter
-machine and gets more of it.
+The synthesis share: ``[budget] synthesis_share`` for every row, or a row's own ``synthesis_share``; or a
+sweep, ``synthesis_shares = [0.5, 0.65, 0.8]`` (in ``[budget]`` or on a row): each row then runs at every
+share (the shares' synthesis continuing one dataset, smallest first), the tables give one line per row and
+share, and ``results.json`` / ``results.md`` name the share with the best mean accuracy per row
+(``chosen_shares``). A later file fixes those with ``share_from = "pipelines/results/<sweep>.json"``: each row
+takes its chosen share from there, and the file refuses to run for a row the sweep did not choose for.
 
-``seeds = [0, 1, 2]`` in ``[benchmark]`` (or in a row, for that row only) runs every row once per seed (seed
-drives synthesis and distillation), each seed its own lane; tables then give accuracy as mean ± standard
-deviation (range, n) and the plot the mean with the range as error bars. ``seed = N`` is one seed, kept for
-older pipeline files (their folders have no ``seed-N`` level).
-
-Recorded per point: images made, synthesis and distillation wall time, synthesis images/s, distillation
-images/s, train seconds / wall seconds of distillation, student accuracy and student/teacher. Written as
-``results.json``, ``results.md`` (one table per budget, and the curve's data) and ``accuracy_vs_walltime.png``
-(student accuracy against total wall time, one line per method). Finished points are reused on a re-run.
+``[budget] lanes`` / ``threads_per_lane``: how many runs at a time, on how many cores each (never more threads
+than cores, ``pipelines/lanes.py``); every (row, seed) is one run. ``seeds = [0, 1, 2]`` in ``[benchmark]``
+(or in a row) runs every row once per seed, in ``seed-N`` folders (``seed = N``: one seed, old layout).
+``[budget] preset``: the synthesis preset (default ``cpu``). ``[teacher]``: train the teacher first
+(``pipelines/runs.py``). Finished points are reused on a re-run; ``--plan`` prints the lanes and the wall time
+the remaining points will take.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
-import os
-import platform
 import shutil
-import statistics
 import threading
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import zoo
-from atomicio import write_atomic, write_json_atomic
+from atomicio import write_json_atomic
 from timebudget import format_duration, parse_duration
 
-from .benchmark import _distill, _run, _slug, _synth, _worst_class, teacher_accuracy, write_row_config
-from .lanes import run_in_lanes
+from . import tables
+from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arguments, plan_lanes, run_in_lanes
+from .runs import (
+    distill,
+    environment,
+    resolve_teacher,
+    run_command,
+    slug,
+    synth,
+    teacher_accuracy,
+    worst_class,
+    write_results,
+    write_row_config,
+)
+
+#: Per point, beyond its budget: two process start-ups and the uncharged evaluation on 10k test images (about
+#: 45 s on one core; pipelines/results/*walltime*.json show 110-150 s of evaluation at a fifth of a core).
+POINT_OVERHEAD_SECONDS = 45.0
+
+
+def load_chosen_shares(path: str | Path) -> dict[str, float]:
+    """The shares a split sweep chose (its ``results.json``), by row name."""
+    try:
+        chosen = json.loads(Path(path).read_text()).get("chosen_shares")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"share_from: {path} does not exist; run the split sweep first") from None
+    if not chosen:
+        raise ValueError(f"share_from: {path} holds no chosen_shares (is it a split sweep's results.json?)")
+    return {name: float(share) for name, share in chosen.items()}
 
 
 class WallTimeBenchmark:
-    def __init__(self, pipeline: dict[str, Any], fresh: bool):
-        self.spec = pipeline["benchmark"]
-        self.budget = pipeline["budget"]
-        self.rows = pipeline["rows"]
+    def __init__(self, pipeline: dict[str, Any], fresh: bool, cores: int | None = None, source: str = ""):
+        self.pipeline = pipeline
+        self.spec, self.budget, self.rows = pipeline["benchmark"], pipeline["budget"], pipeline["rows"]
+        self.plan = plan_lanes(self.budget, cores, source)  # refuses an over-subscribed file before anything runs
         self.out = Path(self.spec["out"])
-        self.teacher = Path(self.spec["teacher"]) if self.spec.get("teacher") else zoo.default_teacher_path()
         self.totals = sorted(parse_duration(t) for t in self.budget["totals"])
-        self.share = float(self.budget["synthesis_share"])
-        if not 0 < self.share < 1:
-            raise ValueError("synthesis_share must be between 0 and 1")
+        self.preset = self.budget.get("preset", "cpu")
+        self.chosen = load_chosen_shares(self.budget["share_from"]) if self.budget.get("share_from") else None
+        self.sweep = any(len(self.shares(row)) > 1 for row in self.rows)  # also checks every row has a share
         self.fresh = fresh
-        self.lanes = int(self.budget.get("lanes", 1))
         self._lock = threading.Lock()
+        self.teacher: Path | None = None
+        self.teacher_acc = 0.0
+
+    # -- what each row runs -------------------------------------------------------------------------------------
 
     def seeds(self, row: dict[str, Any]) -> list[int]:
         return [int(s) for s in row.get("seeds", self.spec.get("seeds", [self.spec.get("seed", 0)]))]
 
     def row_dir(self, row: dict[str, Any], seed: int) -> Path:
-        directory = self.out / _slug(row["name"])
+        directory = self.out / slug(row["name"])
         return directory / f"seed-{seed}" if "seeds" in self.spec or "seeds" in row else directory
 
-    def row(self, row: dict[str, Any], seed: int) -> None:
+    def shares(self, row: dict[str, Any]) -> list[float]:
+        if "synthesis_shares" in row or "synthesis_share" in row:
+            values = row.get("synthesis_shares", [row.get("synthesis_share")])
+        elif self.chosen is not None:
+            if row["name"] not in self.chosen:
+                raise ValueError(f"share_from {self.budget['share_from']} chose no share for row {row['name']!r}: "
+                                 "run the split sweep for it first, or give the row its own synthesis_share")
+            values = [self.chosen[row["name"]]]
+        elif "synthesis_shares" in self.budget:
+            values = self.budget["synthesis_shares"]
+        elif "synthesis_share" in self.budget:
+            values = [self.budget["synthesis_share"]]
+        else:
+            raise ValueError("[budget] needs synthesis_share, synthesis_shares or share_from")
+        shares = [float(v) for v in values]
+        if not all(0 < s < 1 for s in shares):
+            raise ValueError(f"synthesis_share must be between 0 and 1, got {shares} (row {row['name']!r})")
+        return shares
+
+    def points(self, row: dict[str, Any]) -> list[tuple[float, float]]:
+        """(total, share) of the row's points, by synthesis budget: each continues the previous one's dataset."""
+        totals = sorted(parse_duration(t) for t in row["totals"]) if "totals" in row else self.totals
+        return sorted(((t, s) for t in totals for s in self.shares(row)), key=lambda p: (p[0] * p[1], p[0]))
+
+    def point_dir(self, row: dict[str, Any], seed: int, total: float, share: float) -> Path:
+        name = f"total-{format_duration(total)}" + (f"-share-{round(share * 100)}" if self.sweep else "")
+        return self.row_dir(row, seed) / name
+
+    def display_name(self, row: dict[str, Any], share: float) -> str:
+        return f"{row['name']} @ {share:.0%}" if self.sweep else row["name"]
+
+    # -- running ------------------------------------------------------------------------------------------------
+
+    def row(self, row: dict[str, Any], seed: int, lane: Lane) -> None:
         name, method = row["name"], row["method"]
         directory = self.row_dir(row, seed)
         if self.fresh and directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        dataset = directory / "dataset"
-        config = directory / "synth.toml"
+        dataset, config = directory / "dataset", directory / "synth.toml"
         write_row_config(config, method, row.get("options", {}))
-        synth_wall = 0.0
-        for total in self.totals:
-            label = format_duration(total)
-            point_dir = directory / f"total-{label}"
+        synth_wall, synth_cpu = 0.0, 0.0
+        for total, share in self.points(row):
+            point_dir = self.point_dir(row, seed, total, share)
             point_file = point_dir / "point.json"
             if point_file.exists():
                 point = json.loads(point_file.read_text())
-                synth_wall = point["synthesis_wall_seconds"]
+                if abs(point.get("synthesis_share", share) - share) > 1e-9:  # e.g. a sweep re-chose the share
+                    raise ValueError(f"{point_file} ran at synthesis share {point['synthesis_share']}, the file now "
+                                     f"says {share}: rerun row {name!r} with --fresh --rows")
+                synth_wall, synth_cpu = point["synthesis_wall_seconds"], point.get("synthesis_cpu_seconds") or 0.0
                 continue
             point_dir.mkdir(parents=True, exist_ok=True)
-            synth_wall += _run(_synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
-                                      "--config", str(config), "--preset", "cpu", "--num-images", "10000000",
-                                      "--shard-size", str(self.budget["shard_size"]),
-                                      "--time-budget", f"{self.share * total:.1f}s",
-                                      "--seed", str(seed), "--quiet"),
-                               point_dir / "synth.log")
+            made = run_command(synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
+                                     "--config", str(config), "--preset", self.preset, "--num-images", "10000000",
+                                     "--shard-size", str(self.budget["shard_size"]),
+                                     "--time-budget", f"{share * total:.1f}s", "--seed", str(seed), "--quiet"),
+                               point_dir / "synth.log", lane)
+            synth_wall, synth_cpu = synth_wall + made.wall_seconds, synth_cpu + (made.cpu_seconds or 0.0)
             manifest = json.loads((dataset / "manifest.json").read_text())
-            distill_budget = (1 - self.share) * total
             student = point_dir / "student"
             if student.exists():
                 shutil.rmtree(student)
-            distill_wall = _run(_distill("run", "--shards", str(dataset), "--out", str(student),
-                                         "--student", self.spec["student"], "--eval-data", self.spec["eval_data"],
-                                         "--epochs", str(self.budget["distill_max_epochs"]),
-                                         "--batch-size", str(self.budget["distill_batch_size"]),
-                                         "--time-budget", f"{distill_budget:.1f}s", "--budget-covers", "training",
-                                         "--eval-every", "1000000",
-                                         "--seed", str(seed),
-                                         "--quiet"),
-                                point_dir / "distill.log")
+            distill_budget = (1 - share) * total
+            trained = run_command(distill("run", "--shards", str(dataset), "--out", str(student),
+                                          "--student", self.spec["student"], "--eval-data", self.spec["eval_data"],
+                                          "--epochs", str(self.budget["distill_max_epochs"]),
+                                          "--batch-size", str(self.budget["distill_batch_size"]),
+                                          "--time-budget", f"{distill_budget:.1f}s", "--budget-covers", "training",
+                                          "--eval-every", "1000000", "--seed", str(seed), "--quiet"),
+                                  point_dir / "distill.log", lane)
             metrics = json.loads((student / "metrics.json").read_text())
-            distill_wall -= metrics.get("eval_seconds") or 0.0  # not charged (--budget-covers training)
+            distill_wall = trained.wall_seconds - (metrics.get("eval_seconds") or 0.0)  # evaluation not charged
             summary = manifest.get("summary", {})
             point = {
-                "seed": seed, "total_budget_seconds": total, "images": manifest["num_samples"],
-                "synthesis_wall_seconds": synth_wall,
+                "row": name, "seed": seed, "total_budget_seconds": total, "synthesis_share": share,
+                "synthesis_budget_seconds": share * total, "distill_budget_seconds": distill_budget,
+                "images": manifest["num_samples"],
+                "synthesis_wall_seconds": synth_wall, "synthesis_cpu_seconds": synth_cpu,
                 "synthesis_seconds": summary.get("synthesis_seconds"),
                 "synthesis_images_per_second": manifest["num_samples"] / synth_wall,
-                "distill_wall_seconds": distill_wall, "distill_epochs": metrics["epochs"],
-                "distill_images_per_second": metrics.get("images_per_second"),
+                "distill_wall_seconds": distill_wall, "distill_cpu_seconds": trained.cpu_seconds,
+                "distill_epochs": metrics["epochs"], "distill_images_per_second": metrics.get("images_per_second"),
                 "distill_train_seconds": metrics.get("train_seconds"),
                 "distill_train_share": metrics.get("train_seconds", 0) / max(distill_wall, 1e-9),
                 "distill_eval_seconds": metrics.get("eval_seconds"),
                 "total_wall_seconds": synth_wall + distill_wall,
+                "over_budget": tables.over_budget(synth_wall + distill_wall, total),
+                "threads": lane.threads, "cores": list(trained.cores),
                 "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
                 "teacher_agreement": summary.get("teacher_agreement"),
-                "worst_class_agreement": _worst_class(summary.get("per_class_agreement")),
+                "worst_class_agreement": worst_class(summary.get("per_class_agreement")),
                 "pairwise_separability": (summary.get("diversity") or {}).get("pairwise_separability"),
                 "student_per_class_accuracy": metrics.get("per_class_accuracy"),
             }
             write_json_atomic(point_file, point, indent=2)
-            print(f"   {name} (seed {seed}) @ {label}: {point['images']} images, accuracy {point['accuracy']:.2%}, "
-                  f"wall {point['total_wall_seconds']:.0f} s", flush=True)
+            print(f"   {name} (seed {seed}) @ {format_duration(total)}, share {share:.0%}: {point['images']} images, "
+                  f"accuracy {point['accuracy']:.2%}, wall {point['total_wall_seconds']:.0f} s "
+                  f"({point['over_budget']:+.1%} of budget)", flush=True)
+
+    def units(self, only: set[str] | None) -> list[tuple[dict[str, Any], int]]:
+        return [(row, seed) for row in self.rows if not only or row["name"] in only for seed in self.seeds(row)]
 
     def run(self, only: set[str] | None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.teacher = resolve_teacher(self.pipeline, self.out, self.plan.whole())
         self.teacher_acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
-        units = [(row, seed) for row in self.rows if not only or row["name"] in only for seed in self.seeds(row)]
-        run_in_lanes(units, self._row_and_write, self.lanes)
+        run_in_lanes(self.units(only), self._unit, self.plan, key=lambda unit: (unit[0]["name"], unit[1]))
+        self.write()
 
-    def _row_and_write(self, unit: tuple[dict[str, Any], int]) -> None:
+    def _unit(self, unit: tuple[dict[str, Any], int], lane: Lane) -> None:
         row, seed = unit
-        print(f"== {row['name']} (seed {seed})", flush=True)
-        self.row(row, seed)
-        with self._lock:
-            self.write()
+        print(f"== {row['name']} (seed {seed}), lane {lane.index}", flush=True)
+        try:
+            self.row(row, seed, lane)
+        finally:
+            with self._lock:
+                self.write()
+
+    # -- what it will take, and what it found -------------------------------------------------------------------
+
+    def remaining_seconds(self, only: set[str] | None = None) -> float:
+        """Estimated wall time of the points not yet on disk: budgets plus each point's start-ups and evaluation,
+        the runs dealt out to the lanes in order (each lane takes the next run when it is free)."""
+        durations = []
+        for row, seed in self.units(only):
+            seconds, synthesised = 0.0, 0.0
+            for total, share in self.points(row):
+                if not (self.point_dir(row, seed, total, share) / "point.json").exists():
+                    seconds += share * total - synthesised + (1 - share) * total + POINT_OVERHEAD_SECONDS
+                synthesised = share * total
+            durations.append(seconds)
+        lanes = [0.0] * self.plan.lanes
+        for seconds in durations:
+            heapq.heappush(lanes, heapq.heappop(lanes) + seconds)
+        return max(lanes)
 
     def finished_points(self) -> dict[str, list[dict[str, Any]]]:
-        """Every row's finished points on disk, in pipeline order: the tables cover rows run by other
-        processes too (two 1-thread lanes side by side each run some rows into the same folder)."""
+        """Every row's finished points on disk, in pipeline order (a sweep: one entry per row and share)."""
         found = {}
         for row in self.rows:
-            files = [self.row_dir(row, seed) / f"total-{format_duration(t)}" / "point.json"
-                     for seed in self.seeds(row) for t in self.totals]
-            points = [json.loads(f.read_text()) for f in files if f.exists()]
-            if points:
-                found[row["name"]] = points
+            for share in sorted(set(self.shares(row))):
+                files = [self.point_dir(row, seed, total, s) / "point.json"
+                         for seed in self.seeds(row) for total, s in self.points(row) if s == share]
+                points = [{"row": row["name"], "synthesis_share": share, **json.loads(f.read_text())}
+                          for f in files if f.exists()]
+                if points:
+                    found[self.display_name(row, share)] = points
         return found
 
     def write(self) -> None:
-        environment = {"python": platform.python_version(), "torch": torch.__version__,
-                       "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
-                       "lanes": self.lanes,
-                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                       else f"CPU, {os.cpu_count()} cores"}
+        env = environment(self.plan)
         results = self.finished_points()
-        payload = {"benchmark": self.spec, "budget": self.budget, "environment": environment,
-                   "teacher_accuracy": self.teacher_acc, "rows": results}
-        write_json_atomic(self.out / "results.json", payload, indent=2)
-        write_atomic(self.out / "results.md",
-                     format_tables(self.spec, self.budget, self.teacher_acc, results, environment))
-        machine = environment["device"] + (f", {self.lanes} runs side by side" if self.lanes > 1 else "")
-        plot_curves(results, self.teacher_acc, self.out / "accuracy_vs_walltime.png", machine)
+        chosen = tables.chosen_shares(results) if self.sweep else None
+        payload = {"benchmark": self.spec, "budget": self.budget, "environment": env, "teacher": str(self.teacher),
+                   "teacher_accuracy": self.teacher_acc, "rows": results,
+                   **({"chosen_shares": chosen} if chosen is not None else {})}
+        write_results(self.out, payload, tables.walltime_tables(self.spec, self.budget, self.teacher_acc, results,
+                                                                env, chosen))
+        tables.plot_curves(results, self.teacher_acc, self.out / "accuracy_vs_walltime.png",
+                           f"{env['device']}, {self.plan.lanes} x {self.plan.threads_per_lane} thread(s)")
 
 
-def format_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: float,
-                  results: dict[str, list[dict[str, Any]]], environment: dict[str, Any]) -> str:
-    lines = [f"# {spec.get('title', spec['name'])}", "",
-             f"Teacher {teacher_acc:.2%} on the real {spec['eval_data']} test set; student {spec['student']}; "
-             f"synthesis gets {budget['synthesis_share']:.0%} of each total budget (`synth run --time-budget`, "
-             f"stopping at the first shard after it), distillation the rest (`distill run --time-budget "
-             f"--budget-covers training`: the final evaluation on the real test set, the same for every method, is "
-             f"not charged; total s excludes it). Machine: "
-             f"{environment['device']}, torch {environment['torch']}, {environment['cpu_threads']} threads per run, "
-             f"{environment['lanes']} run(s) at a time.", ""]
-    totals = sorted({p["total_budget_seconds"] for points in results.values() for p in points})
-    several = any(len(_at(points, total)) > 1 for points in results.values() for total in totals)
-    for total in totals:
-        lines += [f"## Total budget {format_duration(total)}", ""]
-        if several:
-            lines += ["Figures other than accuracy are means over the seeds; accuracy is mean ± standard deviation "
-                      "(range, seeds).", ""]
-        lines += ["| method | images | synthesis s | synthesis img/s | distill s | distill epochs | distill img/s "
-                  "| distill train/wall | total s | accuracy | student/teacher | teacher agreement | worst class |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, points in results.items():
-            at = _at(points, total)
-            if not at:
-                continue
-            p = {key: _mean([q.get(key) for q in at]) for key in at[0] if key != "student_per_class_accuracy"}
-            agreement, worst = p.get("teacher_agreement"), p.get("worst_class_agreement")
-            lines.append(
-                f"| {name} | {p['images']:,.0f} | {p['synthesis_wall_seconds']:.0f} "
-                f"| {p['synthesis_images_per_second']:.2f} | {p['distill_wall_seconds']:.0f} "
-                f"| {p['distill_epochs']:.0f} | {p['distill_images_per_second'] or 0:,.0f} "
-                f"| {p['distill_train_share']:.2f} | {p['total_wall_seconds']:.0f} "
-                f"| {_spread([q['accuracy'] for q in at])} "
-                f"| {p['ratio']:.3f} | {'–' if agreement is None else f'{agreement:.1%}'} "
-                f"| {'–' if worst is None else f'{worst:.1%}'} |")
-        lines.append("")
-    if several:
-        lines += ["## Every seed", "", "| method | seed | total budget | images | accuracy |", "|---|---|---|---|---|"]
-        for name, points in results.items():
-            for p in sorted(points, key=lambda q: (q["total_budget_seconds"], q.get("seed", 0))):
-                lines.append(f"| {name} | {p.get('seed', '–')} | {format_duration(p['total_budget_seconds'])} "
-                             f"| {p['images']:,} | {p['accuracy']:.2%} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _at(points: list[dict[str, Any]], total: float) -> list[dict[str, Any]]:
-    return [p for p in points if p["total_budget_seconds"] == total]
-
-
-def _mean(values: list[Any]) -> Any:
-    """Mean of the numbers (None if any is missing); the first value of anything else."""
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return sum(values) / len(values)
-    return None if any(v is None for v in values) else values[0]
-
-
-def _spread(accuracies: list[float]) -> str:
-    if len(accuracies) == 1:
-        return f"{accuracies[0]:.2%}"
-    std = statistics.stdev(accuracies)
-    return (f"{statistics.fmean(accuracies):.2%} ± {std:.2%} "
-            f"({min(accuracies):.2%}–{max(accuracies):.2%}, {len(accuracies)})")
-
-
-def plot_curves(results: dict[str, list[dict[str, Any]]], teacher_acc: float, path: Path, machine: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, points in results.items():
-        groups = [_at(points, t) for t in sorted({p["total_budget_seconds"] for p in points})]
-        x = [statistics.fmean(p["total_wall_seconds"] for p in g) / 60 for g in groups]
-        y = [statistics.fmean(100 * p["accuracy"] for p in g) for g in groups]
-        low = [m - min(100 * p["accuracy"] for p in g) for m, g in zip(y, groups, strict=True)]
-        high = [max(100 * p["accuracy"] for p in g) - m for m, g in zip(y, groups, strict=True)]
-        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=name)
-    ax.axhline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1, label="teacher")
-    ax.set_xlabel("total wall time, synthesis + distillation (minutes)")
-    ax.set_ylabel("student test accuracy (%)")
-    ax.set_title(f"Student accuracy at equal wall time ({machine})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+def run_file(pipeline: dict[str, Any], fresh: bool, only: set[str] | None, plan: bool, source: str) -> None:
+    share_from = pipeline["budget"].get("share_from")
+    if plan and share_from and not Path(share_from).exists():  # the estimate does not depend on the shares
+        print(f"{source}: {share_from} does not exist yet (run the split sweep first); estimating all the same")
+        pipeline = {**pipeline, "budget": {**pipeline["budget"], "share_from": "", "synthesis_share": 0.75}}
+    benchmark = WallTimeBenchmark(pipeline, fresh, source=source)
+    if plan:
+        seconds = benchmark.remaining_seconds(only)
+        print(f"{source}: {benchmark.plan.describe()}; {len(benchmark.units(only))} runs; about "
+              f"{seconds / 3600:.1f} h of wall time left ({POINT_OVERHEAD_SECONDS:.0f} s per point over its budget)")
+        return
+    benchmark.run(only)
+    print((benchmark.out / "results.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/fmnist32_cpu_walltime.toml")
+    parser.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/fmnist32_cpu_decisive.toml")
     parser.add_argument("--rows", default=None, help="row names to run, separated by semicolons [default: all]")
     parser.add_argument("--fresh", action="store_true", help="recompute points even if their results are on disk")
+    parser.add_argument("--plan", action="store_true", help="print lanes and the wall time left, run nothing")
+    add_lane_arguments(parser)
     args = parser.parse_args(argv)
-    benchmark = WallTimeBenchmark(tomllib.loads(args.pipeline.read_text()), args.fresh)
-    benchmark.run({name.strip() for name in args.rows.split(";")} if args.rows else None)
-    print((benchmark.out / "results.md").read_text())
+    pipeline = apply_lane_arguments(tomllib.loads(args.pipeline.read_text()), args)
+    try:
+        run_file(pipeline, args.fresh, {n.strip() for n in args.rows.split(";")} if args.rows else None, args.plan,
+                 str(args.pipeline))
+    except OversubscribedError as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

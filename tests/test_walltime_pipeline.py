@@ -1,33 +1,54 @@
-"""The equal-wall-time benchmark's bookkeeping (pipelines/walltime.py): seeds per row, where each run's points
-live, and the tables' spread. The runs themselves are the benchmark's job, not the tests'."""
+"""The equal-wall-time benchmark's bookkeeping (pipelines/walltime.py, pipelines/tables.py): seeds per row, where
+each run's points live, what a point records, the tables' spread, ranks and marks, and the split sweep. The runs
+themselves are the benchmark's job, not the tests': the commands are replaced by fakes that write what the real
+ones would."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pipelines.walltime import WallTimeBenchmark, format_tables
+from pipelines import walltime
+from pipelines.lanes import Lane
+from pipelines.runs import RunTime
+from pipelines.tables import OVERRUN_NOTE, chosen_shares, walltime_tables
+from pipelines.walltime import WallTimeBenchmark
 
 PIPELINE = {
     "benchmark": {"name": "t", "student": "resnet8", "eval_data": "none", "out": "", "teacher": "t.pt",
                   "seeds": [0]},
-    "budget": {"totals": ["1m"], "synthesis_share": 0.75, "shard_size": 8},
+    "budget": {"totals": ["1m"], "synthesis_share": 0.75, "shard_size": 8, "lanes": 1, "distill_max_epochs": 200,
+               "distill_batch_size": 64},
     "rows": [{"name": "a", "method": "gmi", "seeds": [0, 1, 2]}, {"name": "b c", "method": "fast"}],
 }
+ENV = {"device": "CPU", "torch": "x", "cpu_threads": 1, "lanes": 2, "plan": "2 lane(s) x 1 thread(s)"}
 
 
-def _point(seed: int, accuracy: float) -> dict:
-    return {"seed": seed, "total_budget_seconds": 60.0, "images": 64 * (seed + 1), "synthesis_wall_seconds": 45.0,
-            "synthesis_images_per_second": 1.0, "distill_wall_seconds": 15.0, "distill_epochs": 3,
-            "distill_images_per_second": 100.0, "distill_train_share": 0.9, "total_wall_seconds": 60.0,
-            "accuracy": accuracy, "ratio": accuracy / 0.9, "teacher_agreement": 0.5, "worst_class_agreement": 0.1}
+def _pipeline(tmp_path: Path, **budget) -> dict:
+    spec = json.loads(json.dumps(PIPELINE))
+    spec["benchmark"]["out"] = str(tmp_path)
+    spec["budget"].update(budget)
+    return spec
+
+
+def _point(seed: int, accuracy: float, total_wall: float = 60.0, share: float = 0.75, row: str = "a") -> dict:
+    return {"row": row, "seed": seed, "total_budget_seconds": 60.0, "synthesis_share": share, "images": 64 * (seed + 1),
+            "synthesis_wall_seconds": total_wall * share, "synthesis_cpu_seconds": total_wall * share * 0.9,
+            "synthesis_images_per_second": 1.0, "distill_wall_seconds": total_wall * (1 - share),
+            "distill_cpu_seconds": total_wall * (1 - share), "distill_epochs": 3, "distill_images_per_second": 100.0,
+            "distill_train_share": 0.9, "total_wall_seconds": total_wall, "accuracy": accuracy, "ratio": accuracy / 0.9,
+            "teacher_agreement": 0.5, "worst_class_agreement": 0.1}
+
+
+def _row(table: str, name: str) -> str:
+    return next(line for line in table.splitlines() if f"| {name} |" in line and line.startswith("| "))
 
 
 def test_every_seed_of_a_row_has_its_own_folder_and_the_table_gives_their_spread(tmp_path):
-    spec = json.loads(json.dumps(PIPELINE))
-    spec["benchmark"]["out"] = str(tmp_path)
-    bench = WallTimeBenchmark(spec, fresh=False)
+    spec = _pipeline(tmp_path)
+    bench = WallTimeBenchmark(spec, fresh=False, cores=2)
     assert bench.seeds(spec["rows"][0]) == [0, 1, 2] and bench.seeds(spec["rows"][1]) == [0]
     assert bench.row_dir(spec["rows"][0], 2) == tmp_path / "a" / "seed-2"
     for seed, accuracy in ((0, 0.50), (1, 0.60), (2, 0.55)):
@@ -36,12 +57,123 @@ def test_every_seed_of_a_row_has_its_own_folder_and_the_table_gives_their_spread
         point.write_text(json.dumps(_point(seed, accuracy)))
     found = bench.finished_points()
     assert list(found) == ["a"] and [p["seed"] for p in found["a"]] == [0, 1, 2]
-    table = format_tables(spec["benchmark"], spec["budget"], 0.9, found, {"device": "CPU", "torch": "x",
-                                                                          "cpu_threads": 1, "lanes": 4})
-    row = next(line for line in table.splitlines() if line.startswith("| a |"))
+    table = walltime_tables(spec["benchmark"], spec["budget"], 0.9, found, ENV)
+    row = _row(table, "a")
+    assert row.startswith("| 1 | a |")  # ranked, three seeds: no mark
     assert "| 128 |" in row  # images: the mean over the seeds
-    assert "55.00% ± 5.00% (50.00%–60.00%, 3)" in row
-    assert "| a | 2 | 1m00s | 192 | 55.00% |" in table  # every seed listed
+    assert "55.00% ± 5.00 (50.00–60.00%, n=3)" in row
+    assert "‡" not in row
+    assert "| a | 2 | 1m00s | 75% | 192 | 60 |" in table  # every seed listed
+
+
+def test_a_ranked_row_with_fewer_than_three_seeds_is_marked(tmp_path):
+    found = {"a": [_point(s, 0.5 + s / 100) for s in range(3)], "b c": [_point(0, 0.7, row="b c")]}
+    table = walltime_tables(PIPELINE["benchmark"], PIPELINE["budget"], 0.9, found, ENV)
+    assert _row(table, "b c").startswith("| 1 ‡ | b c |")  # best mean, but one seed: ranked and marked
+    assert "70.00% (n=1) ‡" in _row(table, "b c")
+    assert _row(table, "a").startswith("| 2 | a |")
+    assert "fewer than 3 seeds" in table
+
+
+def test_a_row_over_its_budget_is_marked_and_not_ranked(tmp_path):
+    # "b c" is the most accurate, but one seed took 66 s of a 60 s budget (+10%): it had more time than "a"
+    found = {"a": [_point(s, 0.5) for s in range(3)],
+             "b c": [_point(0, 0.8, row="b c"), _point(1, 0.8, 66.0, row="b c"), _point(2, 0.8, row="b c")]}
+    table = walltime_tables(PIPELINE["benchmark"], PIPELINE["budget"], 0.9, found, ENV)
+    assert _row(table, "a").startswith("| 1 | a |")
+    over = _row(table, "b c")
+    assert over.startswith("| – (over budget +10%) | b c |") and "**+10.0%**" in over
+    assert OVERRUN_NOTE in table
+    assert "| b c | 1 | 1m00s | 75% | 128 | 66 | **+10.0%** over budget |" in table
+    # 4% over is within the tolerance: ranked
+    found["b c"][1] = _point(1, 0.8, 62.4, row="b c")
+    assert _row(walltime_tables(PIPELINE["benchmark"], PIPELINE["budget"], 0.9, found, ENV), "b c").startswith("| 1 |")
+
+
+def test_a_point_records_cpu_seconds_and_its_budget_beside_wall_seconds(tmp_path, monkeypatch):
+    spec = _pipeline(tmp_path)
+    spec["rows"] = [{"name": "a", "method": "gmi"}]
+    bench = WallTimeBenchmark(spec, fresh=False, cores=2)
+    bench.teacher, bench.teacher_acc = Path("t.pt"), 0.9
+    calls = []
+
+    def fake_run(command: list[str], log: Path, lane: Lane | None = None) -> RunTime:
+        calls.append((command, lane))
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if "synth" in command[:3]:
+            (out / "manifest.json").write_text(json.dumps({"num_samples": 64, "summary": {"teacher_agreement": 0.5}}))
+            return RunTime(47.0, 40.0, (1,))
+        (out / "metrics.json").write_text(json.dumps({"epochs": 2, "final_accuracy": 0.6, "train_seconds": 10.0,
+                                                      "eval_seconds": 5.0, "images_per_second": 50.0}))
+        return RunTime(20.0, 19.0, (1,))
+
+    monkeypatch.setattr(walltime, "run_command", fake_run)
+    lane = Lane(1, (1,), 1)
+    bench.row(spec["rows"][0], 0, lane)
+    point = json.loads((tmp_path / "a" / "seed-0" / "total-1m00s" / "point.json").read_text())
+    assert point["synthesis_wall_seconds"] == 47.0 and point["synthesis_cpu_seconds"] == 40.0
+    assert point["distill_wall_seconds"] == 15.0 and point["distill_cpu_seconds"] == 19.0  # evaluation not charged
+    assert point["synthesis_budget_seconds"] == 45.0 and point["distill_budget_seconds"] == pytest.approx(15.0)
+    assert point["over_budget"] == pytest.approx(62 / 60 - 1) and point["cores"] == [1] and point["threads"] == 1
+    assert all(used is lane for _, used in calls)
+    synth_command = calls[0][0]
+    assert synth_command[1:4] == ["-m", "synth", "run"]  # the public command, not an internal module
+    assert synth_command[synth_command.index("--time-budget") + 1] == "45.0s"
+    calls.clear()
+    bench.row(spec["rows"][0], 0, lane)  # finished points are reused
+    assert calls == []
+    spec["rows"][0]["synthesis_share"] = 0.5  # ... but not at another share than they ran at
+    with pytest.raises(ValueError, match="ran at synthesis share 0.75"):
+        WallTimeBenchmark(spec, fresh=False, cores=2).row(spec["rows"][0], 0, lane)
+
+
+def test_a_split_sweep_continues_one_dataset_and_names_the_best_share_within_budget(tmp_path):
+    spec = _pipeline(tmp_path, synthesis_shares=[0.8, 0.5, 0.65])
+    del spec["budget"]["synthesis_share"]
+    spec["rows"] = [{"name": "a", "method": "gmi", "seeds": [0, 1]}]
+    bench = WallTimeBenchmark(spec, fresh=False, cores=2)
+    row = spec["rows"][0]
+    assert bench.points(row) == [(60.0, 0.5), (60.0, 0.65), (60.0, 0.8)]  # smallest synthesis first
+    assert bench.point_dir(row, 1, 60.0, 0.65) == tmp_path / "a" / "seed-1" / "total-1m00s-share-65"
+    accuracy = {0.5: 0.50, 0.65: 0.56, 0.8: 0.60}
+    for seed in (0, 1):
+        for share, acc in accuracy.items():
+            path = bench.point_dir(row, seed, 60.0, share) / "point.json"
+            path.parent.mkdir(parents=True)
+            wall = 70.0 if share == 0.8 and seed == 1 else 60.0  # the 80% point ran over budget in one seed
+            path.write_text(json.dumps(_point(seed, acc + seed / 100, wall, share)))
+    found = bench.finished_points()
+    assert list(found) == ["a @ 50%", "a @ 65%", "a @ 80%"]
+    assert chosen_shares(found) == {"a": 0.65}  # 80% is more accurate, but over budget
+    table = walltime_tables(spec["benchmark"], spec["budget"], 0.9, found, ENV, {"a": 0.65})
+    share_line = table.split("## Synthesis share chosen per method")[1].split("## Every seed")[0]
+    choice = next(line for line in share_line.splitlines() if line.startswith("| a |"))
+    assert choice.endswith("| 65% |") and "(over budget)" in choice
+    bench.teacher, bench.teacher_acc = Path("t.pt"), 0.9
+    bench.write()
+    assert json.loads((tmp_path / "results.json").read_text())["chosen_shares"] == {"a": 0.65}
+    # a later file fixes the share from the sweep's results, and refuses a row the sweep did not choose for
+    fixed = _pipeline(tmp_path / "fixed", share_from=str(tmp_path / "results.json"))
+    del fixed["budget"]["synthesis_share"]
+    fixed["rows"] = [{"name": "a", "method": "gmi"}]
+    assert WallTimeBenchmark(fixed, fresh=False, cores=2).shares(fixed["rows"][0]) == [0.65]
+    fixed["rows"].append({"name": "new", "method": "fast"})
+    with pytest.raises(ValueError, match="chose no share for row 'new'"):
+        WallTimeBenchmark(fixed, fresh=False, cores=2)
+
+
+def test_the_plan_estimates_the_wall_time_left(tmp_path):
+    spec = _pipeline(tmp_path, lanes=2, threads_per_lane=1, totals=["10m"])
+    spec["rows"] = [{"name": n, "method": "gmi", "seeds": [0, 1, 2]} for n in ("a", "b")]
+    bench = WallTimeBenchmark(spec, fresh=False, cores=2)
+    per_run = 600 + walltime.POINT_OVERHEAD_SECONDS
+    assert bench.remaining_seconds() == pytest.approx(3 * per_run)  # six runs on two lanes
+    done = bench.point_dir(spec["rows"][0], 0, 600.0, 0.75) / "point.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    assert bench.remaining_seconds() == pytest.approx(3 * per_run)  # 5 left: still three rounds on one lane
+    assert bench.remaining_seconds({"a"}) == pytest.approx(per_run)
 
 
 def test_a_pipeline_with_one_seed_keeps_the_old_layout(tmp_path):
@@ -49,7 +181,7 @@ def test_a_pipeline_with_one_seed_keeps_the_old_layout(tmp_path):
     spec["benchmark"] = {**spec["benchmark"], "out": str(tmp_path), "seed": 3}
     del spec["benchmark"]["seeds"]
     del spec["rows"][0]["seeds"]
-    bench = WallTimeBenchmark(spec, fresh=False)
+    bench = WallTimeBenchmark(spec, fresh=False, cores=2)
     assert bench.seeds(spec["rows"][0]) == [3]
     assert bench.row_dir(spec["rows"][0], 3) == tmp_path / "a"
 
@@ -58,4 +190,4 @@ def test_share_outside_zero_and_one_is_refused():
     spec = json.loads(json.dumps(PIPELINE))
     spec["budget"]["synthesis_share"] = 1.0
     with pytest.raises(ValueError, match="synthesis_share"):
-        WallTimeBenchmark(spec, fresh=False)
+        WallTimeBenchmark(spec, fresh=False, cores=2)

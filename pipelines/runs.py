@@ -1,0 +1,191 @@
+"""What both benchmark runners (equal images: ``benchmark.py``; equal wall time: ``walltime.py``) do around the
+two public commands: start them in a lane (threads sized, process pinned), time them in wall and CPU seconds,
+train a teacher when the pipeline asks for one, and read the figures every table shows.
+
+The commands run as ``python -m synth`` / ``python -m distill``, exactly as a user runs them, so the benchmark
+measures the product and not an internal entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atomicio import write_atomic, write_json_atomic
+
+from .lanes import Lane, LanePlan
+
+
+@dataclass(frozen=True)
+class RunTime:
+    """One finished command: wall seconds, CPU seconds of it and every process it waited for (rusage; None
+    where the OS cannot say), and the cores it was pinned to (empty: not pinned)."""
+
+    wall_seconds: float
+    cpu_seconds: float | None
+    cores: tuple[int, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        return {"seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds, "cores": list(self.cores)}
+
+
+def pin(pid: int, cores: tuple[int, ...]) -> tuple[int, ...]:
+    """Pins process ``pid`` to ``cores`` where the OS allows; returns the cores it was pinned to (or ())."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return ()
+    try:
+        os.sched_setaffinity(pid, set(cores))
+    except OSError:  # it already exited, or a core outside this container's set: run unpinned, and say so
+        return ()
+    return tuple(cores)
+
+
+def run_command(command: list[str], log: Path, lane: Lane | None = None) -> RunTime:
+    """Runs a CLI command in ``lane`` (its threads, pinned to its cores), output to ``log``; raises with the
+    log's tail on failure.
+
+    The child is pinned from here right after it starts: Python's start-up takes tens of milliseconds before
+    torch could start a thread, and every thread and process it starts later inherits the affinity
+    (``preexec_fn`` would pin it earlier, but is unsafe with the lanes' threads). CPU seconds come from
+    ``wait4`` on this child alone, so two lanes' children are never summed together.
+    """
+    env = {**os.environ, **lane.env()} if lane is not None else None
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        cores = pin(process.pid, lane.cores) if lane is not None else ()
+        cpu: float | None = None
+        try:
+            if hasattr(os, "wait4"):
+                _, status, usage = os.wait4(process.pid, 0)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                cpu = usage.ru_utime + usage.ru_stime
+            else:
+                process.wait()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"command failed ({process.returncode}): {' '.join(command)}\n{tail}")
+    return RunTime(wall, cpu, cores)
+
+
+def read_time(path: Path) -> RunTime:
+    """A :class:`RunTime` written by :meth:`RunTime.record` (older files hold wall seconds only)."""
+    saved = json.loads(path.read_text())
+    return RunTime(saved["seconds"], saved.get("cpu_seconds"), tuple(saved.get("cores", ())))
+
+
+def synth(*args: str) -> list[str]:
+    return [sys.executable, "-m", "synth", *args]
+
+
+def distill(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distill", *args]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def worst_class(per_class: list[float | None] | None) -> float | None:
+    """The lowest per-class teacher agreement (a class the method fails to make shows here, not in the mean)."""
+    values = [v for v in per_class or [] if v is not None]
+    return min(values) if values else None
+
+
+def train_share(metrics: dict[str, Any]) -> float | None:
+    """Of distillation's wall time, the share spent training (the rest: start-up, data, evaluation)."""
+    train, wall = metrics.get("train_seconds"), metrics.get("wall_seconds")
+    return train / wall if train is not None and wall else None
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def write_row_config(path: Path, method: str, options: dict[str, Any]) -> None:
+    """The row's method options as the ``[synth.METHOD]`` table ``synth run --config`` reads."""
+    lines = [f"[synth.{method}]"] + [f"{key} = {_toml_value(value)}" for key, value in options.items()]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def teacher_accuracy(teacher_path: Path, eval_data: str) -> float:
+    import torch
+
+    import realdata
+    import zoo
+
+    teacher = zoo.load_classifier(teacher_path).eval()
+    test = realdata.load(eval_data, split="test")
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test.labels), 1000):
+            x = torch.from_numpy(test.images[start:start + 1000]).permute(0, 3, 1, 2).float() / 255
+            correct += int((teacher(x).argmax(1).numpy() == test.labels[start:start + 1000]).sum())
+    return correct / len(test.labels)
+
+
+def teacher_arch(teacher_path: Path) -> str:
+    import zoo
+
+    return zoo.load_classifier(teacher_path).card.arch
+
+
+def resolve_teacher(pipeline: dict[str, Any], out: Path, lane: Lane | None) -> Path:
+    """The pipeline's teacher: ``[benchmark] teacher`` (empty: the shipped WRN-16-2), or the one ``[teacher]``
+    asks ``distill train`` for (trained once into ``<out>/teacher``, resumed from its checkpoint if killed,
+    reused when finished). ``[teacher]`` maps to ``distill train`` options: ``data`` and ``arch`` required,
+    e.g. ``epochs = 10``, ``batch_size = 128``."""
+    spec, table = pipeline["benchmark"], pipeline.get("teacher")
+    if table is None:
+        if spec.get("teacher"):
+            return Path(spec["teacher"])
+        import zoo
+
+        return zoo.default_teacher_path()
+    if spec.get("teacher"):
+        raise ValueError("give [benchmark] teacher (a checkpoint) or a [teacher] table to train one, not both")
+    if "data" not in table or "arch" not in table:
+        raise ValueError("[teacher] needs data and arch (the `distill train` options), e.g. data = \"fmnist\"")
+    directory = out / "teacher"
+    if not (directory / "metrics.json").exists():
+        resume = (directory / "last.pt").exists()
+        if directory.exists() and not resume:
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        options = [arg for name, value in table.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+        epochs = str(table.get("epochs", 100))
+        print(f"== teacher: distill train {' '.join(options)}", flush=True)
+        run_command(distill("train", *options, "--out", str(directory), "--eval-every", epochs, "--quiet",
+                            *(["--resume"] if resume else [])), out / "teacher.log", lane)
+    return directory / "model.pt"
+
+
+def write_results(out: Path, payload: dict[str, Any], table: str) -> None:
+    write_json_atomic(out / "results.json", payload, indent=2)
+    write_atomic(out / "results.md", table)
+
+
+def environment(plan: LanePlan) -> dict[str, Any]:
+    """The machine the figures come from and how runs shared it, for the tables' header."""
+    import platform
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda,
+            "device": torch.cuda.get_device_name() if cuda else f"CPU, {len(plan.cores)} cores",
+            "lanes": plan.lanes, "cpu_threads": plan.threads_per_lane, "plan": plan.describe()}

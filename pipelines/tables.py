@@ -1,0 +1,288 @@
+"""The benchmarks' tables and plot: accuracy over seeds, and which rows may be ranked.
+
+Rows are ranked by mean accuracy over their seeds. Two marks keep an undecided row from passing for a decided one:
+
+* ``‡``: fewer than :data:`MIN_SEEDS` seeds. One seed moves a student by about 5 points at these budgets, so
+  such a row is ranked but marked, and the table says why.
+* over budget: a run whose synthesis + distillation took more than :data:`OVERRUN_TOLERANCE` over its time
+  budget had more time than the rows it would be ranked against; it is listed, marked, and not ranked.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from atomicio import write_atomic
+
+MIN_SEEDS = 3
+OVERRUN_TOLERANCE = 0.05
+FEW_SEEDS = "‡"  # not †: the results notes use † for budget-starved Fast rows (issue 20)
+
+FEW_SEEDS_NOTE = (f"{FEW_SEEDS} fewer than {MIN_SEEDS} seeds: one seed moves the student by about 5 points at "
+                  "these budgets, so this row's place is not decided.")
+OVERRUN_NOTE = (f"Over budget: synthesis + distillation took more than {OVERRUN_TOLERANCE:.0%} over the total "
+                "budget in at least one seed; the row had more time than the others and is not ranked.")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, range and count of one row's figures over its seeds."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def accuracy_cell(s: dict[str, float]) -> str:
+    """``55.00% ± 5.00 (50.00–60.00%, n=3)``; a row with fewer than MIN_SEEDS seeds carries ``‡``."""
+    mark = f" {FEW_SEEDS}" if s["n"] < MIN_SEEDS else ""
+    if s["n"] == 1:
+        return f"{s['mean']:.2%} (n=1){mark}"
+    return (f"{s['mean']:.2%} ± {s['std'] * 100:.2f} ({s['min'] * 100:.2f}–{s['max']:.2%}, "
+            f"n={s['n']}){mark}")
+
+
+def over_budget(used_seconds: float, budget_seconds: float) -> float:
+    """How far over its budget a run went (0.12: 12% over; negative: under)."""
+    return used_seconds / budget_seconds - 1
+
+
+def ranks(rows: dict[str, dict[str, Any]]) -> dict[str, int | None]:
+    """Rank of each row by mean accuracy (1 = best) among rows that may be ranked (``rankable`` true);
+    None for the others. ``rows``: name -> {"accuracy": spread, "rankable": bool}."""
+    eligible = sorted((name for name, row in rows.items() if row.get("rankable", True)),
+                      key=lambda name: -rows[name]["accuracy"]["mean"])
+    order = {name: place for place, name in enumerate(eligible, start=1)}
+    return {name: order.get(name) for name in rows}
+
+
+def rank_cell(rank: int | None, n_seeds: int, over: float | None = None) -> str:
+    if rank is None:
+        return f"– (over budget {over:+.0%})" if over is not None else "–"
+    return f"{rank}{' ' + FEW_SEEDS if n_seeds < MIN_SEEDS else ''}"
+
+
+def fmt(value: Any, kind: str) -> str:
+    """One table cell: '–' for a missing figure."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "–"
+    return {"pct": f"{value:.2%}", "pct1": f"{value:.1%}", "ratio": f"{value:.3f}", "int": f"{value:,.0f}",
+            "mb": f"{value / 2**20:,.0f}", "s": f"{value:,.0f}", "f2": f"{value:.2f}", "f3": f"{value:.3f}",
+            "signed": f"{value:+.1%}", "pct0": f"{value:.0%}"}[kind]
+
+
+# -- equal images (pipelines/benchmark.py) ----------------------------------------------------------------------
+
+def _cpu_per_wall(cpu: float | None, wall: float | None) -> float | None:
+    return cpu / wall if cpu is not None and wall else None
+
+
+def equal_images_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str, dict[str, Any]],
+                       env: dict[str, Any]) -> str:
+    """One row per benchmark row (mean over its seeds), ranked by accuracy; reference rows are not ranked."""
+    ranked = ranks({name: {**r, "rankable": not r.get("reference")} for name, r in results.items()})
+    lines = [
+        f"# {spec.get('title', spec['name'])}", "",
+        f"Teacher and budgets shared by every row: {budget['num_images']} images per set "
+        f"(`--preset {budget.get('preset', 'cpu')}`), student {spec['student']}, {budget['distill_epochs']} epochs "
+        f"at batch {budget['distill_batch_size']}; accuracy on the real {spec['eval_data']} test set as mean ± "
+        f"standard deviation (range, number of seeds; each seed drives synthesis and distillation). Machine: "
+        f"{env['device']}, torch {env['torch']}; {env['plan']}. Synthesis CPU/wall: CPU seconds per wall second "
+        f"of the synthesis process (about the lane's threads when it had its cores to itself).", "",
+        "| rank | row | accuracy | student/teacher | synthesis s | synthesis CPU/wall | synthesis img/s "
+        "| synthesis peak MB | distill img/s | distill train/wall | distill peak MB | bytes/sample "
+        "| teacher agreement | worst class | entropy | separability |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in results.items():
+        if r.get("reference"):
+            rank, accuracy = "ref.", f"{r['accuracy']['mean']:.2%}"
+        else:
+            rank, accuracy = rank_cell(ranked[key], r["accuracy"]["n"]), accuracy_cell(r["accuracy"])
+        lines.append(
+            f"| {rank} | {r['name']} | {accuracy} | {fmt(r.get('ratio'), 'ratio')} "
+            f"| {fmt(r.get('synthesis_seconds'), 's')} "
+            f"| {fmt(_cpu_per_wall(r.get('synthesis_cpu_seconds'), r.get('synthesis_seconds')), 'f2')} "
+            f"| {fmt(r.get('synthesis_images_per_second'), 'f2')} | {fmt(r.get('synthesis_peak_memory_bytes'), 'mb')} "
+            f"| {fmt(r.get('distill_images_per_second'), 'int')} | {fmt(r.get('distill_train_share'), 'f2')} "
+            f"| {fmt(r.get('distill_peak_memory_bytes'), 'mb')} | {fmt(r.get('bytes_per_sample'), 'int')} "
+            f"| {fmt(r.get('teacher_agreement'), 'pct')} | {fmt(r.get('worst_class_agreement'), 'pct')} "
+            f"| {fmt(r.get('mean_entropy'), 'f2')} | {fmt(r.get('pairwise_separability'), 'f3')} |")
+    if any(not r.get("reference") and r["accuracy"]["n"] < MIN_SEEDS for r in results.values()):
+        lines += ["", FEW_SEEDS_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+# -- equal wall time (pipelines/walltime.py) --------------------------------------------------------------------
+
+Points = dict[str, list[dict[str, Any]]]
+
+
+def _at(points: list[dict[str, Any]], total: float) -> list[dict[str, Any]]:
+    return [p for p in points if p["total_budget_seconds"] == total]
+
+
+def _mean(values: list[Any]) -> Any:
+    """Mean of the numbers (None if any is missing)."""
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return sum(values) / len(values)
+    return None
+
+
+def _over(point: dict[str, Any]) -> float:
+    return over_budget(point["total_wall_seconds"], point["total_budget_seconds"])
+
+
+def _point_cpu_per_wall(point: dict[str, Any]) -> float | None:
+    """CPU seconds of both commands per wall second of both (evaluation included on both sides)."""
+    cpu = [point.get("synthesis_cpu_seconds"), point.get("distill_cpu_seconds")]
+    if None in cpu:
+        return None
+    wall = point["synthesis_wall_seconds"] + point["distill_wall_seconds"] + (point.get("distill_eval_seconds") or 0)
+    return sum(cpu) / wall if wall else None
+
+
+def budget_status(points: list[dict[str, Any]]) -> tuple[float, bool]:
+    """The worst seed's overrun of its budget, and whether the row may be ranked (no seed over 5%)."""
+    worst = max(_over(p) for p in points)
+    return worst, worst <= OVERRUN_TOLERANCE
+
+
+def walltime_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: float, results: Points,
+                    env: dict[str, Any], chosen: dict[str, float] | None = None) -> str:
+    from timebudget import format_duration
+
+    lines = [f"# {spec.get('title', spec['name'])}", "",
+             f"Teacher {teacher_acc:.2%} on the real {spec['eval_data']} test set; student {spec['student']}. "
+             "Synthesis gets the share of each total budget in the share column (`synth run --time-budget`, "
+             "stopping at the first shard after it), distillation the rest (`distill run --time-budget "
+             "--budget-covers training`: the final evaluation on the real test set, the same for every method, is "
+             "not charged; total s excludes it). Over: the worst seed's total against the budget; a row more than "
+             f"{OVERRUN_TOLERANCE:.0%} over is not ranked. CPU/wall: CPU seconds of both commands per wall second "
+             f"(about the threads per run when a run had its cores to itself). Figures other than accuracy are "
+             f"means over the seeds. Machine: {env['device']}, torch {env['torch']}; {env['plan']}.", ""]
+    totals = sorted({p["total_budget_seconds"] for points in results.values() for p in points})
+    notes: set[str] = set()
+    for total in totals:
+        rows = {name: _at(points, total) for name, points in results.items() if _at(points, total)}
+        status = {name: budget_status(at) for name, at in rows.items()}
+        ranked = ranks({name: {"accuracy": spread([p["accuracy"] for p in at]), "rankable": status[name][1]}
+                        for name, at in rows.items()})
+        order = sorted(rows, key=lambda name: (ranked[name] is None, ranked[name] or 0))
+        lines += [f"## Total budget {format_duration(total)}", "",
+                  "| rank | method | share | images | synthesis s | distill s | total s | over | CPU/wall "
+                  "| synthesis img/s | distill epochs | accuracy | student/teacher | teacher agreement | worst class |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in order:
+            at, (worst, rankable) = rows[name], status[name]
+            accuracy = spread([q["accuracy"] for q in at])
+            p = {key: _mean([q.get(key) for q in at]) for key in at[0] if key != "student_per_class_accuracy"}
+            notes.update(["seeds"] if accuracy["n"] < MIN_SEEDS and rankable else [])
+            notes.update([] if rankable else ["over"])
+            over = fmt(worst, "signed") if rankable else f"**{worst:+.1%}**"
+            lines.append(
+                f"| {rank_cell(ranked[name], accuracy['n'], worst)} | {name} | {fmt(p.get('synthesis_share'), 'pct0')} "
+                f"| {fmt(p['images'], 'int')} | {fmt(p['synthesis_wall_seconds'], 's')} "
+                f"| {fmt(p['distill_wall_seconds'], 's')} | {fmt(p['total_wall_seconds'], 's')} | {over} "
+                f"| {fmt(_mean([_point_cpu_per_wall(q) for q in at]), 'f2')} "
+                f"| {fmt(p['synthesis_images_per_second'], 'f2')} | {fmt(p['distill_epochs'], 'int')} "
+                f"| {accuracy_cell(accuracy)} | {fmt(p['ratio'], 'ratio')} | {fmt(p.get('teacher_agreement'), 'pct1')} "
+                f"| {fmt(p.get('worst_class_agreement'), 'pct1')} |")
+        lines.append("")
+    lines += [note for key, note in (("seeds", FEW_SEEDS_NOTE), ("over", OVERRUN_NOTE)) if key in notes]
+    if chosen is not None:
+        lines += ["", *share_table(results, chosen)]
+    lines += ["", "## Every seed", "",
+              "| method | seed | total budget | share | images | total s | over | CPU s | accuracy |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, points in results.items():
+        for p in sorted(points, key=lambda q: (q["total_budget_seconds"], q.get("seed", 0))):
+            over = _over(p)
+            cpu = [p.get("synthesis_cpu_seconds"), p.get("distill_cpu_seconds")]
+            lines.append(
+                f"| {name} | {p.get('seed', '–')} | {format_duration(p['total_budget_seconds'])} "
+                f"| {fmt(p.get('synthesis_share'), 'pct0')} | {p['images']:,} | {p['total_wall_seconds']:.0f} "
+                f"| {fmt(over, 'signed') if over <= OVERRUN_TOLERANCE else f'**{over:+.1%}** over budget'} "
+                f"| {fmt(None if None in cpu else sum(cpu), 's')} | {p['accuracy']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+def chosen_shares(results: Points) -> dict[str, float]:
+    """Per row of a split sweep, the share with the best mean accuracy over seeds at the largest total, among
+    shares no seed of which ran over budget (a row with none within budget gets no share: it must be looked at)."""
+    by_row: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for points in results.values():
+        for p in points:
+            by_row.setdefault(p["row"], {}).setdefault(p["synthesis_share"], []).append(p)
+    chosen = {}
+    for row, shares in by_row.items():
+        total = max(p["total_budget_seconds"] for points in shares.values() for p in points)
+        scores = {share: spread([p["accuracy"] for p in _at(points, total)])["mean"]
+                  for share, points in shares.items() if _at(points, total) and budget_status(_at(points, total))[1]}
+        if scores:
+            chosen[row] = max(scores, key=lambda share: scores[share])
+    return chosen
+
+
+def share_table(results: Points, chosen: dict[str, float]) -> list[str]:
+    rows: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for points in results.values():
+        for p in points:
+            rows.setdefault(p["row"], {}).setdefault(p["synthesis_share"], []).append(p)
+    shares = sorted({share for by_share in rows.values() for share in by_share})
+    lines = ["## Synthesis share chosen per method", "",
+             "Mean accuracy over seeds at the sweep's largest total; the chosen share is the best one within "
+             "budget. Files that fix it read this file's `chosen_shares` (`share_from`).", "",
+             "| method | " + " | ".join(f"{s:.0%}" for s in shares) + " | chosen |",
+             "|---|" + "---|" * (len(shares) + 1)]
+    for row, by_share in rows.items():
+        total = max(p["total_budget_seconds"] for points in by_share.values() for p in points)
+        cells = []
+        for share in shares:
+            at = _at(by_share.get(share, []), total)
+            if not at:
+                cells.append("–")
+                continue
+            within = budget_status(at)[1]
+            cells.append(accuracy_cell(spread([p["accuracy"] for p in at])) + ("" if within else " (over budget)"))
+        pick = chosen.get(row)
+        choice = "none within budget" if pick is None else f"{pick:.0%}"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {choice} |")
+    return lines
+
+
+def plot_curves(results: Points, teacher_acc: float, path: Path, machine: str) -> None:
+    """Accuracy against total wall time, one line per row: the mean with the seeds' range; a row of fewer than
+    MIN_SEEDS seeds carries ‡ in the legend, and points over budget are hollow on a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    few = False
+    for name, points in results.items():
+        groups = [_at(points, t) for t in sorted({p["total_budget_seconds"] for p in points})]
+        x = [statistics.fmean(p["total_wall_seconds"] for p in g) / 60 for g in groups]
+        y = [statistics.fmean(100 * p["accuracy"] for p in g) for g in groups]
+        low = [m - min(100 * p["accuracy"] for p in g) for m, g in zip(y, groups, strict=True)]
+        high = [max(100 * p["accuracy"] for p in g) - m for m, g in zip(y, groups, strict=True)]
+        over = [not budget_status(g)[1] for g in groups]
+        few = few or min(len(g) for g in groups) < MIN_SEEDS
+        label = name + (f" {FEW_SEEDS}" if min(len(g) for g in groups) < MIN_SEEDS else "") + \
+            (" (over budget)" if any(over) else "")
+        line = ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=label,
+                           linestyle="--" if any(over) else "-")
+        if any(over):  # hollow markers on the points that ran over budget
+            ax.scatter([v for v, o in zip(x, over, strict=True) if o], [v for v, o in zip(y, over, strict=True) if o],
+                       s=60, facecolors="white", edgecolors=line[0].get_color(), zorder=3)
+    ax.axhline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlabel("total wall time, synthesis + distillation (minutes)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(f"Student accuracy at equal wall time ({machine})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if few:
+        fig.text(0.01, 0.01, f"{FEW_SEEDS} fewer than {MIN_SEEDS} seeds", fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
