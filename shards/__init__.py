@@ -1,9 +1,10 @@
 """The dataset contract shared by ``synth`` (writes) and ``distill`` (reads).
 
 A dataset directory is ``manifest.json`` plus WebDataset tar shards ``shard-000000.tar`` …, one sample per
-key (``KEY.png``, ``KEY.cls``, ``KEY.logits.npy``, ``KEY.json``). :class:`ShardWriter` writes it crash-safely;
-:func:`read_manifest`, :func:`load_arrays`, :func:`stream` and :func:`verify` read it and refuse anything that
-does not match the manifest. See ``shards/README.md`` for the format.
+key (``KEY.png``, ``KEY.cls``, ``KEY.logits.npy``, ``KEY.json``). :class:`ShardWriter` writes it crash-safely,
+one writer per folder (it holds the folder's lock); :func:`read_manifest`, :func:`load_arrays`, :func:`stream`
+and :func:`verify` read it and refuse anything that does not match the manifest. See ``shards/README.md`` for
+the format and its threat model.
 
 ``import shards`` does not import torch: the writer loads it only for resume states, and :func:`stream`
 (webdataset imports torch) only when called.
@@ -12,20 +13,22 @@ does not match the manifest. See ``shards/README.md`` for the format.
 from typing import TYPE_CHECKING, Any
 
 from .decoding import decode_sample
-from .format import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, Problem, ShardError, image_shapes, size_key
-from .reader import (
-    ShardArrays,
-    check_shard,
-    load_arrays,
-    read_artifact,
-    read_manifest,
-    resize_image,
-    shard_urls,
-    stream,
-    verify,
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_IMAGE_PIXELS,
+    READABLE_VERSIONS,
+    Problem,
+    ShardError,
+    image_shapes,
+    size_key,
 )
+from .manifests import read_artifact, read_manifest, shard_urls
+from .reader import ShardArrays, check_shard, load_arrays, resize_image, stream
+from .samples import Sample
 from .summary import sample_grid_png, summarize
-from .writer import Sample, ShardWriter
+from .verify import iter_samples, verify
+from .writer import ShardWriter
 
 if TYPE_CHECKING:
     from .streaming import ShardStream
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAX_IMAGE_PIXELS",
     "READABLE_VERSIONS",
     "Problem",
     "Sample",
@@ -43,6 +47,7 @@ __all__ = [
     "check_shard",
     "decode_sample",
     "image_shapes",
+    "iter_samples",
     "load_arrays",
     "read_artifact",
     "read_manifest",

@@ -10,7 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from .format import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, META_EXT, ShardError, decode_logits, decode_png, image_shapes
+from .format import (
+    IMAGE_EXT,
+    LABEL_EXT,
+    LOGITS_EXT,
+    META_EXT,
+    SAMPLE_EXTS,
+    ShardError,
+    decode_logits,
+    decode_png,
+    image_shapes,
+)
 
 
 def shard_label(url: Any) -> str:
@@ -27,6 +37,9 @@ def decode_fields(sample: dict[str, Any], manifest: dict[str, Any] | None,
         missing = [ext for ext in (IMAGE_EXT, LABEL_EXT, LOGITS_EXT) if ext not in sample]
         if missing:
             raise ValueError(f"lacks {', '.join('.' + m for m in missing)}")
+        unknown = sorted(ext for ext in sample if not ext.startswith("__") and ext not in SAMPLE_EXTS)
+        if unknown:  # nothing outside the format travels with a sample (a merge would copy it on)
+            raise ValueError(f"holds members this format does not have: {', '.join('.' + u for u in unknown)}")
         num_classes = manifest.get("num_classes") if manifest else None
         shapes = image_shapes(manifest) if manifest else []
         image = decode_png(sample[IMAGE_EXT], shapes[0] if len(shapes) == 1 else None, shapes)

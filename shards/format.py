@@ -1,8 +1,9 @@
-"""The dataset contract in one place: format constants, the error type, manifest validation, sample codecs.
+"""The dataset contract in one place: format constants, the error type, sample codecs, summary statistics.
 
-Both :mod:`shards.writer` and :mod:`shards.reader` import from here, so what the writer produces and what the
-reader accepts cannot drift apart. Everything a sample holds is encoded without pickle (PNG, ``.npy`` with
-``allow_pickle=False``, ASCII ``.cls``, JSON): a shard from a stranger is data, not code.
+Both :mod:`shards.writer` and :mod:`shards.reader` import from here (and the manifest's validation from
+:mod:`shards.validation`), so what the writer produces and what the reader accepts cannot drift apart.
+Everything a sample holds is encoded without pickle (PNG, ``.npy`` with ``allow_pickle=False``, ASCII ``.cls``,
+JSON): a shard from a stranger is data, not code.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ FORMAT_VERSION = 1
 READABLE_VERSIONS: tuple[int, ...] = (1,)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.tar$")
+#: Where a writer keeps the state it resumes from, and the only names it stores there.
+RESUME_DIR = "resume"
+STATE_PATTERN = re.compile(r"^state-\d{6,}\.pt$")
+#: The lock file every writer holds in the folder it writes (:mod:`shards.lock`).
+LOCK_NAME = ".dfkd-shards.lock"
 KEY_WIDTH = 9
 
 IMAGE_EXT = "png"
@@ -32,21 +38,10 @@ LABEL_EXT = "cls"
 LOGITS_EXT = "logits.npy"
 META_EXT = "json"
 SAMPLE_EXTS = (IMAGE_EXT, LABEL_EXT, LOGITS_EXT, META_EXT)
-
-_REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": str,
-    "format_version": int,
-    "identity": dict,
-    "schema": dict,
-    "num_samples": int,
-    "target_samples": int,
-    "complete": bool,
-    "class_counts": list,
-    "shards": list,
-    "summary": dict,
-}
-_SHARD_FIELDS: dict[str, type] = {"url": str, "num_samples": int, "bytes": int, "sha256": str}
-
+#: The most pixels (H × W) one stored image may have: 2048², far above what a classifier teacher takes. Readers
+#: check it (and the manifest's declared shape) from the PNG header before any pixel is decompressed, so a small
+#: shard of huge blank images cannot make them allocate gigabytes; the writer refuses larger images.
+MAX_IMAGE_PIXELS = 2048 * 2048
 
 class ShardError(Exception):
     """A dataset directory, manifest or shard that cannot be used as asked; the message names the file."""
@@ -113,83 +108,6 @@ def canonical_json(value: Any, what: str) -> Any:
         raise ShardError(f"{what} must be plain JSON data (dict/list/str/int/float/bool/None): {error}") from None
 
 
-def _check_relative_url(url: str, where: str) -> None:
-    # A manifest is untrusted input: a shard URL must stay inside the dataset directory.
-    if (not url or url.startswith(("/", "\\")) or "://" in url or ":" in url.split("/")[0]
-            or any(part in ("..", "") for part in url.replace("\\", "/").split("/"))):
-        raise ShardError(f"{where}: shard URL {url!r} is not a plain relative name inside the dataset directory")
-
-
-def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
-    """Checks a parsed manifest against this format; returns it or raises ShardError naming ``where``."""
-    if not isinstance(manifest, dict):
-        raise ShardError(f"{where}: not a dataset manifest (expected a JSON object)")
-    if manifest.get("format") != FORMAT_NAME:
-        raise ShardError(f"{where}: not a {FORMAT_NAME} manifest (format is {manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
-        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
-        raise ShardError(f"{where}: format_version {version!r} is not supported; this tool "
-                         f"(dfkd-toolkit {tool_version()}) reads format_version {readable}. "
-                         "Upgrade the toolkit to read this dataset.")
-    for field, kind in _REQUIRED_FIELDS.items():
-        if field not in manifest:
-            raise ShardError(f"{where}: manifest lacks the required field {field!r}")
-        if not isinstance(manifest[field], kind) or (kind is int and isinstance(manifest[field], bool)):
-            raise ShardError(f"{where}: manifest field {field!r} has the wrong type "
-                             f"({type(manifest[field]).__name__})")
-    schema = manifest["schema"]
-    for part, ext in (("image", IMAGE_EXT), ("label", LABEL_EXT), ("logits", LOGITS_EXT), ("meta", META_EXT)):
-        if not isinstance(schema.get(part), dict) or schema[part].get("ext") != ext:
-            raise ShardError(f"{where}: schema.{part} must be a dict with ext {ext!r}; this tool reads only that")
-    if schema["image"].get("dtype") != "uint8" or schema["logits"].get("dtype") != "float16":
-        raise ShardError(f"{where}: schema dtypes must be uint8 images and float16 logits")
-    num_samples = manifest["num_samples"]
-    image_shape = schema["image"].get("shape")
-    num_classes = manifest.get("num_classes")
-    if num_samples > 0:
-        if (not isinstance(image_shape, list) or len(image_shape) != 3 or image_shape[2] not in (1, 3)
-                or not all(isinstance(v, int) and v > 0 for v in image_shape)):
-            raise ShardError(f"{where}: schema.image.shape must be [H, W, C] with C 1 or 3, got {image_shape!r}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ShardError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
-        shapes = schema["image"].get("shapes")
-        if shapes is not None and (not isinstance(shapes, list) or image_shape not in shapes or any(
-                not isinstance(v, list) or len(v) != 3 or v[2] != image_shape[2]
-                or not all(isinstance(d, int) and d > 0 for d in v) for v in shapes)):
-            raise ShardError(f"{where}: schema.image.shapes must list [H, W, C] shapes of one channel count, "
-                             f"schema.image.shape among them; got {shapes!r}")
-        if schema["logits"].get("shape") != [num_classes]:
-            raise ShardError(f"{where}: schema.logits.shape {schema['logits'].get('shape')!r} "
-                             f"disagrees with num_classes {num_classes}")
-    total = 0
-    seen: set[str] = set()
-    for i, entry in enumerate(manifest["shards"]):
-        if not isinstance(entry, dict):
-            raise ShardError(f"{where}: shards[{i}] is not an object")
-        for field, kind in _SHARD_FIELDS.items():
-            if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
-                raise ShardError(f"{where}: shards[{i}] lacks {field!r} or it has the wrong type")
-        _check_relative_url(entry["url"], where)
-        if entry["url"] in seen:
-            raise ShardError(f"{where}: shard {entry['url']} is listed twice")
-        seen.add(entry["url"])
-        if entry["num_samples"] < 0 or entry["bytes"] < 0 or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
-            raise ShardError(f"{where}: shards[{i}] ({entry['url']}) has an invalid count, size or sha256")
-        total += entry["num_samples"]
-    if total != num_samples:
-        raise ShardError(f"{where}: num_samples is {num_samples} but the shards list {total} samples")
-    counts = manifest["class_counts"]
-    if num_samples > 0 and (len(counts) != num_classes or sum(counts) != num_samples):
-        raise ShardError(f"{where}: class_counts (length {len(counts)}, sum {sum(counts)}) does not fit "
-                         f"num_classes {num_classes} and num_samples {num_samples}")
-    for name, entry in (manifest.get("artifacts") or {}).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-            raise ShardError(f"{where}: artifacts[{name!r}] lacks a url")
-        _check_relative_url(entry["url"], where)
-    return manifest
-
-
 # --------------------------------------------------------------------------------------------- codecs
 
 
@@ -206,12 +124,16 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_png(data: bytes, shape: list[int] | None = None, shapes: list[list[int]] | None = None) -> np.ndarray:
     """H×W×C uint8 array from PNG bytes; only PNG is accepted so a shard cannot feed PIL an exotic format.
 
-    With ``shape`` (or ``shapes``, the sizes a multi-resolution set allows) the header's size and mode are
-    checked before any pixel is decompressed, so a hostile shard cannot make the reader inflate a huge image.
+    The header's size is checked against :data:`MAX_IMAGE_PIXELS` and, with ``shape`` (or ``shapes``, the sizes
+    a multi-resolution set allows), against the manifest, before any pixel is decompressed: a hostile shard
+    cannot make the reader inflate a huge image.
     """
     with Image.open(io.BytesIO(data), formats=("PNG",)) as pil:
         if pil.mode not in ("L", "RGB"):
             raise ValueError(f"PNG mode {pil.mode!r} is neither L (greyscale) nor RGB")
+        if pil.width * pil.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"a {pil.height}×{pil.width} image has {pil.width * pil.height} pixels, more than the "
+                             f"{MAX_IMAGE_PIXELS} pixels per image this format allows")
         if shape is not None:
             found = [pil.height, pil.width, 1 if pil.mode == "L" else 3]
             if found != list(shape):

@@ -73,6 +73,19 @@ def open_location(url: str, local: bool) -> IO[bytes]:
     return open(url, "rb") if local else open_url(url)
 
 
-def read_all(url: str, local: bool) -> bytes:
+#: The largest manifest read (a manifest of 100k shards is ~30 MB): an endless response is not a manifest.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def read_all(url: str, local: bool, limit: int) -> bytes:
+    """The whole file at ``url``, which may hold at most ``limit`` bytes: one byte more is a ShardError,
+    raised without reading further (a server that never stops sending cannot fill memory)."""
+    chunks, size = [], 0
     with open_location(url, local) as handle:
-        return handle.read()
+        while size <= limit:  # in chunks: read(n) allocates n bytes up front, however small the file
+            chunk = handle.read(min(1 << 20, limit + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+    raise ShardError(f"{url}: larger than the {limit} bytes expected here; not read further")

@@ -7,8 +7,11 @@ shard entry says which source it came from. Shards keep their bytes when the sou
 cannot), otherwise they are copied. Overlapping keys (two ordinary runs both start at 0) are renumbered,
 which rewrites the tars, so it needs a copy and refuses ``link``.
 
-Order of work, as in the writer: every check first (nothing touched), then the shards (each atomically), then
-``manifest.json`` — the commit point. A failure removes what this merge created.
+A source is untrusted input: every one is verified whole (:func:`shards.verify`: sizes, sha256, member names,
+keys, decodability) before a byte is copied, and bytes are checked again as they are copied. C must be new or
+an empty folder. The merge is built in a hidden sibling ``.C.merging`` that it locks (a second merge into C is
+refused naming the first one's pid) and renamed onto C only when complete: a failed merge leaves no C, and a
+killed one leaves only the hidden folder, which the next merge into C takes over.
 """
 
 from __future__ import annotations
@@ -18,33 +21,41 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from atomicio import fsync_dir, write_atomic, write_json_atomic
+from atomicio import fsync_dir, temp_path, write_atomic, write_json_atomic
 
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOCK_NAME,
     MANIFEST_NAME,
+    SHARD_PATTERN,
     ShardError,
     image_shapes,
     sample_key,
     shard_name,
     summary_from_shards,
     tool_version,
-    validate_manifest,
 )
 from .locations import Location, is_url
-from .reader import check_shard, read_manifest
-from .tario import iter_tar
-from .writer import _HashingWriter, _is_own_leftover, _tar_member
+from .lock import FolderLock
+from .manifests import read_manifest
+from .owned import temporary_target
+from .tario import HashingWriter, MeteredReader, iter_tar, tar_member
+from .validation import shard_first_indices, validate_manifest
+from .verify import verify
 
 _KEPT_SHARD_FIELDS = ("num_samples", "bytes", "sha256", "first_index", "agreement_count", "entropy_sum",
                       "synthesis_seconds")
+# The only member names a shard of this format holds (verify has checked every source against this).
+_MEMBER = re.compile(r"^(\d+)\.(png|cls|logits\.npy|json)$")
+_CHUNK = 1 << 20
 
 
 def _teacher_sha(manifest: dict[str, Any]) -> str | None:
@@ -73,21 +84,37 @@ def _plan(sources: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any
     """Every shard as ``{source, entry, path}`` in key order, and whether keys must be renumbered."""
     items = []
     for index, (where, manifest) in enumerate(sources):
-        for entry in manifest["shards"]:
-            items.append({"source": index, "entry": entry, "path": Path(where) / entry["url"],
-                          "first": int(entry.get("first_index", 0))})
+        for entry, first in zip(manifest["shards"], shard_first_indices(manifest), strict=True):
+            items.append({"source": index, "entry": entry, "path": Path(where) / entry["url"], "first": first})
     items.sort(key=lambda s: (s["first"], s["source"]))
     overlap = any(a["first"] + a["entry"]["num_samples"] > b["first"] for a, b in itertools.pairwise(items))
     return items, overlap
 
 
-def _place(src: Path, dest: Path, link: bool) -> str:
+def _checked(reader: Any, entry: dict[str, Any]) -> MeteredReader:
+    return MeteredReader(reader, entry["url"], entry["bytes"])
+
+
+def _changed(src: Path) -> ShardError:
+    return ShardError(f"{src}: changed while it was merged (its bytes no longer match its manifest); nothing was "
+                      "merged")
+
+
+def _place(src: Path, dest: Path, entry: dict[str, Any], link: bool) -> str:
     """Puts the shard ``src`` at ``dest`` atomically, unchanged: a hard link, else a symlink, or a copy."""
     if not link:
-        write_atomic(dest, lambda tmp: shutil.copyfile(src, tmp))
+        def copy(tmp: Path) -> None:
+            shutil.copyfile(src, tmp)  # the kernel's fast path; then the copy itself is checked
+            with open(tmp, "rb") as handle:
+                reader = _checked(handle, entry)
+                while reader.read(_CHUNK):
+                    pass
+            if not reader.matches(entry):
+                raise _changed(src)
+
+        write_atomic(dest, copy)
         return "copy"
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(dest)
     try:
         os.link(src, tmp)
         how = "hardlink"
@@ -99,21 +126,26 @@ def _place(src: Path, dest: Path, link: bool) -> str:
     return how
 
 
-def _renumbered(src: Path, dest: Path, name: str, first: int) -> dict[str, Any]:
+def _renumbered(src: Path, dest: Path, entry: dict[str, Any], first: int) -> dict[str, Any]:
     """Copies shard ``src`` to ``dest`` with its samples' keys renumbered from ``first`` (same member order,
     the writer's fixed tar metadata); returns the new size and sha256."""
-    hashing: _HashingWriter | None = None
+    hashing: HashingWriter | None = None
 
     def write(tmp: Path) -> None:
         nonlocal hashing
-        with open(src, "rb") as reader, open(tmp, "wb") as handle:
-            hashing = _HashingWriter(handle)
+        with open(src, "rb") as handle, open(tmp, "wb") as out:
+            reader = _checked(handle, entry)
+            hashing = HashingWriter(out)
             with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
                 keys: dict[str, str] = {}
-                for member, data in iter_tar(reader, name):
-                    key, _, ext = member.partition(".")
-                    new = keys.setdefault(key, sample_key(first + len(keys)))
-                    tar.addfile(*_tar_member(f"{new}.{ext}", data))
+                for member, data in iter_tar(reader, entry["url"]):  # type: ignore[arg-type]
+                    match = _MEMBER.match(member)
+                    if not match:  # verify refused such names already; never write one anyway
+                        raise ShardError(f"{src}: member {member!r} is not KEY.EXT; nothing was merged")
+                    new = keys.setdefault(match.group(1), sample_key(first + len(keys)))
+                    tar.addfile(*tar_member(f"{new}.{match.group(2)}", data))
+            if not reader.matches(entry):
+                raise _changed(src)
 
     write_atomic(dest, write)
     assert hashing is not None
@@ -153,41 +185,108 @@ def merge(sources: list[Location], out: str | os.PathLike[str], *, link: bool = 
     if overlap and link:
         raise ShardError("the sources' sample keys overlap (they were not made as parts of one fan-out: "
                          "synth run --rank/--world); merge without --link to renumber them (this copies the shards)")
-    if out.exists():
-        if not out.is_dir() or (out / MANIFEST_NAME).exists() or any(not _is_own_leftover(p) for p in out.iterdir()):
-            raise ShardError(f"{out} exists and is not empty; nothing was changed. Choose a new directory.")
-    for item in plan:  # every source shard whole and as recorded, before anything is written
-        check_shard(item["path"], item["entry"])
+    _check_output(out)
+    for where, _manifest in loaded:  # every source whole and as recorded, before anything is written
+        problems = verify(where)
+        if problems:
+            shown = "\n  ".join(str(problem) for problem in problems[:5])
+            raise ShardError(f"{where}: not a healthy dataset, nothing was merged (synth verify {where}):\n  {shown}")
 
-    created_dir = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.iterdir():  # a killed merge's own shards
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    entries, placed = [], set()
+    staging = out.parent / f".{out.name}.merging"
+    made = _make_parents(out.parent)
     try:
-        next_key = 0
-        for i, item in enumerate(plan):
-            name, old = shard_name(i), item["entry"]
-            entry = {k: old[k] for k in _KEPT_SHARD_FIELDS if k in old}
-            entry.update(url=name, source=item["source"])
-            if overlap:
-                entry.update(_renumbered(item["path"], out / name, old["url"], next_key), first_index=next_key)
-                entry["placed"] = "renumbered"
-            else:
-                entry["placed"] = _place(item["path"], out / name, link)
-            placed.add(name)
-            next_key += old["num_samples"]
-            entries.append(entry)
-        manifest = _merged_manifest(loaded, entries, command)
-        validate_manifest(manifest, str(out / MANIFEST_NAME))
-        write_json_atomic(out / MANIFEST_NAME, manifest, indent=2, allow_nan=False)
+        if staging.is_symlink():
+            raise ShardError(f"{staging} is a symlink; a merge builds only in a folder of its own")
+        staging.mkdir(exist_ok=True)
+        lock = FolderLock.acquire(staging)  # a second merge into ``out`` stops here, naming this one's pid
     except BaseException:
-        for name in placed:
-            (out / name).unlink(missing_ok=True)
-        if created_dir:
-            shutil.rmtree(out, ignore_errors=True)
+        _remove_made(made)
         raise
+    try:
+        _clear_staging(staging)  # what a killed merge into ``out`` left; we hold its lock now
+        manifest = _build(staging, loaded, plan, overlap, link, command)
+        _check_output(out)
+        try:
+            os.rename(staging, out)  # replaces an empty ``out``; refuses one that filled up meanwhile
+        except OSError as error:
+            raise ShardError(f"{out}: cannot put the merged dataset there ({error}); nothing was merged") from error
+        lock.moved_to(out)
+        fsync_dir(out.parent)
+    except BaseException:
+        if lock.folder == staging:
+            try:
+                _clear_staging(staging)
+            except ShardError:
+                pass  # something not ours is in it: the folder stays, the original error is the one to see
+            lock.release()
+            try:
+                staging.rmdir()
+            except OSError:
+                pass
+        _remove_made(made)
+        raise
+    finally:
+        lock.release()
     return manifest
+
+
+def _build(staging: Path, loaded: list[tuple[str, dict[str, Any]]], plan: list[dict[str, Any]], overlap: bool,
+           link: bool, command: str | None) -> dict[str, Any]:
+    """The shards and then the manifest of the merged set, in ``staging``."""
+    entries = []
+    next_key = 0
+    for i, item in enumerate(plan):
+        name, old = shard_name(i), item["entry"]
+        entry = {k: old[k] for k in _KEPT_SHARD_FIELDS if k in old}
+        entry.update(url=name, source=item["source"])
+        if overlap:
+            entry.update(_renumbered(item["path"], staging / name, old, next_key), first_index=next_key)
+            entry["placed"] = "renumbered"
+        else:
+            entry["first_index"] = item["first"]
+            entry["placed"] = _place(item["path"], staging / name, old, link)
+        next_key += old["num_samples"]
+        entries.append(entry)
+    manifest = _merged_manifest(loaded, entries, command)
+    validate_manifest(manifest, str(staging / MANIFEST_NAME))
+    write_json_atomic(staging / MANIFEST_NAME, manifest, indent=2, allow_nan=False)
+    return manifest
+
+
+def _check_output(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise ShardError(f"{out} exists and is not empty; nothing was changed. Choose a new directory.")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Creates ``folder`` and its missing parents; returns those it made, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_made(made: list[Path]) -> None:
+    for path in reversed(made):
+        try:
+            path.rmdir()
+        except OSError:
+            break
+
+
+def _clear_staging(staging: Path) -> None:
+    """Deletes the merge's own files from its staging folder: shards, manifest, temporaries (the lock stays)."""
+    for path in staging.iterdir():
+        name = temporary_target(path.name) or path.name
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink() or not (SHARD_PATTERN.match(name) or name == MANIFEST_NAME):
+            raise ShardError(f"{staging} holds {path.name}, which no merge made; nothing was changed. Remove "
+                             f"{staging} to merge into {staging.parent}/{staging.name[1:-len('.merging')]}")
+        path.unlink()
 
 
 def _merged_manifest(loaded: list[tuple[str, dict[str, Any]]], entries: list[dict[str, Any]],

@@ -1,11 +1,11 @@
-"""Verifying reader: manifest, in-memory arrays, a WebDataset stream, and a full ``verify``.
+"""Verifying reader: manifest, in-memory arrays, a WebDataset stream (the full ``verify`` is :mod:`shards.verify`).
 
 A dataset location is a local directory, a local ``manifest.json`` path, or a URL to either (see
-:mod:`shards.locations`). Shard URLs in the manifest are relative to the manifest.
+:mod:`shards.locations`); its manifest is read and checked by :mod:`shards.manifests`.
 
-Reading never trusts the bytes: shards are checked against the manifest's size and sha256, sample counts
-per shard must match, and everything decodes without pickle. Any failure is a :class:`ShardError` that names
-the shard (and the sample key where there is one) — never a silent partial epoch.
+Reading never trusts the bytes: shards are checked against the manifest's size and sha256 (and never read past
+it), sample counts and keys per shard must match, and everything decodes without pickle. Any failure is a
+:class:`ShardError` that names the shard (and the sample key where there is one) — never a silent partial epoch.
 
 Two read paths, because the GPU case needs the second: :func:`stream` is a per-sample WebDataset pipeline for
 sets too large for memory, :func:`load_arrays` decodes whole shards (in parallel) into contiguous arrays that a
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -32,9 +30,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .decoding import decode_fields
-from .format import MANIFEST_NAME, Problem, ShardError, image_shapes, logit_stats, validate_manifest
-from .locations import Location, is_local_location, manifest_location, read_all
-from .remote import ShardCache, read_shard
+from .format import ShardError, image_shapes, sample_key
+from .locations import Location, is_local_location
+from .manifests import read_manifest, shard_entries, shard_urls
+from .remote import read_shard
 from .tario import group_samples, iter_tar
 
 if TYPE_CHECKING:
@@ -43,44 +42,7 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20
 
 
-# --------------------------------------------------------------------------------------------- manifest
-
-
-def read_manifest(location: Location, *, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """The validated manifest of the dataset at ``location`` (dir, manifest path or URL); ShardError if unusable.
-
-    With ``cache_dir`` a remote manifest is read from the network when it can be (so a changed dataset is
-    seen) and kept in the cache; when the network fails, the cached copy is used (with a warning), so a
-    cached dataset also trains offline."""
-    where, _base, local = manifest_location(location)
-    try:
-        raw = read_all(where, local)
-        if cache_dir is not None and not local:
-            ShardCache(cache_dir).keep_manifest(where, raw)
-    except ShardError:
-        raise
-    except FileNotFoundError:
-        raise ShardError(f"{where}: no dataset manifest here") from None
-    except OSError as error:
-        cached = ShardCache(cache_dir).cached_manifest(where) if cache_dir is not None and not local else None
-        if cached is None:
-            raise ShardError(f"{where}: cannot read the dataset manifest ({error})") from error
-        warnings.warn(f"{where}: cannot be read ({error}); using the copy in --cache-dir {cache_dir}", stacklevel=2)
-        raw = cached
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShardError(f"{where}: not valid JSON ({error})") from None
-    return validate_manifest(manifest, where)
-
-
-def shard_urls(location: Location, manifest: dict[str, Any] | None = None) -> list[str]:
-    """The manifest's shards as local paths or absolute URLs, in manifest order."""
-    manifest = read_manifest(location) if manifest is None else manifest
-    _where, base, local = manifest_location(location)
-    if local:
-        return [os.path.join(base, entry["url"]) for entry in manifest["shards"]]
-    return [f"{base}/{entry['url']}" for entry in manifest["shards"]]
+# --------------------------------------------------------------------------------------------- checksums
 
 
 def check_shard(path: Location, entry: dict[str, Any]) -> None:
@@ -161,9 +123,9 @@ def _decode_shard(data: bytes, entry: dict[str, Any], where: str, manifest: dict
         metas.append(meta if meta is not None else {})
     if len(keys) != entry["num_samples"]:
         raise ShardError(f"shard {name}: holds {len(keys)} samples, the manifest says {entry['num_samples']}")
-    first = entry.get("first_index")
-    if isinstance(first, int) and keys != [f"{first + i:09d}" for i in range(len(keys))]:
-        raise ShardError(f"shard {name}: keys are not the consecutive indices from {first} the manifest records")
+    first = entry["first_index"]  # set by the caller from shard_first_indices, recorded or not
+    if keys != [sample_key(first + i) for i in range(len(keys))]:
+        raise ShardError(f"shard {name}: keys are not the consecutive indices from {first} the manifest gives it")
     shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
     part: dict[str, Any] = {
         "images": images,
@@ -238,7 +200,7 @@ class ShardArrays:
 
 def load_arrays(location: Location, *, workers: int = 0, verify: bool = True, progress: bool = True,
                 cache_dir: str | os.PathLike[str] | None = None, resolution: tuple[int, int] | None = None,
-                resize: int | None = None) -> ShardArrays:
+                resize: int | None = None, offline: bool = False) -> ShardArrays:
     """Decodes every shard into contiguous arrays (the fast path for datasets that fit in memory).
 
     ``workers`` > 0 decodes shards in that many processes, one shard per task. With ``verify`` each shard's
@@ -246,10 +208,11 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True, pr
     Remote shards are read with retries (:mod:`shards.remote`) and, with ``cache_dir``, kept in that cache.
     A set of several image sizes (``schema.image.shapes``) needs ``resolution=(H, W)``, which keeps the samples
     of that size only, or ``resize=N``, which resizes every image to N×N (bilinear; the stored logits stay those
-    of the stored image); both work on any set.
+    of the stored image); both work on any set. ``offline`` reads a remote set's manifest from ``cache_dir``
+    without asking the server (:func:`read_manifest`).
     """
     cache = None if cache_dir is None else str(cache_dir)
-    manifest = read_manifest(location, cache_dir=cache_dir)
+    manifest = read_manifest(location, cache_dir=cache_dir, offline=offline)
     sizes = image_shapes(manifest)
     if len(sizes) > 1 and resolution is None and resize is None:
         counts = ", ".join(f"{k}: {v}" for k, v in (manifest.get("resolution_counts") or {}).items())
@@ -259,7 +222,7 @@ def load_arrays(location: Location, *, workers: int = 0, verify: bool = True, pr
         return _load_selected(location, manifest, workers, verify, progress, resolution, resize, cache)
     urls = shard_urls(location, manifest)
     local = is_local_location(location)
-    entries = manifest["shards"]
+    entries = shard_entries(manifest)
     total = manifest["num_samples"]
     shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
     num_classes = manifest.get("num_classes") or 0
@@ -309,7 +272,7 @@ def _load_selected(location: Location, manifest: dict[str, Any], workers: int, v
     """:func:`load_arrays` with a size filter and/or resizing: shard by shard, then concatenated."""
     urls = shard_urls(location, manifest)
     local = is_local_location(location)
-    entries = manifest["shards"]
+    entries = shard_entries(manifest)
     select = (tuple(resolution) if resolution is not None else None, resize)
     parts: list[dict[str, Any]] = [{}] * len(entries)
     with tqdm(total=manifest["num_samples"], unit="img", desc="load shards", disable=not progress,
@@ -349,8 +312,8 @@ def _load_selected(location: Location, manifest: dict[str, Any], workers: int, v
 
 
 def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int = 0, resampled: bool = False,
-           verify_local: bool = True, checksum: bool = True,
-           cache_dir: str | os.PathLike[str] | None = None, with_meta: bool = False) -> ShardStream:
+           verify_local: bool = True, checksum: bool = True, cache_dir: str | os.PathLike[str] | None = None,
+           with_meta: bool = False, offline: bool = False) -> ShardStream:
     """A WebDataset pipeline yielding ``(image uint8 H×W×C, label int, logits float16)`` tuples; with
     ``with_meta``, ``(image, label, logits, meta dict)`` (``{}`` for a sample without metadata).
 
@@ -367,11 +330,13 @@ def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int
       every shard while it streams (local or remote) and raises at its end if size or sha256 differ.
     - Remote shards are read with retries (:mod:`shards.remote`); with ``cache_dir`` each is kept in that
       cache as it streams, so later epochs read it from disk.
-    Every error raises ShardError naming the shard; per-shard sample counts are checked too.
+    - ``offline`` reads a remote set's manifest from ``cache_dir`` without asking the server.
+    Every error raises ShardError naming the shard; per-shard sample counts and keys are checked too, and no
+    shard is read past the size its manifest declares.
     """
     from .streaming import ShardStream  # lazy: webdataset imports torch
 
-    manifest = read_manifest(location, cache_dir=cache_dir)
+    manifest = read_manifest(location, cache_dir=cache_dir, offline=offline)
     urls = shard_urls(location, manifest)
     local = is_local_location(location)
     if local and verify_local:
@@ -381,104 +346,6 @@ def stream(location: Location, *, shuffle: int = 1000, seed: int = 0, epoch: int
             if os.path.getsize(url) != entry["bytes"]:
                 raise ShardError(f"shard {entry['url']} ({url}): size mismatch, manifest says {entry['bytes']} "
                                  f"bytes, found {os.path.getsize(url)}")
-    return ShardStream(manifest, urls, local=local, shuffle=shuffle, seed=seed, epoch=epoch,
+    return ShardStream(manifest, urls, shard_entries(manifest), local=local, shuffle=shuffle, seed=seed, epoch=epoch,
                        resampled=resampled, checksum=checksum,
                        cache_dir=None if cache_dir is None else str(cache_dir), with_meta=with_meta)
-
-
-# --------------------------------------------------------------------------------------------- verify
-
-
-def verify(location: Location) -> list[Problem]:
-    """Everything that is wrong with the dataset at ``location``; an empty list means healthy.
-
-    Checks the manifest, then every shard: present, size and sha256, a well-formed tar, every sample decodes,
-    per-shard counts and keys; then duplicate keys across shards, total and per-class counts, the summary's
-    agreement and entropy, and the artifacts' sizes and checksums.
-    """
-    try:
-        manifest = read_manifest(location)
-    except ShardError as error:
-        return [Problem(MANIFEST_NAME, str(error))]
-    problems: list[Problem] = []
-    urls = shard_urls(location, manifest)
-    local = is_local_location(location)
-    owner: dict[str, str] = {}
-    num_classes = manifest.get("num_classes") or 0
-    counts = np.zeros(num_classes, dtype=np.int64)
-    decoded = agree = 0
-    entropy = 0.0
-    all_read = True
-    for url, entry in zip(urls, manifest["shards"], strict=True):
-        name = entry["url"]
-        try:
-            data = read_all(url, local)
-        except (OSError, ShardError) as error:
-            missing = isinstance(error, FileNotFoundError)
-            problems.append(Problem(name, "missing" if missing else f"cannot read {url}: {error}"))
-            all_read = False
-            continue
-        try:
-            _check_bytes(data, entry, url)
-        except ShardError as error:
-            problems.append(Problem(name, str(error)))
-        try:
-            part = _decode_shard(data, entry, url, manifest, verify=False)
-        except ShardError as error:
-            problems.append(Problem(name, str(error)))
-            all_read = False
-            continue
-        for key in part["keys"]:
-            if key in owner:
-                problems.append(Problem(name, f"key {key} is also in {owner[key]}"))
-            owner.setdefault(key, name)
-        decoded += len(part["keys"])
-        if num_classes:
-            counts += np.bincount(part["labels"], minlength=num_classes)[:num_classes]
-        a, e = logit_stats(part["labels"], part["logits"])
-        agree += a
-        entropy += e
-        if "agreement_count" in entry and entry["agreement_count"] != a:
-            problems.append(Problem(name, f"agreement_count {entry['agreement_count']} recorded, {a} recomputed"))
-
-    if all_read:
-        if decoded != manifest["num_samples"]:
-            problems.append(Problem(MANIFEST_NAME, f"num_samples is {manifest['num_samples']}, shards hold {decoded}"))
-        if decoded and counts.tolist() != manifest["class_counts"]:
-            problems.append(Problem(MANIFEST_NAME, f"class_counts {manifest['class_counts']} disagree with the "
-                                                   f"shards' {counts.tolist()}"))
-        summary = manifest["summary"]
-        if decoded:
-            for figure, value in (("teacher_agreement", agree / decoded), ("mean_entropy", entropy / decoded)):
-                recorded = summary.get(figure)
-                if not isinstance(recorded, (int, float)) or abs(recorded - value) > 1e-6 * max(1.0, abs(value)):
-                    problems.append(Problem(MANIFEST_NAME, f"summary.{figure} is {recorded}, the shards give {value}"))
-
-    _where, base, _local = manifest_location(location)
-    for name, entry in (manifest.get("artifacts") or {}).items():
-        url = os.path.join(base, entry["url"]) if local else f"{base}/{entry['url']}"
-        try:
-            data = read_all(url, local)
-        except (OSError, ShardError) as error:
-            problems.append(Problem(entry["url"], f"artifact {name!r} cannot be read: {error}"))
-            continue
-        if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-            problems.append(Problem(entry["url"], f"artifact {name!r}: size or sha256 differs from the manifest"))
-    return problems
-
-
-def read_artifact(location: Location, name: str, *, manifest: dict[str, Any] | None = None) -> bytes:
-    """The bytes of an artifact stored with :meth:`ShardWriter.add_file`, checked against the manifest."""
-    manifest = read_manifest(location) if manifest is None else manifest
-    entry = (manifest.get("artifacts") or {}).get(name)
-    if entry is None:
-        raise ShardError(f"{location}: the dataset holds no artifact {name!r}")
-    _where, base, local = manifest_location(location)
-    url = os.path.join(base, entry["url"]) if local else f"{base}/{entry['url']}"
-    try:
-        data = read_all(url, local)
-    except OSError as error:
-        raise ShardError(f"artifact {name!r} ({url}): cannot read ({error})") from error
-    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ShardError(f"artifact {name!r} ({url}): size or sha256 differs from the manifest")
-    return data

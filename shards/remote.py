@@ -3,11 +3,15 @@
 - :class:`RemoteReader` reads a URL as a stream. When the connection fails or ends before the size the manifest
   records, it reconnects at the byte where it stopped (an HTTP ``Range`` request; a server that ignores it is
   read from the start and the bytes already seen are skipped), up to ``retries`` times without progress; then
-  a :class:`ShardError` names the shard and the byte. A short epoch can never come from here.
+  a :class:`ShardError` names the shard and the byte. A short epoch can never come from here, and neither can
+  a long one: it never reads more than the declared size plus one byte, and that byte is an error naming the
+  shard, so an endless response fills neither memory nor the cache's disk.
 - :class:`ShardCache` (``--cache-dir``) keeps every remote shard that was read whole and matched its sha256
   under ``DIR/<sha256>.tar``: content-addressed, so a second epoch, a second student or another dataset that
   holds the same shard reads it from disk, and no byte of it from the network again. A shard is copied into
-  the cache while it streams (no second download) and only renamed into place once complete and verified.
+  the cache while it streams (no second download) and only renamed into place once complete and verified. A
+  cached file is checked against its sha256 each time it is opened; one that no longer matches is deleted and
+  fetched again. Temporaries carry their process's pid; a new cache removes those of dead processes.
 
 Standard library only (fsspec is imported only for non-HTTP URLs); no torch.
 """
@@ -21,12 +25,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from atomicio import TMP_SUFFIX, fsync_dir, write_atomic
+from atomicio import TMP_SUFFIX, fsync_dir, remove_stale_temporaries, write_atomic
 
 from .format import ShardError
+from .tario import MeteredReader
 
 #: Reconnections allowed without progress before a shard is declared unreadable.
 RETRIES = 3
@@ -110,6 +116,9 @@ class RemoteReader:
         self._connect()
 
     def read(self, n: int = -1) -> bytes:
+        if self.size is not None:  # never ask for more than one byte past the declared size
+            room = self.size + 1 - self.position
+            n = room if n is None or n < 0 else min(n, room)
         while True:
             error: BaseException | None = None
             try:
@@ -119,6 +128,10 @@ class RemoteReader:
                 data, error = b"", exc
             if data:
                 self.position += len(data)
+                if self.size is not None and self.position > self.size:
+                    self.close()
+                    raise ShardError(f"shard {self.name} ({self.url}): the server sends more than the {self.size} "
+                                     f"bytes the manifest declares; stopped reading at byte {self.position}")
                 return data
             if error is None and (self.size is None or self.position >= self.size):
                 return b""  # the real end
@@ -199,6 +212,9 @@ class ShardCache:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ShardError(f"--cache-dir {self.directory}: cannot create it ({error})") from error
+        # What killed downloads left: their process is gone, so nobody will finish or remove them.
+        remove_stale_temporaries(self.directory)
+        remove_stale_temporaries(self.directory / "manifests")
 
     def _manifest_path(self, url: str) -> Path:
         return self.directory / "manifests" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
@@ -218,9 +234,39 @@ class ShardCache:
 
     def open(self, url: str, entry: dict[str, Any]) -> IO[bytes]:
         cached = self.path(entry)
-        if cached.is_file() and cached.stat().st_size == entry["bytes"]:
-            return open(cached, "rb")  # the reader's own size/sha256 check still runs on these bytes
+        if cached.is_file():
+            if _file_matches(cached, entry):
+                return open(cached, "rb")  # the reader's own size/sha256 check still runs on these bytes
+            # Changed on disk since it was cached (bit rot, a stray write): never used again, fetched once more.
+            warnings.warn(f"--cache-dir: {cached} no longer matches its sha256; fetching shard {entry['url']} "
+                          "again", stacklevel=2)
+            cached.unlink(missing_ok=True)
         return _CachingReader(RemoteReader(url, entry["url"], entry["bytes"]), cached, entry)  # type: ignore[return-value]
+
+
+# Cached files this process has hashed, by (path, inode, size, mtime): later epochs do not hash them again.
+_MATCHED: set[tuple[str, int, int, int]] = set()
+
+
+def _file_matches(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether the file at ``path`` has the manifest ``entry``'s size and sha256 (read through once)."""
+    try:
+        stat = path.stat()
+        seen = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if stat.st_size != entry["bytes"]:
+            return False
+        if seen in _MATCHED:
+            return True
+        with open(path, "rb") as handle:
+            reader = MeteredReader(handle, entry["url"], entry["bytes"])
+            while reader.read(_SKIP_CHUNK):
+                pass
+    except (OSError, ShardError):
+        return False
+    if reader.matches(entry):
+        _MATCHED.add(seen)
+        return True
+    return False
 
 
 CacheDir = str | os.PathLike[str] | None
@@ -236,8 +282,13 @@ def open_shard(url: str, entry: dict[str, Any], local: bool, cache_dir: CacheDir
 
 
 def read_shard(url: str, entry: dict[str, Any], local: bool, cache_dir: CacheDir = None) -> bytes:
+    """The bytes of one shard, never more than its declared size plus one (which raises ShardError)."""
+    if local and os.path.getsize(url) != entry["bytes"]:  # a local file need not be read to know its size
+        raise ShardError(f"shard {entry['url']} ({url}): size mismatch, manifest says {entry['bytes']} bytes, "
+                         f"found {os.path.getsize(url)}")
     with open_shard(url, entry, local, cache_dir) as handle:  # type: ignore[attr-defined]
+        reader = MeteredReader(handle, entry["url"], entry["bytes"], checksum=False)
         chunks = []
-        while chunk := handle.read(_SKIP_CHUNK):
+        while chunk := reader.read(_SKIP_CHUNK):
             chunks.append(chunk)
         return b"".join(chunks)

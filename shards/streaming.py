@@ -13,20 +13,19 @@ the reader imports this module only inside :func:`shards.stream`, and this modul
 
 from __future__ import annotations
 
-import hashlib
 import random
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
 from .decoding import decode_fields
-from .format import ShardError
+from .format import ShardError, sample_key
 from .remote import open_shard
-from .tario import group_samples, iter_tar
+from .tario import MeteredReader, group_samples, iter_tar
 
 
 @dataclass
@@ -36,22 +35,6 @@ class _EpochState:
     epoch: int
     iterations: int = 0
     current: int = 0
-
-
-class _VerifyingReader:
-    """Read-only stream wrapper that counts and (optionally) hashes every byte read through it."""
-
-    def __init__(self, handle: IO[bytes], checksum: bool):
-        self.handle = handle
-        self.size = 0
-        self.sha256 = hashlib.sha256() if checksum else None
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.handle.read(n)
-        self.size += len(data)
-        if self.sha256 is not None:
-            self.sha256.update(data)
-        return data
 
 
 class _ShardSource:
@@ -97,11 +80,16 @@ def _expand(source: Iterable[dict[str, Any]], checksum: bool, cache_dir: str | N
             raise
         except Exception as error:  # network and filesystem errors all mean "cannot open"
             raise ShardError(f"shard {name}: cannot open {url} ({error})") from error
-        reader = _VerifyingReader(handle, checksum)
+        # Never past the declared size, checksum or not: an endless stream is an error, not an endless epoch.
+        reader = MeteredReader(handle, name, entry["bytes"], checksum)
         count = 0
         try:
             # iter_tar reads to end of file, so the hash below covers every byte, padding included.
             for sample in group_samples(iter_tar(reader, name), name, url):  # type: ignore[arg-type]
+                expected = sample_key(entry["first_index"] + count)
+                if sample["__key__"] != expected:  # keys are unique across shards when each is its range
+                    raise ShardError(f"shard {name} ({url}): sample {count} has key {sample['__key__']}, the "
+                                     f"manifest's first_index {entry['first_index']} makes it {expected}")
                 count += 1
                 yield sample
         except ShardError:
@@ -111,8 +99,7 @@ def _expand(source: Iterable[dict[str, Any]], checksum: bool, cache_dir: str | N
         finally:
             handle.close()
         # Checked after the last sample: a damaged shard fails its epoch instead of silently shortening it.
-        if reader.sha256 is not None and (reader.size != entry["bytes"]
-                                          or reader.sha256.hexdigest() != entry["sha256"]):
+        if reader.sha256 is not None and not reader.matches(entry):
             raise ShardError(f"shard {name} ({url}): size/sha256 mismatch, manifest says {entry['bytes']} bytes "
                              f"sha256 {entry['sha256']}, read {reader.size} bytes sha256 "
                              f"{reader.sha256.hexdigest()}; the file is corrupt or was changed")
@@ -163,9 +150,10 @@ class ShardStream(wds.DataPipeline, wds.FluidInterface):
     ``(image, label, logits)`` tuples (``(image, label, logits, meta)`` with ``with_meta``), plus ``manifest``,
     ``num_samples``, ``num_shards`` and ``set_epoch``."""
 
-    def __init__(self, manifest: dict[str, Any], urls: list[str], *, local: bool, shuffle: int, seed: int,
-                 epoch: int, resampled: bool, checksum: bool, cache_dir: str | None = None,
+    def __init__(self, manifest: dict[str, Any], urls: list[str], entries: list[dict[str, Any]], *, local: bool,
+                 shuffle: int, seed: int, epoch: int, resampled: bool, checksum: bool, cache_dir: str | None = None,
                  with_meta: bool = False):
+        # ``entries``: the manifest's shard entries, each with the first_index its keys start at.
         super().__init__()
         self.manifest = manifest
         self.num_samples = int(manifest["num_samples"])
@@ -173,7 +161,7 @@ class ShardStream(wds.DataPipeline, wds.FluidInterface):
         self.resampled = resampled
         self._state = _EpochState(epoch=epoch)
         self._warned = False
-        self.append(_ShardSource(urls, manifest["shards"], local, seed, self._state, shuffle > 0, resampled))
+        self.append(_ShardSource(urls, entries, local, seed, self._state, shuffle > 0, resampled))
         if not resampled:
             self.append(wds.split_by_node)
             self.append(wds.split_by_worker)

@@ -7,6 +7,7 @@ figures describe what a student will actually be trained on.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,50 +15,82 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .format import logit_stats
-from .reader import Location, ShardArrays, load_arrays
+from .locations import Location, is_local_location
+from .manifests import read_manifest, shard_entries, shard_urls
+from .reader import ShardArrays
+from .verify import scan_shard
 
 
 def summarize(source: Location | ShardArrays, *, workers: int = 0) -> dict[str, Any]:
     """Per-class counts, teacher agreement and mean softmax entropy (nats) of the stored logits, per class too.
 
-    ``source`` is a dataset location or arrays already loaded with :func:`shards.load_arrays`.
+    ``source`` is a dataset location, read shard by shard and one sample at a time (no image is kept, so memory
+    does not grow with the images), or arrays already loaded with :func:`shards.load_arrays`. ``workers`` is
+    accepted for compatibility and unused.
     """
-    arrays = source if isinstance(source, ShardArrays) else load_arrays(source, workers=workers, progress=False)
-    manifest = arrays.manifest
-    num_classes = arrays.num_classes
-    n = len(arrays)
-    agree, entropy = logit_stats(arrays.labels, arrays.logits)
+    if isinstance(source, ShardArrays):
+        manifest, labels, logits = source.manifest, source.labels, source.logits
+        sources, image_shape = _source_counts(source.meta), list(source.images.shape[1:])
+    else:
+        manifest, labels, logits, sources = _labels_and_logits(source)
+        image_shape = manifest["schema"]["image"]["shape"] or [0, 0, 0]
+    num_classes = int(manifest.get("num_classes") or logits.shape[1])
+    n = len(labels)
+    agree, entropy = logit_stats(labels, logits)
     per_class = []
     for c in range(num_classes):
-        mask = arrays.labels == c
+        mask = labels == c
         count = int(mask.sum())
-        a, e = logit_stats(arrays.labels[mask], arrays.logits[mask])
+        a, e = logit_stats(labels[mask], logits[mask])
         per_class.append({"class": c, "count": count,
                           "teacher_agreement": a / count if count else None,
                           "mean_entropy": e / count if count else None})
-    names = arrays.class_names
+    teacher = manifest.get("teacher") or {}
+    names = teacher.get("class_names") if isinstance(teacher.get("class_names"), list) else None
     if names and len(names) == num_classes:
         for row, name in zip(per_class, names, strict=True):
             row["name"] = name
     total_bytes = sum(int(e["bytes"]) for e in manifest["shards"])
-    sources: dict[str, int] = {}
-    for meta in arrays.meta:
-        label = str(meta.get("source", "unknown")) if isinstance(meta, dict) else "unknown"
-        sources[label] = sources.get(label, 0) + 1
     return {
         "num_samples": n,
         "num_classes": num_classes,
-        "image_shape": list(arrays.images.shape[1:]),
+        "image_shape": image_shape,
         "num_shards": len(manifest["shards"]),
         "complete": manifest["complete"],
         "target_samples": manifest["target_samples"],
-        "class_counts": np.bincount(arrays.labels, minlength=num_classes).tolist(),
+        "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
         "teacher_agreement": agree / n if n else None,
         "mean_entropy": entropy / n if n else None,
         "bytes_per_sample": total_bytes / n if n else None,
         "sources": sources,
         "per_class": per_class,
     }
+
+
+def _source_counts(metas: Iterable[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for meta in metas:
+        label = str(meta.get("source", "unknown")) if isinstance(meta, dict) else "unknown"
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _labels_and_logits(location: Location) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[str, int]]:
+    """(manifest, labels, logits, samples per meta source) of every sample, streamed: no image is kept."""
+    manifest = read_manifest(location)
+    local = is_local_location(location)
+    labels, logits, sources = [], [], {}
+    for url, entry in zip(shard_urls(location, manifest), shard_entries(manifest), strict=True):
+        shard_metas = []
+        for _key, _image, label, logit, meta in scan_shard(url, local, entry, manifest):
+            labels.append(label)
+            logits.append(logit)
+            shard_metas.append(meta)
+        for name, count in _source_counts(shard_metas).items():
+            sources[name] = sources.get(name, 0) + count
+    num_classes = int(manifest.get("num_classes") or 0)
+    return (manifest, np.asarray(labels, dtype=np.int64),
+            np.stack(logits) if logits else np.zeros((0, num_classes), np.float16), sources)
 
 
 def sample_grid_png(arrays: ShardArrays, path: str | os.PathLike[str], class_names: list[str] | None = None,

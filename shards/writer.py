@@ -5,14 +5,16 @@ A run killed at any moment leaves a valid dataset made of the shards finished so
 :meth:`ShardWriter.commit_shard` is what makes this true:
 
 1. validate every sample and the resume state (nothing touches the disk before this passes);
-2. write ``shard-XXXXXX.tar.tmp``, fsync, rename to ``shard-XXXXXX.tar``;
-3. write ``resume/state-XXXXXX.pt.tmp``, fsync, rename (only when a state is given);
-4. write ``manifest.json.tmp``, fsync, rename, fsync the directory — **the commit point**
+2. write ``shard-XXXXXX.tar`` to a temporary, fsync, rename;
+3. write ``resume/state-XXXXXX.pt`` the same way (only when a state is given);
+4. write ``manifest.json`` the same way, then fsync the directory — **the commit point**
    (:meth:`ShardWriter._commit_manifest`, the only code that changes the manifest);
 5. delete the previous resume state.
 
-Steps 2-4 each go through :func:`atomicio.write_atomic` (``NAME.tmp``, fsync, rename, fsync the directory;
+Steps 2-4 each go through :func:`atomicio.write_atomic` (a temporary, fsync, rename, fsync the directory;
 the temporary is removed on any error), so only a hard kill leaves ``*.tmp`` files, which ``open`` deletes.
+Opening (create or resume, refusals, clean-up) is :mod:`shards.opening`; sample checks are :mod:`shards.samples`.
+A writer holds the folder's lock (:mod:`shards.lock`) from ``open`` to :meth:`ShardWriter.close`.
 
 Before step 4 the new shard is an orphan that readers never see (they read only what the manifest lists) and
 that the next ``open`` deletes; after it the shard is part of the dataset. Image shape and ``num_classes`` are
@@ -25,30 +27,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import json
 import math
 import os
 import re
-import shutil
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from atomicio import TMP_SUFFIX, write_atomic, write_json_atomic
 
 from .format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     IMAGE_EXT,
     LABEL_EXT,
     LOGITS_EXT,
     MANIFEST_NAME,
     META_EXT,
+    RESUME_DIR,
     SHARD_PATTERN,
     ShardError,
     canonical_json,
@@ -58,40 +55,17 @@ from .format import (
     image_shapes,
     logit_stats,
     make_schema,
-    sample_key,
     shard_name,
     size_key,
     summary_from_shards,
-    tool_version,
-    validate_manifest,
 )
+from .lock import FolderLock
+from .opening import now, open_dataset
+from .owned import remove_resume_folder, remove_state, resume_folder
+from .samples import Sample, check_samples
+from .tario import HashingWriter, tar_member
 
-RESUME_DIR = "resume"
-# Every file here is written by atomicio.write_atomic, whose temporary sibling is NAME + TMP_SUFFIX ("NAME.tmp"):
-# that is what a killed writer can leave behind, and what open() deletes.
-_STATE_PATTERN = re.compile(rf"^state-\d{{6,}}\.pt({re.escape(TMP_SUFFIX)})?$")
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Top-level manifest fields the caller's ``header`` may not overwrite.
-_RESERVED = frozenset({
-    "format", "format_version", "tool_version", "identity", "schema", "num_classes", "target_samples",
-    "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "created", "updated",
-    "artifacts", "shard_size", "stop", "source_counts", "key_offset", "resolution_counts",
-})
-
-
-@dataclass
-class Sample:
-    """One stored sample. ``key`` is the zero-padded global index (``"%09d" % index``)."""
-
-    key: str
-    image: np.ndarray  # uint8 H×W×C, C = 1 or 3: exactly the pixels the teacher saw
-    label: int  # the class the generator was asked for
-    logits: np.ndarray  # the teacher's logits on ``image``, [num_classes]; stored as float16
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
@@ -99,86 +73,24 @@ def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
     write_json_atomic(path, value, indent=2, allow_nan=False)
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes, so the shard is read back zero times."""
-
-    def __init__(self, handle: IO[bytes]):
-        self.handle = handle
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    # Fixed mtime, owner and mode: the same samples always give the same bytes.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info, io.BytesIO(data)
-
-
-def _identity_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable lines for every leaf that differs between two JSON values."""
-    def show(value: Any) -> str:
-        text = json.dumps(value, sort_keys=True)
-        return text if len(text) <= 80 else text[:77] + "..."
-
-    if isinstance(old, dict) and isinstance(new, dict):
-        lines: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                lines.append(f"{path}: absent in the existing dataset, {show(new[key])} now")
-            elif key not in new:
-                lines.append(f"{path}: {show(old[key])} in the existing dataset, absent now")
-            else:
-                lines.extend(_identity_diff(old[key], new[key], path))
-        return lines
-    # Compare as JSON text so that true and 1, or 1 and 1.0, count as different.
-    if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
-        return [f"{prefix or '(identity)'}: {show(old)} in the existing dataset, {show(new)} now"]
-    return []
-
-
-def _is_own_leftover(path: Path) -> bool:
-    """Files a killed writer may leave behind before its first manifest: safe to delete."""
-    name = path.name
-    if path.is_dir():
-        return name == RESUME_DIR and all(_STATE_PATTERN.match(p.name) for p in path.iterdir())
-    return name == MANIFEST_NAME + TMP_SUFFIX or bool(SHARD_PATTERN.match(name.removesuffix(TMP_SUFFIX)))
-
-
 class ShardWriter:
-    """Appends shards to a dataset directory; build it with :meth:`open`.
+    """Appends shards to a dataset directory; build it with :meth:`open`, let go of it with :meth:`close`
+    (or ``with ShardWriter.open(...) as writer``). One writer per folder: it holds the folder's lock."""
 
-    Not safe for two processes writing the same directory at once (there is no lock); one run per ``--out``.
-    """
-
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size: int, mixed_sizes: bool = False):
-        # Private: use ShardWriter.open, which validates and cleans the directory first.
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], shard_size: int, mixed_sizes: bool = False, *,
+                 lock: FolderLock | None = None):
+        # Private: use ShardWriter.open, which validates, locks and cleans the directory first.
         self.out_dir = out_dir
         self._manifest = manifest
         self.shard_size = shard_size
         self.mixed_sizes = mixed_sizes  # images may differ in H×W (a multi-resolution method's)
-
-    # ----------------------------------------------------------------------------------------- open
+        self._lock = lock
 
     @classmethod
     def open(cls, out_dir: str | os.PathLike[str], *, identity: dict[str, Any], header: dict[str, Any],
              target_samples: int, shard_size: int, image_shape: tuple[int, int, int] | None = None,
              num_classes: int | None = None, key_offset: int = 0, mixed_sizes: bool = False) -> ShardWriter:
-        """Creates a dataset in ``out_dir`` or resumes the one there.
+        """Creates a dataset in ``out_dir`` or resumes the one there, and locks the folder.
 
         ``identity`` is what must match for a later run to continue this dataset (method, teacher sha256,
         resolved config minus run-length fields); a different identity refuses and changes nothing on disk.
@@ -187,139 +99,31 @@ class ShardWriter:
         ``key_offset`` is the global index of this dataset's first sample: fan-out workers write disjoint key
         ranges (``[key_offset, key_offset + target_samples)``) so their parts merge without renumbering.
         ``mixed_sizes`` lets images differ in H×W (a multi-resolution method's); otherwise every image must have
-        the first one's shape.
+        the first one's shape. A non-empty folder without a manifest, a folder another writer holds (the error
+        names its pid) and a symlinked ``resume`` folder are refused, with nothing changed.
         """
-        out = Path(out_dir)
-        if not isinstance(target_samples, int) or target_samples < 1:
-            raise ShardError(f"target_samples must be a positive integer, got {target_samples!r}")
-        if not isinstance(shard_size, int) or shard_size < 1:
-            raise ShardError(f"shard_size must be a positive integer, got {shard_size!r}")
-        if not isinstance(identity, dict) or not isinstance(header, dict):
-            raise ShardError("identity and header must be dicts")
-        identity = canonical_json(identity, "identity")
-        header = canonical_json(header, "header")
-        clash = sorted(_RESERVED & set(header))
-        if clash:
-            raise ShardError(f"header may not set the manifest's own fields: {', '.join(clash)}")
-        if image_shape is not None:
-            image_shape = tuple(int(v) for v in image_shape)  # type: ignore[assignment]
-            if len(image_shape) != 3 or image_shape[2] not in (1, 3) or min(image_shape) < 1:
-                raise ShardError(f"image_shape must be (H, W, C) with C 1 or 3, got {image_shape}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ShardError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if out.exists() and not out.is_dir():
-            raise ShardError(f"{out} exists and is not a directory")
-        if isinstance(key_offset, bool) or not isinstance(key_offset, int) or key_offset < 0:
-            raise ShardError(f"key_offset must be a non-negative integer, got {key_offset!r}")
+        return open_dataset(cls, out_dir, identity=identity, header=header, target_samples=target_samples,
+                            shard_size=shard_size, image_shape=image_shape, num_classes=num_classes,
+                            key_offset=key_offset, mixed_sizes=mixed_sizes)
 
-        manifest_path = out / MANIFEST_NAME
-        if manifest_path.exists():
-            writer = cls._resume(out, identity, header, target_samples, shard_size, image_shape, num_classes,
-                                 mixed_sizes)
-            if writer.key_offset != key_offset:  # the identity normally catches this first
-                raise ShardError(f"{out}: its keys start at {writer.key_offset}, asked for {key_offset}")
-            return writer
+    def close(self) -> None:
+        """Lets go of the folder's lock; the writer cannot commit afterwards. Safe to call twice."""
+        lock = getattr(self, "_lock", None)  # __del__ may meet a writer whose __init__ never finished
+        if lock is not None:
+            lock.release()
 
-        if out.exists():
-            foreign = sorted(p.name for p in out.iterdir() if not _is_own_leftover(p))
-            if foreign:
-                shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-                raise ShardError(f"{out} is not empty and holds no dataset manifest ({shown}); nothing was "
-                                 "changed. Choose an empty or new directory.")
-            for leftover in out.iterdir():  # only a killed writer's own files remain here
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ShardError(f"cannot create dataset directory {out}: {error}") from error
-        now = _now()
-        manifest: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "tool_version": tool_version(),
-            "identity": identity,
-            **header,
-            "schema": make_schema(image_shape, num_classes),
-            "num_classes": num_classes,
-            "target_samples": target_samples,
-            "shard_size": shard_size,
-            "num_samples": 0,
-            "complete": False,
-            "class_counts": [0] * num_classes if num_classes else [],
-            "shards": [],
-            "summary": summary_from_shards([], 0),
-            "artifacts": {},
-            "resume_state": None,
-            "created": now,
-            "updated": now,
-        }
-        if key_offset:  # absent when 0, so plain datasets keep the manifest they always had
-            manifest["key_offset"] = key_offset
-        writer = cls(out, manifest, shard_size, mixed_sizes)
-        # Claims the directory at once, so a run with another identity refuses even before the first shard.
-        writer._commit_manifest(manifest, lambda error: f"cannot write {manifest_path}: {error}")
-        return writer
+    def __enter__(self) -> ShardWriter:
+        return self
 
-    @classmethod
-    def _resume(cls, out: Path, identity: dict[str, Any], header: dict[str, Any], target_samples: int,
-                shard_size: int, image_shape: tuple[int, ...] | None, num_classes: int | None,
-                mixed_sizes: bool) -> ShardWriter:
-        manifest_path = out / MANIFEST_NAME
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ShardError(f"{manifest_path}: cannot read the dataset manifest ({error}); "
-                             "nothing was changed") from None
-        validate_manifest(manifest, str(manifest_path))
-        # Every check that can refuse comes before the first change to the directory.
-        diff = _identity_diff(manifest["identity"], identity)
-        if diff:
-            raise ShardError(
-                f"{out} holds a different dataset; refusing to mix them, nothing was changed.\n  "
-                + "\n  ".join(diff)
-                + "\nUse another output directory, or delete this one to start over.")
-        stored_shape = manifest["schema"]["image"]["shape"]
-        if image_shape is not None and stored_shape is not None and list(image_shape) != stored_shape:
-            raise ShardError(f"{out}: stores images of shape {stored_shape}, asked for {list(image_shape)}; "
-                             "nothing was changed") from None
-        if num_classes is not None and manifest.get("num_classes") not in (None, num_classes):
-            raise ShardError(f"{out}: stores {manifest['num_classes']} classes, asked for {num_classes}; "
-                             "nothing was changed") from None
-        for entry in manifest["shards"]:
-            path = out / entry["url"]
-            if not path.is_file() or path.stat().st_size != entry["bytes"]:
-                found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
-                raise ShardError(f"{path}: listed in the manifest with {entry['bytes']} bytes but {found}; the "
-                                 "dataset is damaged (run verify), nothing was changed") from None
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
-        # Clean up what a killed run may have left: temporaries, shards never committed, stale states.
-        listed = {entry["url"] for entry in manifest["shards"]}
-        for path in out.iterdir():
-            if path.is_file() and (path.name.endswith(TMP_SUFFIX)
-                                   or (SHARD_PATTERN.match(path.name) and path.name not in listed)):
-                path.unlink(missing_ok=True)
-        resume_dir = out / RESUME_DIR
-        if resume_dir.is_dir():
-            for path in resume_dir.iterdir():
-                if path.is_file() and f"{RESUME_DIR}/{path.name}" != manifest.get("resume_state"):
-                    path.unlink(missing_ok=True)
+    def __del__(self) -> None:
+        self.close()
 
-        def apply_open_arguments(changed: dict[str, Any]) -> None:
-            changed.update(header)
-            changed["target_samples"] = target_samples
-            changed["shard_size"] = shard_size
-            changed["complete"] = bool(manifest["complete"]) and manifest["num_samples"] >= target_samples
-            if image_shape is not None and stored_shape is None:
-                changed["schema"] = make_schema(image_shape, changed.get("num_classes") or num_classes)
-            if num_classes is not None and manifest.get("num_classes") is None:
-                changed["num_classes"] = num_classes
-                changed["class_counts"] = [0] * num_classes
-                changed["schema"] = make_schema(changed["schema"]["image"]["shape"], num_classes)
-
-        writer = cls(out, manifest, shard_size, mixed_sizes)
-        writer._commit_manifest(apply_open_arguments, lambda error: f"cannot write {manifest_path}: {error}",
-                                only_if_changed=True)
-        return writer
+    def _check_open(self) -> None:
+        if self._lock is not None and not self._lock.held:
+            raise ShardError(f"{self.out_dir}: this writer was closed; open the folder again to write to it")
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -370,61 +174,6 @@ class ShardWriter:
 
     # ----------------------------------------------------------------------------------------- commit
 
-    def _validate(self, samples: list[Sample]) -> tuple[list[Sample], list[int] | None, int | None]:
-        """Checked, normalised copies of ``samples`` (float16 logits, resolution in meta); raises ShardError."""
-        if not isinstance(samples, (list, tuple)) or not samples:
-            raise ShardError("commit_shard needs a non-empty list of Sample")
-        if len(samples) > self.shard_size:
-            raise ShardError(f"{len(samples)} samples exceed shard_size {self.shard_size}")
-        if self.num_committed + len(samples) > self.target_samples:
-            raise ShardError(f"{len(samples)} more samples would exceed target_samples {self.target_samples} "
-                             f"({self.num_committed} already stored)")
-        shape = self._manifest["schema"]["image"]["shape"]
-        num_classes = self._manifest.get("num_classes")
-        checked: list[Sample] = []
-        for i, sample in enumerate(samples):
-            expected_key = sample_key(self.key_offset + self.num_committed + i)
-            where = f"sample {i} of the shard (key {getattr(sample, 'key', '?')!r})"
-            if not isinstance(sample, Sample):
-                raise ShardError(f"{where}: expected shards.Sample, got {type(sample).__name__}")
-            if sample.key != expected_key:
-                raise ShardError(f"{where}: key must be the next global index {expected_key!r}; keys continue "
-                                 f"from the {self.num_committed} samples already stored")
-            image = sample.image
-            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-                    or image.shape[2] not in (1, 3):
-                desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise ShardError(f"{where}: image must be a uint8 H×W×C array with C 1 or 3, got {desc}")
-            if shape is None:
-                shape = list(image.shape)
-            elif list(image.shape) != shape and not (self.mixed_sizes and image.shape[2] == shape[2]):
-                raise ShardError(f"{where}: image shape {list(image.shape)} differs from the dataset's {shape}"
-                                 + ("" if self.mixed_sizes else " (a set of several sizes needs mixed_sizes=True)"))
-            logits = sample.logits
-            if not isinstance(logits, np.ndarray) or logits.ndim != 1 or not np.issubdtype(logits.dtype,
-                                                                                            np.floating):
-                desc = f"{logits.dtype} {logits.shape}" if isinstance(logits, np.ndarray) else type(logits).__name__
-                raise ShardError(f"{where}: logits must be a 1-D float array, got {desc}")
-            if num_classes is None:
-                num_classes = int(logits.shape[0])
-            elif logits.shape[0] != num_classes:
-                raise ShardError(f"{where}: {logits.shape[0]} logits, the dataset has {num_classes} classes")
-            # Stored as float16 (the format's dtype); non-finite after the cast means overflow (|x| > 65504).
-            with np.errstate(over="ignore"):  # overflow is reported below, as a ShardError
-                logits16 = logits.astype("<f2")
-            if not np.isfinite(logits16).all():
-                raise ShardError(f"{where}: logits are not finite as float16 (NaN, inf or beyond ±65504)")
-            label = sample.label
-            if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) \
-                    or not 0 <= int(label) < num_classes:
-                raise ShardError(f"{where}: label must be an int in [0, {num_classes}), got {label!r}")
-            if not isinstance(sample.meta, dict):
-                raise ShardError(f"{where}: meta must be a dict")
-            meta = canonical_json(sample.meta, f"{where}: meta")
-            meta.setdefault("resolution", [int(image.shape[0]), int(image.shape[1])])
-            checked.append(Sample(sample.key, np.ascontiguousarray(image), int(label), logits16, meta))
-        return checked, shape, num_classes
-
     def _serialise_state(self, state: dict[str, Any]) -> bytes:
         import torch  # lazy, see load_resume_state
 
@@ -443,17 +192,20 @@ class ShardWriter:
         """Writes ``samples`` as the next shard and, with it, the resume ``state`` (or clears it when None).
         ``seconds``, the wall time spent making these samples, is recorded with the shard; the summary's
         ``synthesis_seconds`` is their sum over all runs of this dataset (what a time budget counts)."""
-        checked, shape, num_classes = self._validate(samples)
+        self._check_open()
+        checked, shape, num_classes = check_samples(
+            samples, self._manifest, shard_size=self.shard_size, target_samples=self.target_samples,
+            num_committed=self.num_committed, key_offset=self.key_offset, mixed_sizes=self.mixed_sizes)
         state_bytes = self._serialise_state(state) if state is not None else None
         index = self.num_shards
         name = shard_name(index)
         final = self.out_dir / name
-        hashing: _HashingWriter | None = None
+        hashing: HashingWriter | None = None
 
         def write_tar(tmp: Path) -> None:
             nonlocal hashing
             with open(tmp, "wb") as handle:
-                hashing = _HashingWriter(handle)
+                hashing = HashingWriter(handle)
                 with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
                     for sample in checked:
                         members = {
@@ -463,7 +215,7 @@ class ShardWriter:
                             f"{sample.key}.{META_EXT}": encode_meta(sample.meta),
                         }
                         for member in sorted(members):
-                            tar.addfile(*_tar_member(member, members[member]))
+                            tar.addfile(*tar_member(member, members[member]))
 
         try:
             write_atomic(final, write_tar)  # step 2: shard-XXXXXX.tar.tmp, fsync, rename, fsync(dir)
@@ -476,7 +228,7 @@ class ShardWriter:
         if state_bytes is not None:  # step 3
             state_rel = f"{RESUME_DIR}/state-{index:06d}.pt"
             try:
-                (self.out_dir / RESUME_DIR).mkdir(exist_ok=True)
+                resume_folder(self.out_dir).mkdir(exist_ok=True)  # refuses one that became a symlink meanwhile
                 write_atomic(self.out_dir / state_rel, state_bytes)
             except OSError as error:
                 final.unlink(missing_ok=True)
@@ -544,7 +296,7 @@ class ShardWriter:
                           "was withdrawn and the dataset is unchanged",
             on_failure=withdraw)
         if previous_state and previous_state != state_rel:  # step 5
-            (self.out_dir / previous_state).unlink(missing_ok=True)
+            remove_state(self.out_dir, previous_state)
 
     def _commit_manifest(self, change: Callable[[dict[str, Any]], None] | dict[str, Any],
                          error_message: Callable[[OSError], str], *, on_failure: Callable[[], None] | None = None,
@@ -565,7 +317,7 @@ class ShardWriter:
             change(manifest)
             if only_if_changed and manifest == self._manifest:
                 return
-            manifest["updated"] = _now()
+            manifest["updated"] = now()
         try:
             _write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
         except OSError as error:
@@ -580,6 +332,7 @@ class ShardWriter:
         """Stores an extra artifact (e.g. a learned prior) as ``out_dir/name``, atomically, and records it
         under ``manifest["artifacts"][name]`` with its size and sha256. ``data`` is bytes or a file to copy.
         Returns the manifest entry."""
+        self._check_open()
         if not _ARTIFACT_NAME.match(name) or name.endswith(TMP_SUFFIX) or name in (MANIFEST_NAME, RESUME_DIR) \
                 or SHARD_PATTERN.match(name):
             raise ShardError(f"artifact name {name!r} must be a plain file name that is not manifest.json, "
@@ -612,6 +365,7 @@ class ShardWriter:
         (why the run ended early, e.g. ``{"reason": "time_budget", ...}``, recorded as ``manifest["stop"]``)
         it is a complete, usable dataset of the shards so far, and the resume state is kept, so that a later
         run asking for more continues exactly where this one stopped."""
+        self._check_open()
         extra = canonical_json(summary or {}, "summary")
         stop = canonical_json(stop, "stop") if stop is not None else None
 
@@ -627,5 +381,5 @@ class ShardWriter:
         self._commit_manifest(
             complete, lambda error: f"{self.out_dir / MANIFEST_NAME}: could not finish the dataset ({error})")
         if stop is None:
-            shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)
+            remove_resume_folder(self.out_dir)
         return self.manifest

@@ -123,7 +123,10 @@ def test_write_json_atomic(tmp_path: Path) -> None:
 
 
 def test_temp_path_and_fsync_dir(tmp_path: Path) -> None:
-    assert atomicio.temp_path(tmp_path / "m.json") == tmp_path / ("m.json" + atomicio.TMP_SUFFIX)
+    first, second = atomicio.temp_path(tmp_path / "m.json"), atomicio.temp_path(tmp_path / "m.json")
+    assert first != second and first.parent == tmp_path and first.name.startswith("m.json.")
+    assert first.name.endswith(atomicio.TMP_SUFFIX) and atomicio.temp_owner(first.name) == os.getpid()
+    assert atomicio.temp_owner("m.json.tmp") is None
     atomicio.fsync_dir(tmp_path)
     atomicio.fsync_dir(tmp_path / "does-not-exist")  # best effort: no error
 
@@ -131,3 +134,23 @@ def test_temp_path_and_fsync_dir(tmp_path: Path) -> None:
 def test_import_is_stdlib_only() -> None:
     code = "import sys, atomicio; bad = {'torch', 'numpy'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_the_same_checkpoint_saved_twice_has_the_same_bytes(tmp_path):
+    # torch.save to a path records the path's name in the archive; the temporary's name holds pid and token,
+    # so a student.pt or teacher saved through it differed from run to run.
+    import hashlib
+
+    import torch
+
+    import zoo
+
+    torch.manual_seed(0)
+    classifier = zoo.Classifier(zoo.build_model("resnet8", 10, 3), (0.5,) * 3, (0.25,) * 3)
+    digests = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        zoo.save_classifier(classifier, tmp_path / folder / "model.pt", arch="resnet8", num_classes=10,
+                            in_channels=3, input_size=32)
+        digests.append(hashlib.sha256((tmp_path / folder / "model.pt").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

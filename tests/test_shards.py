@@ -1,83 +1,25 @@
-"""Tests of the dataset contract (shards/): round trip, determinism, crash safety, refusal, verification."""
+"""Tests of the dataset contract's read side (shards/): round trip, determinism, verification, refusal of bad
+manifests and damaged shards, remote locations."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from shardkit import HEADER, IDENTITY, NUM_CLASSES, REPO, expected_stats, flip_byte, make_samples, write_dataset
 
 import shards
-from shards import writer as writer_module
 from shards.format import encode_npy, encode_png
-
-NUM_CLASSES = 5
-IDENTITY = {"method": "toy", "teacher_sha256": "ab" * 32, "config": {"lr": 0.1, "steps": 3}}
-HEADER = {"method": {"name": "toy", "seed": 0}, "teacher": {"arch": "lenet5", "class_names": list("abcde")}}
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_samples(start: int, count: int, shape: tuple[int, int, int] = (8, 8, 3)) -> list[shards.Sample]:
-    """Samples whose content depends only on their global index, so a resumed run makes the same ones."""
-    out = []
-    for index in range(start, start + count):
-        rng = np.random.default_rng(index)
-        out.append(shards.Sample(
-            key=f"{index:09d}",
-            image=rng.integers(0, 256, size=shape, dtype=np.uint8),
-            label=int(rng.integers(NUM_CLASSES)),
-            logits=(rng.normal(size=NUM_CLASSES) * 3).astype(np.float16),
-            meta={"source": "synthetic", "stage": index % 2},
-        ))
-    return out
-
-
-def write_dataset(out: Path, sizes: tuple[int, ...] = (4, 4, 3), shape: tuple[int, int, int] = (8, 8, 3),
-                  finish: bool = True) -> list[shards.Sample]:
-    writer = shards.ShardWriter.open(out, identity=IDENTITY, header=HEADER, target_samples=sum(sizes),
-                                     shard_size=max(sizes))
-    written: list[shards.Sample] = []
-    for size in sizes:
-        batch = make_samples(len(written), size, shape)
-        writer.commit_shard(batch)
-        written += batch
-    if finish:
-        writer.finish({"diversity": 0.25})
-    return written
-
-
-def dir_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x5A
-    path.write_bytes(bytes(data))
-
-
-def expected_stats(samples: list[shards.Sample]) -> tuple[float, float]:
-    logits = np.stack([s.logits for s in samples]).astype(np.float64)
-    labels = np.array([s.label for s in samples])
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    entropy = -(p * np.log(p)).sum(1)
-    return float((np.stack([s.logits for s in samples]).argmax(1) == labels).mean()), float(entropy.mean())
-
 
 # ------------------------------------------------------------------------------------------- round trip
 
@@ -250,206 +192,6 @@ def test_strict_tar_reader_reads_what_tarfile_writes(fmt: int) -> None:
     assert [m[1] for m in members] == [bytes([i]) * 700 * i for i in range(len(names))]
     with pytest.raises(shards.ShardError, match="t.tar.*truncated"):
         list(iter_tar(io.BytesIO(buffer.getvalue()[:1500]), "t.tar"))
-
-
-# ------------------------------------------------------------------------------------------- crash safety
-
-
-class Killed(BaseException):
-    """Stands in for SIGKILL: not an Exception, so no cleanup code of the writer runs."""
-
-
-def test_kill_between_shard_rename_and_manifest_resumes_cleanly(tmp_path: Path, monkeypatch) -> None:
-    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=11, shard_size=4)
-    writer.commit_shard(make_samples(0, 4))
-
-    def killed(*args, **kwargs):
-        raise Killed()
-    with monkeypatch.context() as patch:
-        patch.setattr(writer_module, "_write_json_atomic", killed)
-        with pytest.raises(Killed):
-            writer.commit_shard(make_samples(4, 4))
-    assert (tmp_path / "shard-000001.tar").exists()  # the orphan a kill leaves behind
-    assert shards.read_manifest(tmp_path)["num_samples"] == 4
-    assert shards.verify(tmp_path) == []  # readers see only the committed shard
-    (tmp_path / "shard-000002.tar.tmp").write_bytes(b"half a shard")
-    (tmp_path / "manifest.json.tmp").write_bytes(b"{")
-
-    resumed = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=11, shard_size=4)
-    assert resumed.num_committed == 4 and resumed.num_shards == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-000000.tar"]
-    resumed.commit_shard(make_samples(4, 4))
-    resumed.commit_shard(make_samples(8, 3))
-    resumed.finish()
-    arrays = shards.load_arrays(tmp_path, progress=False)
-    assert arrays.keys == [f"{i:09d}" for i in range(11)]
-    assert shards.verify(tmp_path) == []
-    write_dataset(tmp_path / "reference")
-    for i in range(3):
-        name = f"shard-{i:06d}.tar"
-        assert (tmp_path / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
-
-
-_CHILD = textwrap.dedent("""
-    import sys
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    import shards, test_shards as t
-    w = shards.ShardWriter.open({out!r}, identity=t.IDENTITY, header=t.HEADER, target_samples=400, shard_size=2)
-    while w.num_committed < 400:
-        w.commit_shard(t.make_samples(w.num_committed, 2))
-    w.finish()
-""")
-
-
-def test_sigkill_at_random_moments_never_corrupts(tmp_path: Path) -> None:
-    out = tmp_path / "ds"
-    script = _CHILD.format(repo=str(REPO), tests=str(Path(__file__).parent), out=str(out))
-    rng = np.random.default_rng(0)
-    for _ in range(4):
-        child = subprocess.Popen([sys.executable, "-c", script])
-        time.sleep(0.5 + float(rng.uniform(0, 0.4)))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        if (out / "manifest.json").exists():
-            assert shards.verify(out) == []  # what a killed run leaves is a valid dataset
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    manifest = shards.read_manifest(out)
-    assert manifest["complete"] and manifest["num_samples"] == 400
-    assert shards.verify(out) == []
-    arrays = shards.load_arrays(out, progress=False)
-    assert arrays.keys == [f"{i:09d}" for i in range(400)]
-    expected = make_samples(0, 400)
-    assert np.array_equal(arrays.images, np.stack([s.image for s in expected]))
-
-
-def test_disk_full_leaves_previous_state_untouched(tmp_path: Path, monkeypatch) -> None:
-    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=8, shard_size=4)
-    writer.commit_shard(make_samples(0, 4))
-    before = dir_digest(tmp_path)
-
-    def full(self, data):
-        raise OSError(28, "No space left on device")
-    with monkeypatch.context() as patch:
-        patch.setattr(writer_module._HashingWriter, "write", full)
-        with pytest.raises(shards.ShardError, match=r"shard-000001\.tar.*No space left"):
-            writer.commit_shard(make_samples(4, 4))
-    assert dir_digest(tmp_path) == before
-
-    def manifest_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    with monkeypatch.context() as patch:
-        patch.setattr(writer_module, "_write_json_atomic", manifest_full)
-        with pytest.raises(shards.ShardError, match=r"shard-000001\.tar.*withdrawn"):
-            writer.commit_shard(make_samples(4, 4))
-    assert dir_digest(tmp_path) == before
-    writer.commit_shard(make_samples(4, 4))  # the writer is still usable once space is back
-    assert writer.num_committed == 8 and shards.verify(tmp_path) == []
-
-
-def test_invalid_samples_are_refused_before_writing(tmp_path: Path) -> None:
-    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=8, shard_size=4)
-    writer.commit_shard(make_samples(0, 2))
-    before = dir_digest(tmp_path)
-    bad_key = make_samples(3, 2)  # skips index 2
-    wrong_dtype = make_samples(2, 1)
-    wrong_dtype[0].image = wrong_dtype[0].image.astype(np.float32)
-    wrong_shape = make_samples(2, 1, shape=(4, 4, 3))
-    bad_label = make_samples(2, 1)
-    bad_label[0].label = NUM_CLASSES
-    overflow = make_samples(2, 1)
-    overflow[0].logits = np.full(NUM_CLASSES, 1e6, dtype=np.float32)
-    for samples, pattern in ((bad_key, "next global index '000000002'"), (wrong_dtype, "uint8"),
-                             (wrong_shape, "differs"), (bad_label, "label"), (overflow, "float16"),
-                             (make_samples(2, 5), "shard_size"), ([], "non-empty")):
-        with pytest.raises(shards.ShardError, match=pattern):
-            writer.commit_shard(samples)
-    assert dir_digest(tmp_path) == before
-
-
-def test_target_can_grow_and_resume_extends(tmp_path: Path) -> None:
-    write_dataset(tmp_path, sizes=(4, 2))
-    again = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=6, shard_size=4)
-    assert again.complete and again.remaining == 0
-    with pytest.raises(shards.ShardError, match="exceed target_samples"):
-        again.commit_shard(make_samples(6, 1))
-    grown = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=9, shard_size=4)
-    assert not grown.complete and grown.num_committed == 6 and grown.remaining == 3
-    grown.commit_shard(make_samples(6, 3))
-    assert grown.finish()["num_samples"] == 9 and shards.verify(tmp_path) == []
-
-
-def test_resume_state_round_trip(tmp_path: Path) -> None:
-    import torch
-
-    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=12, shard_size=4)
-    assert writer.load_resume_state() is None
-    writer.commit_shard(make_samples(0, 4), state={"step": 1, "weights": torch.arange(3.0)})
-    writer.commit_shard(make_samples(4, 4), state={"step": 2, "weights": torch.arange(4.0), "rng": [1, 2]})
-    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["state-000001.pt"]
-    state = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=12,
-                                    shard_size=4).load_resume_state()
-    assert state["step"] == 2 and torch.equal(state["weights"], torch.arange(4.0)) and state["rng"] == [1, 2]
-
-    before = dir_digest(tmp_path)
-    with pytest.raises(shards.ShardError, match="weights_only"):
-        writer.commit_shard(make_samples(8, 4), state={"object": Killed()})
-    assert dir_digest(tmp_path) == before
-    writer.commit_shard(make_samples(8, 4), state=None)  # the last shard clears the state
-    assert writer.load_resume_state() is None and not list((tmp_path / "resume").iterdir())
-    writer.finish()
-    assert not (tmp_path / "resume").exists()
-
-
-def test_artifacts_are_stored_and_checked(tmp_path: Path) -> None:
-    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=4, shard_size=4)
-    source = tmp_path.parent / f"{tmp_path.name}-prior.bin"
-    source.write_bytes(b"prior weights")
-    entry = writer.add_file("prior.pt", source)
-    writer.add_file("notes.json", b"{}")
-    writer.commit_shard(make_samples(0, 4))
-    manifest = writer.finish()
-    assert manifest["artifacts"]["prior.pt"] == entry and entry["url"] == "prior.pt"
-    assert shards.read_artifact(tmp_path, "prior.pt") == b"prior weights"
-    with pytest.raises(shards.ShardError, match="plain file name"):
-        writer.add_file("../escape", b"x")
-    (tmp_path / "prior.pt").write_bytes(b"tampered")
-    assert [p.shard for p in shards.verify(tmp_path)] == ["prior.pt"]
-
-
-# ------------------------------------------------------------------------------------------- refusals
-
-
-def test_identity_mismatch_refuses_and_changes_nothing(tmp_path: Path) -> None:
-    write_dataset(tmp_path, finish=False)
-    # Leftovers that a matching open would clean up must survive a refused one.
-    (tmp_path / "shard-000009.tar").write_bytes(b"orphan")
-    (tmp_path / "shard-000003.tar.tmp").write_bytes(b"tmp")
-    before = dir_digest(tmp_path)
-    other = {**IDENTITY, "method": "other", "config": {"lr": 0.2, "steps": 3}}
-    with pytest.raises(shards.ShardError) as error:
-        shards.ShardWriter.open(tmp_path, identity=other, header=HEADER, target_samples=11, shard_size=4)
-    message = str(error.value)
-    assert "nothing was changed" in message
-    assert '"toy"' in message and '"other"' in message and "config.lr" in message and "0.1" in message
-    assert "steps" not in message
-    assert dir_digest(tmp_path) == before
-
-
-def test_foreign_directory_is_refused_but_own_leftovers_are_not(tmp_path: Path) -> None:
-    foreign = tmp_path / "photos"
-    foreign.mkdir()
-    (foreign / "holiday.jpg").write_bytes(b"jpeg")
-    with pytest.raises(shards.ShardError, match="is not empty and holds no dataset manifest"):
-        shards.ShardWriter.open(foreign, identity=IDENTITY, header=HEADER, target_samples=4, shard_size=4)
-    assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
-
-    killed_early = tmp_path / "early"
-    killed_early.mkdir()
-    (killed_early / "manifest.json.tmp").write_bytes(b"{")
-    (killed_early / "shard-000000.tar.tmp").write_bytes(b"")
-    writer = shards.ShardWriter.open(killed_early, identity=IDENTITY, header=HEADER, target_samples=4,
-                                     shard_size=4)
-    assert writer.num_committed == 0 and [p.name for p in killed_early.iterdir()] == ["manifest.json"]
 
 
 def test_unknown_format_version_and_bad_manifests(tmp_path: Path) -> None:

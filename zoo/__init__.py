@@ -10,10 +10,11 @@ or name and what would fit.
   class names, sha256), stored beside it as ``X.card.json``;
 * :class:`Classifier` -- network + normalisation; takes float pixels in [0, 1], NCHW;
 * :func:`load_classifier`, :func:`save_classifier` -- safe (``weights_only=True``) loading of the
-  common checkpoint layouts and TorchScript, atomic saving;
+  common checkpoint layouts (TorchScript, which runs code, only with ``trust_torchscript=True``), atomic
+  saving; :func:`matching_architectures` -- which zoo architectures a foreign state_dict fits;
 * :func:`default_teacher_path`, :func:`load_default_teacher` -- the project's WRN-16-2 FMNIST-32 teacher;
-* :func:`pick_device` -- ``"auto"`` picks CUDA when present; :class:`Acceleration` -- the one switch for
-  channels_last layout and (on CUDA) bf16 autocast.
+* :func:`pick_device` -- ``"auto"`` picks CUDA when present; :class:`Acceleration` -- ``--precision``
+  (auto | fp32 | bf16 | fp16): autocast, loss scaling for fp16 and channels_last on CUDA, resolved per device.
 """
 
 from .architectures import ARCHITECTURES, build_model, canonical_arch
@@ -21,13 +22,8 @@ from .card import TeacherCard, card_path_for
 from .classifier import Classifier
 from .device import Acceleration, pick_device
 from .errors import NormalizationWarning, ZooError
-from .loading import (
-    default_teacher_path,
-    load_classifier,
-    load_default_teacher,
-    matching_architectures,
-    save_classifier,
-)
+from .keymap import matching_architectures
+from .loading import default_teacher_path, load_classifier, load_default_teacher, save_classifier
 
 __all__ = [
     "ARCHITECTURES",

@@ -9,38 +9,84 @@ silent fallback.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ZooError
 
-__all__ = ["Acceleration", "pick_device"]
+__all__ = ["PRECISIONS", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device"]
+
+
+#: The values of ``--precision``, on ``synth run``, ``distill run`` and ``distill train``.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Whether ``auto`` picks bf16 on a CPU with a bf16 fast path. Off until bf16 students are shown to sit inside
+#: the fp32 seed spread at equal images (issue 19): the default must not change accuracy unmeasured.
+CPU_AUTO_BF16 = False
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has a bf16 fast path (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo's flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell, so no fast path assumed
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def auto_precision(device: torch.device) -> str:
+    """What ``--precision auto`` means on ``device``: bf16 on CUDA that supports it, fp16 (with a grad scaler)
+    on older CUDA; on a CPU bf16 only with a fast path and :data:`CPU_AUTO_BF16`; fp32 elsewhere."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and CPU_AUTO_BF16 and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
 
 
 @dataclass(frozen=True)
 class Acceleration:
-    """The one switch for fast kernels, so CUDA and CPU paths are right by construction.
+    """The one switch for fast kernels (``--precision``), so CUDA and CPU paths are right by construction.
 
-    ``enabled`` gives, on CUDA, channels_last memory layout and bf16 autocast (no loss scaling needed: bf16
-    has fp32's exponent range). On the CPU it changes nothing: measured on this project's 2-core CPU, a
+    ``precision`` is ``auto``, ``fp32``, ``bf16`` or ``fp16``; :attr:`resolved` is what runs (``auto`` through
+    :func:`auto_precision`). bf16 and fp16 run forward passes under autocast; parameters, optimiser states and
+    the losses (callers cast logits and features to float before softmax, KL, InfoNCE, BN statistics) stay
+    fp32. fp16 needs loss scaling (:meth:`grad_scaler`); bf16 has fp32's exponent range and does not.
+    channels_last is used on CUDA with a reduced precision only: measured on this project's 2-core CPU, a
     WRN-16-2's convolutions ran 1.2-1.3x faster in channels_last, but within a whole inversion step the
     element-wise kernels of the backward pass slowed down by as much (mixed-layout adds and copies), and
-    bf16 has no fast path on a CPU without AVX-512 BF16. ``enabled=False`` runs plain fp32 NCHW everywhere,
-    the reference the fast path is compared against.
+    with bf16 autocast channels_last did not help either. ``fp32`` (or ``enabled=False``, the old
+    ``--no-accelerate``) is plain fp32 NCHW everywhere, the reference the fast path is compared against.
     """
 
     device: torch.device
     enabled: bool = True
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ZooError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+
+    @property
+    def resolved(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: the precision that runs on this device."""
+        if not self.enabled:
+            return "fp32"
+        return auto_precision(self.device) if self.precision == "auto" else self.precision
 
     @property
     def channels_last(self) -> bool:
-        return self.enabled and self.device.type == "cuda"
+        return self.device.type == "cuda" and self.resolved != "fp32"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.enabled and self.device.type == "cuda" else None
+        return _DTYPES[self.resolved]
 
     def module(self, module: nn.Module) -> nn.Module:
         """``module`` on the device, in the layout its inputs will have."""
@@ -58,6 +104,10 @@ class Acceleration:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler, active only for fp16 (whose gradients underflow without one)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.resolved == "fp16")
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:

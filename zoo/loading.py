@@ -6,12 +6,17 @@
 * a dict holding one under ``state_dict`` (Fast-Datafree, CMI, NAYER), ``model`` (RepDistiller),
   ``net`` or ``model_state_dict``, with any DataParallel ``module.`` (or ``torch.compile``
   ``_orig_mod.``) prefix stripped;
-* a TorchScript archive (``torch.jit.save``), which carries its own architecture.
+* a TorchScript archive (``torch.jit.save``), which carries its own architecture, only when the caller
+  says it trusts the file (``trust_torchscript=True``, the CLIs' ``--trust-torchscript``).
 
 A checkpoint is untrusted input: files are read with ``torch.load(..., weights_only=True)``, which
 unpickles tensors and plain containers only (plus ``argparse.Namespace`` and numpy scalars, which
 training scripts often store beside the weights). A file that would need arbitrary Python objects is
-refused with :class:`~zoo.ZooError`; it is never retried with ``weights_only=False``.
+refused with :class:`~zoo.ZooError`; it is never retried with ``weights_only=False``. TorchScript is
+code (its ``forward``, and ``__setstate__`` hooks that run while it loads, may read and write files), so
+a TorchScript file is refused unless trusted, loaded with a warning when it is, and never run just to
+learn its class count: that is read from its weights' shapes. The foreign-checkpoint key mapping lives
+in :mod:`zoo.keymap`.
 
 The card beside the checkpoint (``X.pt`` -> ``X.card.json``) supplies architecture, normalisation,
 input size and class names; explicit arguments override it; the number of classes and input channels
@@ -26,7 +31,6 @@ the sha256 of the written file.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import os
 import pickle
@@ -41,21 +45,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from atomicio import write_atomic
+from atomicio import write_atomic, write_torch_atomic
 
-from .architectures import ARCHITECTURES, build_model, canonical_arch
+from .architectures import canonical_arch
 from .card import DEFAULT_MEAN, DEFAULT_STD, TeacherCard, card_path_for, read_card_dict
 from .classifier import Classifier, is_torchscript
 from .errors import NormalizationWarning, ZooError
+from .keymap import extract_state_dict, load_network, matching_architectures
 
 __all__ = ["load_classifier", "save_classifier", "default_teacher_path", "load_default_teacher"]
 
 PathLike = str | os.PathLike[str]
 
-# Where a wrapping dict keeps the weights, in the order they are tried.
-_WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")
-# Prefixes added by nn.DataParallel / DistributedDataParallel and torch.compile.
-_PREFIXES = ("module.", "_orig_mod.")
 _DEFAULT_TEACHER = Path(__file__).resolve().parent / "teachers" / "wrn16_2_fmnist32.pt"
 
 
@@ -122,205 +123,44 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         raise ZooError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, dict)
-        and len(obj) > 0
-        and all(isinstance(k, str) for k in obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
-    )
-
-
-def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    for _ in range(3):  # wrappers can nest, e.g. {"model": {"state_dict": ...}}
-        if _is_state_dict(obj):
-            break
-        if not isinstance(obj, dict):
-            raise ZooError(f"{path} holds a {type(obj).__name__}, not a state_dict or a dict holding one")
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            keys = ", ".join(map(repr, list(obj)[:10]))
-            raise ZooError(
-                f"{path} holds a dict with keys {keys} but no state_dict; expected a state_dict or a dict "
-                f"holding one under {', '.join(map(repr, _WRAPPER_KEYS))}"
-            )
-        obj = inner
-    if not _is_state_dict(obj):
-        raise ZooError(f"{path}: no state_dict found (nested too deep or holding non-tensor values)")
-    state = dict(obj)
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-@functools.cache
-def _arch_signature(arch: str) -> tuple[dict[str, tuple[int, ...]], str | None, str | None]:
-    """Parameter shapes (at 10 classes, 3 channels), first-conv and last-Linear weight keys of ``arch``."""
-    try:
-        with torch.device("meta"):  # shapes only, no memory or init cost
-            model = build_model(arch, 10, 3)
-    except Exception:
-        model = build_model(arch, 10, 3)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    first_conv = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-    last_linear = None
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            last_linear = n
-    return (
-        shapes,
-        None if first_conv is None else f"{first_conv}.weight",
-        None if last_linear is None else f"{last_linear}.weight",
-    )
-
-
-def _comparable_keys(keys: Any) -> set[str]:
-    # Checkpoints from PyTorch < 0.4.1 lack num_batches_tracked; BatchNorm fills it in when loading.
-    return {k for k in keys if not k.endswith("num_batches_tracked")}
-
-
-def _shapes_fit(arch: str, state: dict[str, torch.Tensor]) -> bool:
-    shapes, first_conv, last_linear = _arch_signature(arch)
-    last_bias = None if last_linear is None else last_linear[: -len("weight")] + "bias"
-    for key, shape in shapes.items():
-        if key not in state:
-            continue
-        got = tuple(state[key].shape)
-        if len(got) != len(shape):
-            return False
-        # The class count and input channels vary between checkpoints of the same architecture.
-        free = {1} if key == first_conv else {0} if key in (last_linear, last_bias) else set()
-        if any(g != s for i, (g, s) in enumerate(zip(got, shape, strict=True)) if i not in free):
-            return False
-    return True
-
-
-def matching_architectures(state: dict[str, torch.Tensor]) -> list[str]:
-    """Registry architectures whose parameter names (and shapes, up to classes/channels) fit ``state``.
-
-    Architectures that match names and shapes come first, then those that match names only.
-    """
-    keys = _comparable_keys(state)
-    exact, names_only = [], []
-    for arch in ARCHITECTURES:
-        if _comparable_keys(_arch_signature(arch)[0]) == keys:
-            (exact if _shapes_fit(arch, state) else names_only).append(arch)
-    return exact + names_only
-
-
-def _mismatch_message(path: Path, arch: str, expected: set[str], got: set[str], state: dict) -> str:
-    missing = sorted(expected - got)
-    unexpected = sorted(got - expected)
-    parts = [f"{path} does not fit architecture '{arch}'"]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        parts.append(f"missing keys: {', '.join(missing[:5])}{more}")
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        parts.append(f"unexpected keys: {', '.join(unexpected[:5])}{more}")
-    candidates = [a for a in matching_architectures(state) if a != arch]
-    if candidates:
-        parts.append(f"architectures whose keys match this checkpoint: {', '.join(candidates)}")
-    else:
-        parts.append("no zoo architecture matches its keys")
-    return "; ".join(parts)
-
-
-def _load_network(
-    path: Path,
-    arch: str,
-    state: dict[str, torch.Tensor],
-    num_classes: int | None,
-    num_classes_from: str,
-    in_channels: int | None,
-    in_channels_from: str,
-) -> tuple[nn.Module, int, int]:
-    arch = canonical_arch(arch)
-    _, first_conv, last_linear = _arch_signature(arch)
-
-    classes_in_ckpt = None
-    if last_linear in state and state[last_linear].dim() == 2:
-        classes_in_ckpt = int(state[last_linear].shape[0])
-    if num_classes is not None and classes_in_ckpt is not None and num_classes != classes_in_ckpt:
-        raise ZooError(f"{path}: checkpoint has {classes_in_ckpt} classes, {num_classes_from} {num_classes}")
-    channels_in_ckpt = None
-    if first_conv in state and state[first_conv].dim() == 4:
-        channels_in_ckpt = int(state[first_conv].shape[1])
-    if in_channels is not None and channels_in_ckpt is not None and in_channels != channels_in_ckpt:
-        raise ZooError(
-            f"{path}: checkpoint's first convolution takes {channels_in_ckpt} input channels, "
-            f"{in_channels_from} {in_channels}"
-        )
-    num_classes = num_classes or classes_in_ckpt or 10
-    in_channels = in_channels or channels_in_ckpt or 3
-
-    model = build_model(arch, num_classes, in_channels)
-    expected = _comparable_keys(model.state_dict())
-    got = _comparable_keys(state)
-    if expected != got:
-        raise ZooError(_mismatch_message(path, arch, expected, got, state))
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {model_shapes[k]}"
-        for k in sorted(got)
-        if tuple(state[k].shape) != model_shapes[k]
-    ]
-    if wrong:
-        candidates = [a for a in matching_architectures(state) if a != arch]
-        hint = f"; architectures that fit: {', '.join(candidates)}" if candidates else ""
-        raise ZooError(
-            f"{path} does not fit architecture '{arch}' ({num_classes} classes, {in_channels} channels): "
-            f"shape mismatch (checkpoint vs model) for {'; '.join(wrong[:5])}{hint}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model, num_classes, in_channels
-
-
-def _first_param_device(network: nn.Module) -> torch.device:
-    for tensor in network.state_dict().values():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _load_torchscript(
     path: Path,
     map_location: Any,
     num_classes: int | None,
     num_classes_from: str,
     in_channels: int | None,
-    input_size: int,
+    in_channels_from: str,
 ) -> tuple[nn.Module, int, int]:
+    warnings.warn(
+        f"{path}: loading TorchScript runs code stored in the file (you trusted it with --trust-torchscript); "
+        "a plain state_dict with --arch runs none",
+        UserWarning,
+        stacklevel=3,
+    )
     try:
         with warnings.catch_warnings():
-            # torch marks TorchScript deprecated; the user chose this format, so the warning is noise here.
+            # torch.jit.load is deprecated in favour of torch.export; the user chose this format, so that is noise.
             warnings.simplefilter("ignore", FutureWarning)
             network = torch.jit.load(str(path), map_location=map_location)
     except Exception as exc:
         raise ZooError(f"cannot load TorchScript archive {path}: {type(exc).__name__}: {exc}") from exc
     network.eval()
-    if in_channels is None:
-        first_4d = next((v for v in network.state_dict().values() if v.dim() == 4), None)
-        in_channels = int(first_4d.shape[1]) if first_4d is not None else 3
-    # TorchScript hides the layer types, so the class count comes from one trial forward pass.
-    probe = torch.full((1, in_channels, input_size, input_size), 0.5, device=_first_param_device(network))
-    try:
-        with torch.no_grad():
-            out = network(probe)
-    except Exception as exc:
-        raise ZooError(
-            f"TorchScript model {path} does not run on a 1x{in_channels}x{input_size}x{input_size} input "
-            f"({type(exc).__name__}); pass in_channels/input_size or add a card"
-        ) from exc
-    logits = out if isinstance(out, torch.Tensor) else out[0]
-    classes = int(logits.shape[-1])
+    # Shapes only, no forward pass: the first 4-D weight takes the input channels, the last 2-D weight's rows
+    # are the classes (a final Linear layer); what is stated must agree, and what cannot be read must be stated.
+    state = network.state_dict()
+    first_4d = next((v for v in state.values() if v.dim() == 4), None)
+    last_2d = next((v for k, v in reversed(state.items()) if v.dim() == 2 and k.endswith("weight")), None)
+    channels = int(first_4d.shape[1]) if first_4d is not None else in_channels or 3
+    classes = int(last_2d.shape[0]) if last_2d is not None else num_classes
+    if in_channels is not None and channels != in_channels:
+        raise ZooError(f"{path}: its first convolution takes {channels} input channels, {in_channels_from} "
+                       f"{in_channels}")
+    if classes is None:
+        raise ZooError(f"{path}: TorchScript model without a final Linear layer; its class count cannot be read "
+                       "from its weights, so pass --num-classes (num_classes=) or add a card")
     if num_classes is not None and num_classes != classes:
         raise ZooError(f"{path}: checkpoint has {classes} classes, {num_classes_from} {num_classes}")
-    return network, classes, in_channels
+    return network, classes, channels
 
 
 def load_classifier(
@@ -334,6 +174,7 @@ def load_classifier(
     std: Sequence[float] | None = None,
     class_names: Sequence[str] | None = None,
     map_location: Any = "cpu",
+    trust_torchscript: bool = False,
 ) -> Classifier:
     """The classifier stored at ``path``, in eval mode, with its card (sha256 of the file included).
 
@@ -341,7 +182,9 @@ def load_classifier(
     and input channels are read from the weights when neither gives them, and must agree with them
     when given. Raises :class:`ZooError` for a missing file, an unknown or unstated architecture, a
     checkpoint that does not fit the architecture (naming missing/unexpected keys and the architectures
-    that would fit), a class-count mismatch, or a file that needs pickled code to load.
+    that would fit), a class-count mismatch, a file that needs pickled code to load, or a TorchScript
+    file without ``trust_torchscript`` (loading TorchScript runs the code in it; when trusted it is
+    loaded with a warning and never run just to count its classes).
     """
     path = Path(path)
     if not path.is_file():
@@ -368,13 +211,19 @@ def load_classifier(
     channels_value, channels_from = choose("in_channels", in_channels)
 
     if _is_torchscript_file(path):
+        if not trust_torchscript:
+            raise ZooError(
+                f"{path} is a TorchScript archive, and loading one runs the code stored in it. It is refused "
+                "unless you trust where it came from and say so: --trust-torchscript (trust_torchscript=True). "
+                "Safer: export its weights, torch.save(model.state_dict(), 'weights.pt'), and load those with --arch"
+            )
         size_value = choose("input_size", input_size)[0] or 32
         network, classes, channels = _load_torchscript(
-            path, map_location, classes_value, classes_from, channels_value, int(size_value)
+            path, map_location, classes_value, classes_from, channels_value, channels_from
         )
         arch_name = str(arch_value) if arch_value else "torchscript"
     else:
-        state = _extract_state_dict(_torch_load(path, map_location), path)
+        state = extract_state_dict(_torch_load(path, map_location), path)
         if not arch_value:
             candidates = matching_architectures(state)
             hint = f" (architectures whose keys match: {', '.join(candidates)})" if candidates else ""
@@ -382,7 +231,7 @@ def load_classifier(
                 f"{path} is a plain state_dict and says nothing about its architecture; pass --arch NAME"
                 f"{hint} or add a card {card_file.name} beside it"
             )
-        network, classes, channels = _load_network(
+        network, classes, channels = load_network(
             path, str(arch_value), state, classes_value, classes_from, channels_value, channels_from
         )
         arch_name = canonical_arch(str(arch_value))
@@ -459,7 +308,7 @@ def save_classifier(classifier: Classifier, path: PathLike, **card_updates: Any)
         metadata = getattr(state, "_metadata", None)
         if metadata is not None:
             cpu_state._metadata = metadata  # type: ignore[attr-defined]  # layer versions, as torch keeps them
-        write_atomic(path, lambda tmp: torch.save(cpu_state, tmp))
+        write_torch_atomic(path, cpu_state)
     card = updated.replace(sha256=_sha256(path))
     card.save(card_path_for(path))
     classifier.card = card

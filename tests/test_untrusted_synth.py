@@ -1,0 +1,95 @@
+"""Untrusted input and concurrent use through ``synth`` (issue 18): a resume with other teacher settings, a second
+run on a folder another one holds, a TorchScript teacher without the opt-in."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import shards
+from synth.commands.cli import main
+
+TINY = ["--batch-size", "2", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
+        "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "32", "--shard-size", "2",
+        "--device", "cpu", "--quiet", "--preset", "paper"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
+
+
+def synth(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def refused(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    return result.output
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_other_teacher_settings_is_refused_naming_them(tmp_path: Path, tiny_teacher: Path) -> None:
+    out = tmp_path / "set"
+    base = ["run", "gmi", "--out", str(out), "--teacher", str(tiny_teacher), *TINY]
+    synth(*base, "--num-images", "2")
+    before = digest(out)
+    names = ",".join(f"kind{i}" for i in range(10))
+    message = refused(*base, "--num-images", "4", "--std", "0.3,0.3,0.3", "--class-names", names)
+    assert "teacher.std" in message and "teacher.class_names" in message and "nothing was changed" in message
+    assert digest(out) == before
+
+
+def test_a_run_on_a_folder_another_writer_holds_stops_naming_it(tmp_path: Path, tiny_teacher: Path) -> None:
+    from shards.lock import FolderLock
+
+    out = tmp_path / "set"
+    out.mkdir()
+    holder = FolderLock.acquire(out)  # what a first `synth run` or `synth merge` on this folder holds
+    command = ["run", "gmi", "--out", str(out), "--teacher", str(tiny_teacher), "--num-images", "2", *TINY]
+    try:
+        message = refused(*command)
+    finally:
+        holder.release()
+    assert f"locked by another writer: pid {os.getpid()}" in message
+    assert list(out.iterdir()) == []  # the refused run wrote nothing
+    synth(*command)
+    assert shards.verify(out) == []
+
+
+class _Scripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_a_torchscript_teacher_needs_trust_torchscript(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_Scripted().eval()).save(str(path))
+    # DeepInversion needs no penultimate features (TorchScript has none) and, with --bn-weight 0, no BN hooks.
+    command = ["run", "deepinversion", "--out", str(tmp_path / "set"), "--teacher", str(path), "--mean", "0.5,0.5,0.5",
+               "--std", "0.25,0.25,0.25", "--num-images", "2", "--batch-size", "2", "--iterations", "1",
+               "--bn-weight", "0", "--shard-size", "2", "--device", "cpu", "--quiet", "--preset", "paper"]
+    assert "--trust-torchscript" in refused(*command)
+    assert not (tmp_path / "set").exists()
+    with pytest.warns(UserWarning, match="runs code"):
+        synth(*command, "--trust-torchscript")
+    assert shards.verify(tmp_path / "set") == []
