@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from distill.core import precision
 from distill.train import DEFAULT_TEMPERATURE, LoopConfig
 
 #: ``distill run`` on a machine without CUDA, for options not given: a budget that finishes in minutes and
@@ -44,7 +45,7 @@ def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from distill.train import DistillError
+        from distill.core import DistillError
         from realdata import DataError
         from shards import ShardError
         from zoo import ZooError
@@ -75,6 +76,24 @@ def _pop_loop(kwargs: dict[str, Any]) -> LoopConfig:
     return LoopConfig(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(LoopConfig)})
 
 
+def _objective_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per :class:`~distill.objective_choice.ObjectiveOptions` field."""
+    from distill.objective_choice import ObjectiveOptions
+
+    for f in reversed(dataclasses.fields(ObjectiveOptions)):
+        choices = f.metadata.get("choices")
+        kind = click.Choice(list(choices)) if choices else float
+        fn = click.option("--" + f.name.replace("_", "-"), f.name, type=kind, default=f.default,
+                          show_default=f.default is not None, help=f.metadata["help"])(fn)
+    return fn
+
+
+def _pop_objective(kwargs: dict[str, Any]) -> Any:
+    from distill.objective_choice import ObjectiveOptions
+
+    return ObjectiveOptions(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(ObjectiveOptions)})
+
+
 def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True,
@@ -92,10 +111,25 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-eval-samples", type=int, default=None,
                      help="Evaluate on a seeded random subset of this many test images (CPU budgets)."),
         click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+                     help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA), fp32 on a "
+                          "CPU for now; bf16 / fp16: forward passes under autocast, the loss and SGD's state in "
+                          "fp32; fp32: plain fp32. [default: auto]"),
+        click.option("--accelerate/--no-accelerate", default=None, hidden=True,
+                     help="Deprecated: --precision auto / --precision fp32."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _precision(kwargs: dict[str, Any]) -> str:
+    """Pops --precision and the deprecated --accelerate/--no-accelerate (auto / fp32) from ``kwargs``."""
+    chosen, accelerate = kwargs.pop("precision"), kwargs.pop("accelerate")
+    if chosen is None and accelerate is not None:
+        chosen = "auto" if accelerate else "fp32"
+        click.echo(f"--{'' if accelerate else 'no-'}accelerate is deprecated: use --precision {chosen}", err=True)
+    return chosen or "auto"
 
 
 @click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,6 +149,9 @@ def main() -> None:
                    "stored logits.")
 @click.option("--teacher-arch", "--arch", "teacher_arch", default=None,
               help="Architecture of --teacher when it has no card.")
+@click.option("--trust-torchscript", is_flag=True,
+              help="Allow a TorchScript --teacher: loading one runs the code stored in it, so only for a file whose "
+                   "source you trust.")
 @click.option("--eval-data", default="auto", show_default=True, metavar="SPEC",
               help="Real dataset whose test split is evaluated every epoch (fmnist32, cifar10:PATH, …). auto: the "
                    "dataset named on the teacher's card when it is found on this machine; none: no evaluation.")
@@ -132,9 +169,10 @@ def main() -> None:
                    "teacher's input size (synth run kgen) trains in batches of one resolution each and is evaluated "
                    "at the evaluation data's size; metrics.json records which (\"resolutions\").")
 @click.option("--time-budget", default=None, metavar="DURATION",
-              help="Wall time for the whole run (90s, 20m, 1h30m): after the first epoch the epochs that fit are "
-                   "planned (the final full evaluation kept in reserve) and the cosine schedule is laid over them; "
-                   "the run ends at an epoch boundary and records the plan.")
+              help="Wall time for the whole run (90s, 20m, 1h30m): at every epoch boundary the epochs that still fit "
+                   "are planned again from the recent epochs' cost (the final full evaluation kept in reserve) and the "
+                   "rest of the cosine schedule is re-laid over them; the run ends at an epoch boundary within about "
+                   "one epoch of the budget, and metrics.json records planned vs used seconds (\"time_budget\").")
 @click.option("--budget-covers", type=click.Choice(["all", "training"]), default="all", show_default=True,
               help="What --time-budget pays for: all (the whole run, evaluations included) or training (evaluations "
                    "are timed and reported but not charged: for benchmarks, where they cost every method the same).")
@@ -155,13 +193,16 @@ def main() -> None:
 @click.option("--msarc-stages", default=None, metavar="S1,S2:T1,T2",
               help="Stage modules mSARC pairs (student:teacher, dotted paths). [default: the deepest stages of "
                    "each zoo architecture, paired in order]")
+@_objective_options
 @_common_options
 @_friendly_errors
 def run(**kwargs: Any) -> None:
     """Distil a student from a synthetic shard dataset.
 
-    The student learns KD (temperature T) from the teacher logits stored with each image, or from a live
-    --teacher on the same augmented view. Before any data is read the manifest is validated and a student
+    The student learns the objective of the paper of the method that made the dataset (--objective auto: CPSC's
+    L_IKD, K-Gen's KD + L_ed, otherwise KD at temperature T; said on the terminal) from the teacher logits stored
+    with each image, or from a live --teacher on the same view (with --augment: augmented views labelled by the
+    teacher on the fly, Fast's and CMI's regime). Before any data is read the manifest is validated and a student
     whose input shape or class count does not fit is refused. OUT receives student.pt + student.card.json,
     metrics.json, log.csv, accuracy.png and last.pt (the resumable checkpoint).
 
@@ -172,6 +213,7 @@ def run(**kwargs: Any) -> None:
     from distill.runs import RunOptions, distill_from_shards
 
     loop = _pop_loop(kwargs)
+    objective = _pop_objective(kwargs)
     quiet = kwargs.pop("quiet")
     ctx = click.get_current_context()
     import torch
@@ -197,8 +239,10 @@ def run(**kwargs: Any) -> None:
         if changes:
             shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
             click.echo(f"CPU budget: {shown} (pass them explicitly to override)", err=True)
-    opts = RunOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
-    result = distill_from_shards(opts)
+    job_precision = _precision(kwargs)
+    opts = RunOptions(loop=loop, objective=objective, progress=not quiet, command=_command_line(), **kwargs)
+    with precision(job_precision):
+        result = distill_from_shards(opts)
     if not result.metrics:  # a torchrun rank other than 0: rank 0 wrote and reports
         return
     click.echo(f"wrote {result.out_dir}/student.pt, metrics.json, log.csv, accuracy.png")
@@ -216,6 +260,8 @@ def run(**kwargs: Any) -> None:
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="Distil from this teacher on the real images (KD) instead of learning the labels.")
 @click.option("--teacher-arch", default=None, help="Architecture of --teacher when it has no card.")
+@click.option("--trust-torchscript", is_flag=True,
+              help="Allow a TorchScript --teacher: loading one runs the code stored in it.")
 @click.option("--size", type=int, default=None, help="Resize imagefolder images to N×N.")
 @click.option("--eval-data", default=None, metavar="SPEC",
               help="Evaluate on this spec's test split instead of --data's.")
@@ -238,8 +284,10 @@ def train(**kwargs: Any) -> None:
 
     loop = _pop_loop(kwargs)
     quiet = kwargs.pop("quiet")
+    job_precision = _precision(kwargs)
     opts = TrainOptions(loop=loop, progress=not quiet, command=_command_line(), **kwargs)
-    result = train_on_real(opts)
+    with precision(job_precision):
+        result = train_on_real(opts)
     click.echo(f"wrote {result.out_dir}/model.pt, metrics.json, log.csv, accuracy.png")
     if result.summary_line:
         click.echo(result.summary_line)

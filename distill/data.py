@@ -8,8 +8,11 @@ for shards, the teacher's stored logits as float32). Images travel as uint8 N×H
   seeded permutation; each batch is one index operation plus :func:`augment_batch` on the device, so no
   Python runs per sample and the GPU is never starved by a loader.
 - :class:`LoaderSource` — batches from an iterable that is rebuilt every epoch (WebDataset streaming of
-  shards through a ``DataLoader`` with worker processes, or an image folder too large for memory);
-  augmentation still happens on the device, in batch.
+  shards through a ``DataLoader`` with worker processes, :mod:`distill.streaming`, or an image folder too large
+  for memory); augmentation still happens on the device, in batch.
+- :class:`ResolutionBatches` — several :class:`TensorSource` of different image sizes, one size per batch.
+
+Which source a run gets, and building it, is :mod:`distill.sources`.
 
 Randomness (order, crops, flips) comes from generators seeded with ``(seed, epoch)``, so an epoch is the
 same whether it runs straight through or after ``--resume``.
@@ -229,89 +232,37 @@ def _as_tensor(value: Any, pin: bool) -> torch.Tensor:
     return t.pin_memory() if pin and not t.is_pinned() else t
 
 
-def rebatch(items: Iterable[HostBatch], batch_size: int) -> Iterator[HostBatch]:
-    """Regroup batches of any size (e.g. per-worker remainders) into batches of exactly ``batch_size``
-    (the last one smaller). Inputs are numpy arrays; logits may be None throughout."""
-    buf: list[HostBatch] = []
-    held = 0
-    for item in items:
-        buf.append(item)
-        held += len(item[1])
-        while held >= batch_size:
-            merged = _concat(buf)
-            yield tuple(None if a is None else a[:batch_size] for a in merged)  # type: ignore[misc]
-            rest = tuple(None if a is None else a[batch_size:] for a in merged)
-            held -= batch_size
-            buf = [rest] if held else []  # type: ignore[list-item]
-    if held:
-        yield _concat(buf)
+class ResolutionBatches:
+    """One batch source over several :class:`TensorSource`, one per image size (K-Gen's lower and multiple
+    resolutions, :mod:`distill.resolutions`): each epoch yields every source's batches, interleaved in a seeded
+    random order, so every epoch visits every sample once and no size comes in one block."""
 
+    def __init__(self, sources: list[TensorSource], seed: int = 0, shuffle: bool = True):
+        if not sources:
+            raise ValueError("ResolutionBatches needs at least one source")
+        self.sources = list(sources)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.images = self.sources[0].images  # where the data lives, for reports
+        self.num_samples = sum(s.num_samples for s in self.sources)
 
-def _concat(parts: list[HostBatch]) -> HostBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
-                 for i in range(len(parts[0])))
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        order = torch.cat([torch.full((len(s),), i) for i, s in enumerate(self.sources)])
+        if self.shuffle:
+            gen = _generator(torch.device("cpu"), epoch_seed(self.seed, epoch) + 2)
+            order = order[torch.randperm(len(order), generator=gen)]
+        streams = [s.epoch(epoch) for s in self.sources]
+        for i in order.tolist():
+            yield next(streams[i])
+
 
 
 def is_condensed(meta: dict[str, Any]) -> bool:
     """Whether a stored sample is a condensed image (``synth --condensed`` writes ``meta["source"]``)."""
     return meta.get("source") == "condensed"
-
-
-class ShardBatches(torch.utils.data.IterableDataset):
-    """Worker-side batching of a :func:`shards.stream` pipeline (which splits shards across workers).
-
-    Batches are stacked in the worker (one pickled array per batch crosses the process boundary, not one
-    per sample). A :class:`shards.ShardError` inside a worker would reach the main process as a traceback
-    dump; it is instead yielded as ``{"error": message}`` and re-raised by :func:`raise_stream_errors`, so
-    the user sees the message naming the shard.
-    """
-
-    def __init__(self, stream: Any, batch_size: int, with_logits: bool = True, with_sources: bool = False) -> None:
-        super().__init__()
-        self.stream = stream  # yields (image, label, logits[, meta]): meta when built with_meta=with_sources
-        self.batch_size = batch_size
-        self.with_logits = with_logits
-        self.with_sources = with_sources
-
-    def __iter__(self) -> Iterator[Any]:
-        import shards
-
-        samples: list[tuple[Any, ...]] = []
-        try:
-            for sample in self.stream:
-                samples.append(sample)
-                if len(samples) == self.batch_size:
-                    yield self._stack(samples)
-                    samples = []
-        except shards.ShardError as exc:
-            yield {"error": str(exc)}
-            return
-        if samples:
-            yield self._stack(samples)
-
-    def _stack(self, samples: list[tuple[Any, ...]]) -> HostBatch:
-        batch = (np.stack([s[0] for s in samples]), np.asarray([s[1] for s in samples], dtype=np.int64),
-                 np.stack([s[2] for s in samples]) if self.with_logits else None)
-        if self.with_sources:  # which samples are condensed images (synth --condensed), for their own KD term
-            batch += (np.asarray([is_condensed(s[3]) for s in samples], dtype=bool),)
-        return batch
-
-
-def identity_collate(item: Any) -> Any:
-    """DataLoader ``collate_fn`` that keeps a worker's numpy batch as it is."""
-    return item
-
-
-def raise_stream_errors(items: Iterable[Any]) -> Iterator[HostBatch]:
-    """Pass batches through; turn a worker's ``{"error": message}`` back into :class:`shards.ShardError`."""
-    import shards
-
-    for item in items:
-        if isinstance(item, dict):
-            raise shards.ShardError(item["error"])
-        yield item
 
 
 def default_workers() -> int:

@@ -81,6 +81,16 @@ class Distributed:
         dist.broadcast(box, src=0)
         return int(box.item())
 
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Averages the gradients of ``params`` over ranks: parameters outside the DDP-wrapped model (an
+        objective's projection) must stay identical on every rank too."""
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.world)
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

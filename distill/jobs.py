@@ -22,7 +22,8 @@ from torch import nn
 import realdata
 import zoo
 from distill import report
-from distill.train import DistillError, FitResult
+from distill.bookkeeping import FitResult
+from distill.core import DistillError
 
 #: Whether ``--augment auto`` applies crop+flip when training on *stored* logits: no, measured (module docstring).
 AUGMENT_STORED_LOGITS = False
@@ -96,9 +97,10 @@ def configure_device(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def load_teacher(path: str, arch: str | None) -> zoo.Classifier:
-    # Loaded on the CPU: check_fits probes it there before it moves to the training device.
-    return zoo.load_classifier(path, arch=arch, map_location="cpu")
+def load_teacher(path: str, arch: str | None, trust_torchscript: bool = False) -> zoo.Classifier:
+    # Loaded on the CPU: check_fits probes it there before it moves to the training device. TorchScript runs
+    # code as it loads, so only with --trust-torchscript.
+    return zoo.load_classifier(path, arch=arch, map_location="cpu", trust_torchscript=trust_torchscript)
 
 
 def percent(value: float | None) -> str:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.core import DistillError, autocast
 from distill.data import Batch
-from distill.train import DistillError, _autocast
 
 
 def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -53,7 +53,7 @@ class SyntheticCondensedKD:
         if batch.condensed is None:
             raise DistillError("this batch source does not say which samples are condensed")
         if self.teacher is not None:
-            with torch.no_grad(), _autocast(batch.images.device, self.amp):
+            with torch.no_grad(), autocast(batch.images.device, self.amp):
                 teacher_logits = self.teacher(batch.images).float()
         elif batch.logits is not None:
             teacher_logits = batch.logits

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.core import DistillError, autocast
 from distill.data import Batch
-from distill.train import DistillError, _autocast, kd_loss
+from distill.objectives import kd_loss
 
 _STAGE = re.compile(r"^(layer|block)\d+$")
 
@@ -142,7 +143,7 @@ class MSARCKD:
 
     def __call__(self, student_logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         images = batch.images.detach().requires_grad_(True)  # so the teacher's stages are in a graph
-        with torch.enable_grad(), _autocast(images.device, self.amp):
+        with torch.enable_grad(), autocast(images.device, self.amp):
             teacher_logits = self.teacher(images).float()
         classes = teacher_logits.argmax(dim=1)
         teacher_maps = [m.detach() for m in grad_cam(teacher_logits, self.teacher_stages.features(), classes,

@@ -22,8 +22,8 @@ from atomicio import write_atomic, write_json_atomic
 
 #: Columns of log.csv, one row per epoch.
 LOG_COLUMNS = ("epoch", "train_loss", "eval_acc", "lr", "images_per_s", "seconds")
-#: Columns added only when a run has them (a mixed synthetic + condensed set).
-OPTIONAL_COLUMNS = ("condensed_share", "condensed_share_min", "condensed_share_max")
+#: Columns added only when a run has them (a mixed synthetic + condensed set; K-Gen's L_ed).
+OPTIONAL_COLUMNS = ("condensed_share", "condensed_share_min", "condensed_share_max", "ed_loss")
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -4,22 +4,21 @@ Two ways to train from them, and ``distill run`` reports which it took:
 
 - **by resolution** (the default): every batch holds images of one size, the student (globally pooled, as the
   zoo's CNNs are) sees them at that size, and evaluation runs at the size of the evaluation data - how K-Gen
-  trains (papers/k-gen.txt, Sec. 3.4-3.6). :class:`ResolutionBatches` interleaves the sizes' batches in a
-  seeded random order each epoch, so every epoch visits every sample once and no size comes in one block.
+  trains (papers/k-gen.txt, Sec. 3.4-3.6). :class:`distill.data.ResolutionBatches` interleaves the sizes'
+  batches in a seeded random order each epoch, so every epoch visits every sample once and no size comes in
+  one block.
 - **resized** (``--resize N``): every image resized to N×N when loaded (bilinear); the stored logits stay those
   of the stored image.
+
+This module reads the plan off the manifest (:func:`plan_resolutions`); :mod:`distill.sources` builds the batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 import shards
-from distill.data import Batch, TensorSource, _generator, epoch_seed
 
 
 @dataclass(frozen=True)
@@ -56,37 +55,3 @@ def plan_resolutions(manifest: dict[str, Any], resize: int | None) -> Resolution
     if len(sizes) > 1:
         return ResolutionPlan("by-resolution", sizes, None, counts)
     return ResolutionPlan("single", sizes, sizes[0] if sizes else None, counts)
-
-
-class ResolutionBatches:
-    """One batch source over several :class:`TensorSource`, one per image size: each epoch yields every
-    source's batches, interleaved in a seeded random order."""
-
-    def __init__(self, sources: Sequence[TensorSource], seed: int = 0, shuffle: bool = True):
-        if not sources:
-            raise ValueError("ResolutionBatches needs at least one source")
-        self.sources = list(sources)
-        self.seed = seed
-        self.shuffle = shuffle
-        self.images = self.sources[0].images  # where the data lives, for reports
-        self.num_samples = sum(s.num_samples for s in self.sources)
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.sources)
-
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        order = torch.cat([torch.full((len(s),), i) for i, s in enumerate(self.sources)])
-        if self.shuffle:
-            gen = _generator(torch.device("cpu"), epoch_seed(self.seed, epoch) + 2)
-            order = order[torch.randperm(len(order), generator=gen)]
-        streams = [s.epoch(epoch) for s in self.sources]
-        for i in order.tolist():
-            yield next(streams[i])
-
-
-def load_by_resolution(location: str, plan: ResolutionPlan, make_source: Any, *, workers: int, progress: bool,
-                       seed: int) -> ResolutionBatches:
-    """A :class:`ResolutionBatches` of ``make_source(arrays)`` for each stored size."""
-    sources = [make_source(shards.load_arrays(location, workers=workers, progress=progress, resolution=size))
-               for size in plan.sizes]
-    return ResolutionBatches(sources, seed=seed)

@@ -14,6 +14,7 @@ from torch import nn
 import realdata
 import zoo
 from distill import report
+from distill.bookkeeping import check_out_dir
 from distill.jobs import (
     EVAL_BATCH,
     JobResult,
@@ -27,8 +28,9 @@ from distill.jobs import (
     summary_line,
     write_outputs,
 )
+from distill.objectives import CrossEntropy, LiveTeacherKD
 from distill.sources import real_source
-from distill.train import DEFAULT_TEMPERATURE, CrossEntropy, LiveTeacherKD, LoopConfig, check_out_dir, evaluate, fit
+from distill.train import DEFAULT_TEMPERATURE, LoopConfig, evaluate, fit
 
 
 @dataclass
@@ -42,6 +44,7 @@ class TrainOptions:
     temperature: float = DEFAULT_TEMPERATURE
     teacher: str | None = None
     teacher_arch: str | None = None
+    trust_torchscript: bool = False  # a TorchScript --teacher runs code when loaded: only when the user says so
     size: int | None = None
     eval_data: str | None = None
     max_train_samples: int | None = None
@@ -77,7 +80,7 @@ def train_on_real(opts: TrainOptions) -> JobResult:
     check_fits(model, shape, k, f"model {arch}", where)
     teacher = None
     if opts.teacher:
-        teacher = load_teacher(opts.teacher, opts.teacher_arch)
+        teacher = load_teacher(opts.teacher, opts.teacher_arch, opts.trust_torchscript)
         check_fits(teacher, shape, k, f"teacher {opts.teacher}", where)
 
     augment = resolve_augment(opts.augment, teacher is not None, supervised=teacher is None)

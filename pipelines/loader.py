@@ -35,8 +35,9 @@ import realdata
 import shards
 import zoo
 from distill.data import TensorSource
+from distill.objectives import StoredLogitsKD
 from distill.sources import shard_source
-from distill.train import LoopConfig, StoredLogitsKD, fit
+from distill.train import LoopConfig, fit
 
 BATCH = 128
 

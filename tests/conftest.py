@@ -94,3 +94,23 @@ def engine_gradients():
         return captured
 
     return apply
+
+
+@pytest.fixture
+def batch_clock(monkeypatch):
+    """A manual clock for ``synth run``'s time budget: every batch the runner stores costs ``per_batch`` clock
+    seconds (a test sets it), so a budget stops at the same batch on a fast and on a loaded machine."""
+    import synth.runner as runner
+    from timebudget import ManualClock
+
+    clock = ManualClock()
+    clock.per_batch = 0.1
+    real = runner.quantise_and_label
+
+    def charged(teacher, images):
+        clock.advance(clock.per_batch)
+        return real(teacher, images)
+
+    monkeypatch.setattr(runner, "system_clock", clock)
+    monkeypatch.setattr(runner, "quantise_and_label", charged)
+    return clock

@@ -16,8 +16,8 @@ import shards
 from distill.cli import main as distill_main
 from distill.data import Batch
 from distill.mixed import SyntheticCondensedKD
+from distill.objectives import kd_loss
 from distill.sources import stream_source
-from distill.train import kd_loss
 from synth.commands.cli import main as synth_main
 from synth.plugins.condensed.condense import CondenseConfig, distribution_matching, embedding_network
 from synth.plugins.condensed.data import load_condensed

@@ -99,6 +99,29 @@ class _Batch:
         self.images = images
 
 
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_the_msarc_term_enters_the_loss_and_the_gradient_with_its_weight(weight):
+    """The objective's value is KD + weight * L_mSARC, and the student's gradient is not KD's alone."""
+    from distill.objectives import kd_loss
+
+    torch.manual_seed(0)
+    teacher = zoo.Classifier(zoo.build_model("resnet8", 10, 3).eval(), (0.5,) * 3, (0.25,) * 3)
+    student = zoo.Classifier(zoo.build_model("resnet8", 10, 3), (0.5,) * 3, (0.25,) * 3).eval()
+    images = torch.rand(8, 3, 32, 32)
+    objective = MSARCKD(student, teacher, temperature=4.0, weight=weight, amp=False)
+    logits = student(images).float()
+    loss = objective(logits, _Batch(images))
+    with torch.no_grad():
+        kd = kd_loss(logits, teacher(images).float(), 4.0)
+    assert objective.last_msarc > 0
+    assert loss.item() == pytest.approx(kd.item() + weight * objective.last_msarc, rel=1e-5)
+    params = [p for p in student.parameters() if p.requires_grad]
+    with_msarc = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    kd_only = torch.autograd.grad(kd_loss(logits, teacher(images).float().detach(), 4.0), params, allow_unused=True)
+    assert any(a is not None and (b is None or not torch.allclose(a, b)) for a, b in zip(with_msarc, kd_only,
+                                                                                         strict=True))
+
+
 def test_distill_run_with_msarc(tmp_path: Path):
     torch.manual_seed(0)
     teacher = zoo.Classifier(zoo.build_model("resnet8", 10, 3), (0.5,) * 3, (0.25,) * 3)
