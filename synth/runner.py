@@ -11,7 +11,6 @@ produces the bytes an uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 import shards
 import zoo
-from timebudget import Deadline, format_duration
+from timebudget import Clock, Deadline, format_duration, system_clock
 
 from .core.pixels import quantise
 from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
@@ -43,11 +42,13 @@ class RunOptions:
     device: str = "auto"
     progress: bool = True
     preset: str = "paper"
-    accelerate: bool = True  # zoo.Acceleration: channels_last (and bf16 autocast on CUDA)
-    time_budget: float | None = None  # seconds; stop at the first shard boundary after it
+    accelerate: bool = True  # deprecated: False is precision fp32
+    precision: str = "auto"  # zoo.Acceleration: auto | fp32 | bf16 | fp16 (autocast, channels_last on CUDA)
+    time_budget: float | None = None  # seconds; stop at the first batch boundary after it (see run())
     diversity_samples: int = 2_000
     command: str | None = None  # the command line, recorded in the manifest and the dataset card
     fanout: FanOut = FanOut()  # this worker's part of a fanned-out run (synth/fanout.py)
+    clock: Clock | None = None  # what the time budget reads (tests drive it; None: the machine's clock)
 
     def __post_init__(self) -> None:
         if self.num_images <= 0:
@@ -79,9 +80,10 @@ class WriterArtifacts:
 @torch.no_grad()
 def quantise_and_label(teacher: zoo.Classifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """uint8 N x H x W x C images and the teacher's float16 logits computed on exactly those pixels (in
-    float32, whatever the synthesis ran in, so the stored logits do not depend on --accelerate's autocast)."""
+    float32, whatever the synthesis ran in, so the stored logits do not depend on --precision)."""
     pixels = quantise(images)
-    logits = teacher(pixels.float().div(255)).float()
+    with torch.autocast(pixels.device.type, enabled=False):  # fp32 even if called inside an autocast block
+        logits = teacher(pixels.float().div(255).contiguous()).float()
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy(), logits.float().cpu().numpy().astype(np.float16)
 
 
@@ -122,33 +124,66 @@ def _unpack(packed: dict[str, Any]) -> list[shards.Sample]:
 
 
 def plugin_configs(plugins: list[LossPlugin]) -> dict[str, Any]:
-    return {plugin.name: dataclasses.asdict(plugin.options) for plugin in plugins}
+    return {plugin.name: {**dataclasses.asdict(plugin.options), **plugin.identity_extras()} for plugin in plugins}
 
 
 def dataset_identity(method: str, config: SynthConfig, seed: int, teacher: zoo.Classifier, shard_size: int,
-                     plugins: list[LossPlugin] = (), accelerate: bool = True) -> dict[str, Any]:
+                     plugins: list[LossPlugin] = (), precision: str = "fp32") -> dict[str, Any]:
     """What must match for a second run to continue a dataset instead of refusing it. Plug-ins and a
-    disabled fast path appear only when used, so runs without them keep the identity they always had."""
+    precision other than fp32 (the resolved one: it changes the images) appear only when used, so runs
+    without them keep the identity they always had."""
     identity = {
         "method": method,
         "config": dataclasses.asdict(config),
         "seed": seed,
         "shard_size": shard_size,
         "teacher_sha256": teacher.card.sha256,
+        # How the teacher sees pixels and names classes changes the stored logits (and K-Gen's images): a resume
+        # with another --mean/--std/--class-names/--input-size is another dataset.
+        "teacher": {"mean": list(teacher.card.mean), "std": list(teacher.card.std),
+                    "class_names": list(teacher.card.class_names), "input_size": teacher.card.input_size},
     }
     if plugins:
         identity["plugins"] = plugin_configs(list(plugins))
-    if not accelerate:
-        identity["accelerate"] = False
+    if precision != "fp32":
+        identity["precision"] = precision
     return identity
+
+
+#: The share of what is left of a time budget that a method's one-off set-up (D2CIP's stage 1) may spend: the
+#: rest makes the images.
+PREPARE_SHARE = 0.5
 
 
 def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.Classifier,
         options: RunOptions, plugins: list[LossPlugin] | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Synthesises ``options.num_images`` samples into ``options.out`` (resuming if it holds a partial run),
-    plus the samples plug-ins add (condensed images), which are stored first."""
+    plus the samples plug-ins add (condensed images), which are stored first.
+
+    With ``options.time_budget`` every second of the run counts, from the checks before the dataset is opened
+    to the last shard, and earlier runs of the same dataset count too. The method's one-off work before the
+    first batch (D2CIP's stage 1) may spend :data:`PREPARE_SHARE` of what is left and stops at its next safe
+    point when that is spent; batches are made until the budget is spent, and the run stops after the batch
+    during which it ran out: the samples made so far become a shard (shorter than the others when it stops
+    between shard boundaries) with the resume state, so no run ends more than one batch past its budget and a
+    later run with a larger budget continues with exactly the samples an uninterrupted run would have made."""
+    opened: list[shards.ShardWriter] = []
+    try:
+        return _synthesise(method_class, config, teacher, options, plugins, log, opened)
+    finally:
+        # The folder's lock is let go however the run ends: a failed run's traceback can keep the writer alive.
+        for writer in opened:
+            writer.close()
+
+
+def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.Classifier,
+                options: RunOptions, plugins: list[LossPlugin] | None, log: Callable[[str], None],
+                opened: list[shards.ShardWriter]) -> dict[str, Any]:
+    clock = options.clock or system_clock
+    run_started = clock()  # the budget counts the checks below too
     plugins = list(plugins or [])
+    method_class.fit_to_teacher(config, teacher)  # the identity records the values the run uses
     method_class.check(teacher, config)  # bad input is refused before anything is written
     for plugin in plugins:
         plugin.check(teacher)
@@ -157,14 +192,15 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     device = zoo.pick_device(options.device)
     teacher = teacher.to(device).eval()
     out = Path(options.out)
+    acceleration = zoo.Acceleration(device, enabled=options.accelerate, precision=options.precision)
     identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size, plugins,
-                                options.accelerate)
+                                acceleration.resolved)
     if fanout:
         identity["fanout"] = fanout
     extras = method_class.identity_extras(config, teacher)  # empty for most methods: their identity is unchanged
     identity.update(extras)
     method_header = {"name": method_class.name, "config": dataclasses.asdict(config), "seed": options.seed,
-                     "preset": options.preset, "accelerate": options.accelerate, **extras}
+                     "preset": options.preset, "precision": acceleration.resolved, **extras}
     if plugins:
         method_header["plugins"] = plugin_configs(plugins)
     if fanout:
@@ -176,12 +212,12 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     writer = shards.ShardWriter.open(out, identity=identity, header=header, target_samples=target,
                                      shard_size=options.shard_size, key_offset=key_offset,
                                      mixed_sizes=method_class.stores_mixed_sizes(config))
+    opened.append(writer)
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
-    # The first shard's seconds start here too (method set-up included), so the shards' seconds, summed, are
-    # never less than what the deadline measured.
-    run_started = time.perf_counter()
-    deadline = Deadline(options.time_budget, already_spent=float(writer.manifest["summary"].get("synthesis_seconds")
-                                                                 or 0.0))
+    # The first shard's seconds start at run_started too (checks and method set-up included), so the shards'
+    # seconds, summed, are never less than what the deadline measured.
+    spent_before = float(writer.manifest["summary"].get("synthesis_seconds") or 0.0)
+    deadline = Deadline(options.time_budget, already_spent=spent_before + (clock() - run_started), clock=clock)
     if writer.num_committed >= target:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
         return _published(out, writer.finish(writer.manifest.get("summary")
@@ -194,10 +230,13 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
                                              stop=_budget_stop(deadline, options)))
 
     torch.manual_seed(options.seed)
-    acceleration = zoo.Acceleration(device, enabled=options.accelerate)
     method = method_class(teacher, config, device, plugins=plugins, acceleration=acceleration)
     method.show_progress = options.progress
+    if deadline.seconds is not None:
+        method.prepare_deadline = Deadline(PREPARE_SHARE * (deadline.remaining() or 0.0), clock=clock)
     method.prepare(WriterArtifacts(writer, out))
+    if method.prepare_report:
+        log(f"{out}: {method_class.name} set-up stopped early by the time budget: {method.prepare_report}")
     resume = writer.load_resume_state()
     pending: list[shards.Sample] = []
     if resume is not None:
@@ -208,24 +247,25 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
     elif writer.num_committed:
         log(f"{out}: {writer.num_committed} samples stored but no resume state; continuing with a fresh method state")
     next_index = writer.num_committed + len(pending)
+    committed_before = writer.num_committed  # "new" counts what this run added to the manifest
 
     bar = tqdm(total=target, initial=next_index, unit="img", desc=f"synth {method_class.name}",
                disable=not options.progress, dynamic_ncols=True)
-    started = time.perf_counter()
+    started = clock()
     shard_started = run_started
     produced = 0
     out_of_time = False
     # Seconds and images per stored size (a multi-resolution method's sizes cost differently): from one batch
     # handed over to the next, shard commits excluded.
     by_size: dict[str, list[float]] = {}
-    batch_started = time.perf_counter()
+    batch_started = clock()
     for batch in method.synthesize():
         pixels, logits = quantise_and_label(teacher, batch.images)
         labels = batch.labels.cpu().tolist()
         height, width = pixels.shape[1:3]
         if batch.source == "synthetic":  # a plug-in's stored images (condensed) cost no synthesis
             size_record = by_size.setdefault(f"{height}x{width}", [0.0, 0])
-            size_record[0] += time.perf_counter() - batch_started
+            size_record[0] += clock() - batch_started
             size_record[1] += min(len(labels), target - next_index)
         for i in range(len(labels)):
             if next_index >= target:
@@ -241,35 +281,38 @@ def run(method_class: type[SynthesisMethod], config: SynthConfig, teacher: zoo.C
         if deadline.seconds is not None:
             postfix["budget left"] = format_duration(deadline.remaining() or 0)
         bar.set_postfix(postfix, refresh=True)
-        while len(pending) >= options.shard_size:
+        # Decided on the same instant the seconds of the shards committed now end at, so a budget stop always
+        # records at least the budget (the commits' own time counts towards the next shard).
+        now, expired = clock(), deadline.expired()
+        out_of_time = expired and next_index < target
+        while len(pending) >= options.shard_size or (out_of_time and pending):
             head, pending = pending[: options.shard_size], pending[options.shard_size:]
-            # Decided on the same instant the shard's seconds end at, so a budget stop always records at least
-            # the budget (the commit's own time counts towards the next shard).
-            now, expired = time.perf_counter(), deadline.expired()
             writer.commit_shard(head, state={"method": method.state_dict(), "rng": rng_state(),
                                              "pending": _pack(pending)}, seconds=now - shard_started)
             shard_started = now
-            if expired:  # the first shard boundary after the budget
-                out_of_time = next_index < target or bool(pending)
-                break
         if out_of_time or next_index >= target:
             break
-        batch_started = time.perf_counter()
+        batch_started = clock()
     if pending and not out_of_time:
-        writer.commit_shard(pending, state=None, seconds=time.perf_counter() - shard_started)
+        writer.commit_shard(pending, state=None, seconds=clock() - shard_started)
     bar.close()
-    elapsed = time.perf_counter() - started
+    elapsed = clock() - started
     summary = dataset_summary(out, teacher, device, options)
     summary["synthesis_seconds_this_run"] = round(elapsed, 2)
     summary["synthesis_images_per_second"] = round(produced / elapsed, 2) if elapsed > 0 else None
     summary["peak_memory_bytes"] = peak_memory_bytes(device)
+    if deadline.seconds is not None:  # planned vs used, over every run of this dataset
+        summary["time_budget"] = {"budget_seconds": deadline.seconds, "used_seconds": round(deadline.elapsed(), 2)}
+    if method.prepare_report:
+        summary["prepare"] = method.prepare_report
     if len(by_size) > 1:
         summary["images_per_second_by_resolution"] = {size: round(n / seconds, 2) if seconds > 0 else None
                                                       for size, (seconds, n) in sorted(by_size.items())}
     manifest = writer.finish(summary, stop=_budget_stop(deadline, options) if out_of_time else None)
     stopped = f"; stopped by the time budget ({format_duration(deadline.seconds)})" if out_of_time else ""
     log(f"{out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-        f"({produced} new, {summary['synthesis_images_per_second']} images/s){stopped}")
+        f"({manifest['num_samples'] - committed_before} new, {summary['synthesis_images_per_second']} images/s)"
+        f"{stopped}")
     return _published(out, manifest)
 
 

@@ -142,3 +142,25 @@ def test_cmi_reinitialises_the_generator_each_round_and_keeps_its_head_and_bank(
     next(stream)
     assert len(method.feature_bank) == 16
     assert method.head_optimizer.state_dict()["state"]  # one Adam for the head, kept across rounds
+
+
+def test_deepinversion_yields_the_best_iterate_with_the_references_bn_weight(teacher, monkeypatch):
+    """A constant per step makes the total fall, then rise: the batch is the images of the lowest step."""
+    from synth.methods.deepinversion import DeepInversion, DeepInversionConfig
+
+    assert DeepInversionConfig().bn_weight == 10  # NVlabs' paper command, Fast-Datafree's script
+    torch.manual_seed(0)
+    method = DeepInversion(teacher, DeepInversionConfig(batch_size=4, iterations=4), torch.device("cpu"))
+    offsets = iter([3e6, 1e6, 2e6, 5e6])  # far above the real terms (a BN loss of a few hundred at batch 4)
+    seen = []
+    real_losses = method.losses
+
+    def toy_losses(images, labels):
+        seen.append(images.detach().clone())
+        terms = real_losses(images, labels)
+        terms["offset"] = images.mean() * 0 + next(offsets)
+        return terms
+
+    monkeypatch.setattr(method, "losses", toy_losses)
+    batch = next(method.synthesize())
+    assert torch.equal(batch.images, seen[1]) and not torch.equal(batch.images, seen[-1])

@@ -19,7 +19,8 @@ from torch import nn
 
 import shards
 import zoo
-from synth.commands.cli import _build_plugins, main
+from synth.commands.cli import main
+from synth.commands.run import _build_plugins
 from synth.core import registry
 from synth.methods.gmi import GMI, GMIConfig
 from synth.plugins.condensed.data import CondensedDataError, load_condensed

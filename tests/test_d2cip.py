@@ -291,3 +291,71 @@ def test_prior_is_saved_in_the_dataset_and_reused_with_prior_flag(tmp_path, tiny
     bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "fourth"), "--prior", str(prior_path),
                                     "--no-cgmm", *common])
     assert bad.exit_code != 0 and "--no-cgmm" in bad.output
+
+
+# -- how D2CIP calls its losses (tests/README.md: the mutations these catch) -------------------------------
+
+def test_stage_1_trains_the_prior_not_only_the_generator(teacher, engine_gradients):
+    """Eq. 6 updates both: the prior's parameters move, and each step gives the prior the gradient of both
+    terms (the generator alone would lower the loss too, so a falling loss proves nothing about the prior)."""
+    from synth.core.hooks import recording
+    from synth.core.updates import ParamGroup, UpdateEngine
+
+    torch.manual_seed(0)
+    method = D2CIP(teacher, D2CIPConfig(**{**TINY, "prior_iterations": 3}), torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in method.prior.named_parameters()}
+    method.recover_prior()
+    for name, p in method.prior.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), f"stage 1 left the prior's {name} untouched"
+
+    labels = torch.arange(8)  # one stage-1 step as recover_prior takes it
+    images = method.generate(method.prior.sample(labels, relaxed=True), labels)
+    with recording(method.bn_hook):
+        logits = method.teacher(method.teacher_view(images)).float()
+    terms = method.stage1_terms(logits, labels)
+    prior = list(method.prior.parameters())
+    groups = {"generator": ParamGroup(list(method.generator.parameters()), 1e-3), "prior": ParamGroup(prior, 1e-2)}
+    want = torch.autograd.grad(sum(t.value for t in terms.values()), prior, retain_graph=True, allow_unused=True)
+    got = engine_gradients(UpdateEngine(), terms, groups)["prior"]
+    for g, w in zip(got, want, strict=True):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert {"cls", "bn"} <= set(terms)
+
+
+def _nce_calls(method, monkeypatch) -> list[dict]:
+    import synth.methods.d2cip as d2cip_module
+
+    calls, real = [], d2cip_module.info_nce_loss
+
+    def spy(anchors, positives, negatives=None, temperature=0.1):
+        calls.append({"anchors": anchors, "positives": positives, "negatives": negatives})
+        return real(anchors, positives, negatives, temperature)
+
+    monkeypatch.setattr(d2cip_module, "info_nce_loss", spy)
+    return calls
+
+
+def test_scr_takes_its_negatives_from_the_image_bank(teacher, monkeypatch):
+    method = _method(teacher)
+    calls = _nce_calls(method, monkeypatch)
+    _, step, _ = _step(method)
+    scr = calls[0]  # L_scr first, then L_zcr
+    with torch.no_grad():
+        torch.testing.assert_close(scr["anchors"], method.image_head(step.teacher_features[0]))
+        torch.testing.assert_close(scr["negatives"], method.image_head(method.image_bank.all()))
+    assert len(scr["negatives"]) == len(method.image_bank) == 16
+
+
+def test_zcr_positive_is_the_latent_plus_sigma_noise(teacher, monkeypatch):
+    method = _method(teacher, latent_noise=0.1)
+    calls = _nce_calls(method, monkeypatch)
+    inputs = []
+    method.latent_head.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+    _, step, _ = _step(method)
+    z = step.latents.detach()
+    assert calls[1]["negatives"] is not None and len(calls[1]["negatives"]) == len(method.latent_bank)
+    positives = [x for x in inputs if x.shape == z.shape and not torch.equal(x, z)]
+    assert any(torch.equal(x, z) for x in inputs) and len(positives) == 1
+    noise = positives[0] - z
+    assert 0.08 < float(noise.std()) < 0.12  # sigma = 0.1

@@ -286,12 +286,21 @@ def test_synth_run_kgen_refuses_a_teacher_without_a_cam(tmp_path):
     assert not (tmp_path / "set").exists()  # refused before anything was written
 
 
+def _fitted(config, input_size: int = 32):
+    config.fit_to(input_size)  # what a run does with the teacher's input size
+    return config
+
+
 def test_memory_ratio_budget_counts_pixels_of_the_real_resolution():
     # kgen-s at 28 against 60,000 real 32x32 images at 10%: 6,000 images' pixels buy 6,000 * (32/28)^2 = 7,836.7
-    assert KGenSConfig(memory_ratio=0.1, real_set_size=60_000).memory_budget_images() == 7836
+    assert _fitted(KGenSConfig(memory_ratio=0.1, real_set_size=60_000)).memory_budget_images() == 7836
     # kgen, 130 at 28 + 100 at 32 per turn: 230 images cost (130*784 + 100*1024)/1024 = 199.53 full-size images
-    assert KGenConfig(memory_ratio=0.1, real_set_size=60_000).memory_budget_images() == int(6000 * 230 / 199.53125)
-    assert KGenSConfig().memory_budget_images() is None
+    assert _fitted(KGenConfig(memory_ratio=0.1, real_set_size=60_000)).memory_budget_images() == int(
+        6000 * 230 / 199.53125)
+    assert _fitted(KGenSConfig()).memory_budget_images() is None
+    # l defaults to the teacher's input: 112 px against 1,281,167 real 224 px images at 10% (issue 20's case)
+    imagenet = _fitted(KGenSConfig(resolutions="112", memory_ratio=0.1, real_set_size=1_281_167), 224)
+    assert imagenet.memory_resolution == 224 and imagenet.memory_budget_images() == 512_466
     with pytest.raises(ValueError, match="real-set-size"):
         KGenSConfig(memory_ratio=0.1)
 

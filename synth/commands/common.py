@@ -39,9 +39,13 @@ def teacher_options(command: Any) -> Any:
     """The options that say which teacher to use and how it sees images."""
     options = [
         click.option("--teacher", type=click.Path(dir_okay=False), default=None,
-                     help="teacher checkpoint: a state_dict (with --arch), a dict holding one under 'state_dict' or "
-                          "'model', or TorchScript. A card file beside it (NAME.card.json) supplies the rest. "
+                     help="teacher checkpoint: a state_dict (with --arch) or a dict holding one under 'state_dict' "
+                          "or 'model', loaded with weights_only=True; TorchScript only with --trust-torchscript. A "
+                          "card file beside it (NAME.card.json) supplies the rest. "
                           "[default: the shipped WRN-16-2 trained on FMNIST-32]"),
+        click.option("--trust-torchscript", is_flag=True,
+                     help="allow a TorchScript --teacher: loading one runs the code stored in it, so only for a file "
+                          "whose source you trust"),
         click.option("--arch", default=None,
                      help="teacher architecture (see `synth list --archs`), when no card says it"),
         click.option("--num-classes", type=int, default=None,
@@ -57,7 +61,8 @@ def teacher_options(command: Any) -> Any:
 
 
 def load_teacher(teacher: str | None, arch: str | None, num_classes: int | None, input_size: int | None,
-                 mean: str | None, std: str | None, class_names: str | None) -> zoo.Classifier:
+                 mean: str | None, std: str | None, class_names: str | None,
+                 trust_torchscript: bool = False) -> zoo.Classifier:
     overrides = {"arch": arch, "num_classes": num_classes, "input_size": input_size, "mean": _floats(mean),
                  "std": _floats(std), "class_names": _class_names(class_names)}
     if teacher is None:
@@ -65,7 +70,8 @@ def load_teacher(teacher: str | None, arch: str | None, num_classes: int | None,
         if any(v is not None for v in overrides.values()):
             raise click.UsageError("--arch/--mean/--std/... describe a --teacher; give the checkpoint too")
         return zoo.load_classifier(path)
-    return zoo.load_classifier(teacher, **{k: v for k, v in overrides.items() if v is not None})
+    return zoo.load_classifier(teacher, trust_torchscript=trust_torchscript,
+                               **{k: v for k, v in overrides.items() if v is not None})
 
 
 class MainGroup(click.Group):

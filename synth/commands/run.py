@@ -16,6 +16,7 @@ from synth.fanout import FanOut
 from synth.presets import RUN_BUDGETS, PresetError, preset_values, resolve_preset
 from synth.runner import RunOptions, run
 from timebudget import parse_duration
+from zoo.device import PRECISIONS
 
 from .common import USER_ERRORS, command_line, load_teacher, teacher_options
 from .options import build_config, click_options
@@ -61,12 +62,16 @@ def _plugin_option_names(method_class: type[SynthesisMethod]) -> dict[str, set[s
 def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
     name = method_class.name
     plugin_fields = _plugin_option_names(method_class)
+    # A method whose config has its own --precision (DiffDFKD: the diffusion model's weights) shares it with the
+    # run: one switch, one option.
+    has_precision = "precision" in {f.name for f in dataclasses.fields(method_class.config_class)}
 
     def command(out: str, num_images: int | None, shard_size: int | None, seed: int | None,
                 device: str | None, time_budget: float | None, config_file: str | None, preset: str, quiet: bool,
-                accelerate: bool, rank: int | None, world: int | None,
-                teacher: str | None, arch: str | None, num_classes: int | None, input_size: int | None,
-                mean: str | None, std: str | None, class_names: str | None, **values: Any) -> None:
+                precision: str | None, accelerate: bool | None, rank: int | None, world: int | None,
+                teacher: str | None, trust_torchscript: bool, arch: str | None, num_classes: int | None,
+                input_size: int | None, mean: str | None, std: str | None, class_names: str | None,
+                **values: Any) -> None:
         file_method, file_run = _read_pipeline_file(config_file, name)
         import torch
 
@@ -78,12 +83,17 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
         if preset_name != "paper":
             click.echo(f"preset '{preset_name}': iteration counts scaled down for a CPU (loss weights are the "
                        "paper's); --preset paper runs the paper's budget", err=True)
+        if has_precision:  # the method's own option, parsed into this argument: the config reads it too
+            values["precision"], precision = precision, None
         plugin_values = {plugin: {k: values.pop(k) for k in fields} for plugin, fields in plugin_fields.items()}
         plugin_file = {plugin: {k: file_method.pop(k) for k in fields if k in file_method}
                        for plugin, fields in plugin_fields.items()}
         try:
             config = build_config(method_class.config_class, {**preset_method, **file_method}, values)
             plugins = _build_plugins(plugin_file, plugin_values)
+            classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
+                                      num_classes, input_size, mean, std, class_names, trust_torchscript)
+            method_class.fit_to_teacher(config, classifier)  # before planning: K-Gen's sizes follow the teacher
             planned = method_class.planned_images(config)
             run_values = {**preset_run, **({"num_images": planned} if planned else {}), "seed": 0,
                           "device": "auto", **file_run}
@@ -97,13 +107,12 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
                 run_values["num_images"] = RUN_BUDGETS["paper"]["num_images"]
                 if shard_size is None and "shard_size" not in file_run:
                     run_values["shard_size"] = getattr(config, "batch_size", run_values["shard_size"])
+            run_precision = _precision(config, precision, accelerate)
             options = RunOptions(out=Path(out), num_images=int(run_values["num_images"]),
                                  shard_size=int(run_values["shard_size"]), seed=int(run_values["seed"]),
                                  device=str(run_values["device"]), progress=not quiet, preset=preset_name,
-                                 accelerate=accelerate, time_budget=_duration(run_values.get("time_budget")),
+                                 precision=run_precision, time_budget=_duration(run_values.get("time_budget")),
                                  command=command_line(), fanout=FanOut.resolve(rank, world))
-            classifier = load_teacher(teacher or file_run.get("teacher"), arch or file_run.get("arch"),
-                                      num_classes, input_size, mean, std, class_names)
             run(method_class, config, classifier, options, plugins=plugins, log=lambda m: click.echo(m, err=True))
         except USER_ERRORS as error:
             raise click.ClickException(str(error)) from error
@@ -124,18 +133,24 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
                      help="random seed; the same seed gives the same bytes [default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto]"),
         click.option("--time-budget", default=None, metavar="DURATION",
-                     help="stop at the first shard boundary after this much synthesis time (90s, 20m, 1h30m), "
-                          "counting earlier runs of this dataset: a complete, verified dataset that the same command "
-                          "with a larger budget continues; with --num-images, whichever comes first; without it, as "
-                          "many images as fit (up to 50000) in shards of one batch"),
+                     help="stop after the batch during which this much synthesis time is spent (90s, 20m, 1h30m), "
+                          "set-up included (D2CIP's stage 1 may take half of it and stops there) and earlier runs of "
+                          "this dataset counted: a complete, verified dataset that the same command with a larger "
+                          "budget continues with the samples an uninterrupted run makes; with --num-images, whichever "
+                          "comes first; without it, as many images as fit (up to 50000) in shards of one batch"),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="pipeline file (TOML): a [synth.METHOD] table of method options and a [synth.run] table "
                           "(num_images, shard_size, seed, device, teacher, arch); command-line options win"),
         click.option("--preset", default="auto", show_default=True,
                      help="budget: 'paper' (the paper's iteration counts, for a GPU), 'cpu' (scaled down to run in "
                           "minutes on a CPU), or 'auto' (paper on CUDA, cpu otherwise)"),
-        click.option("--accelerate/--no-accelerate", default=True, show_default=True,
-                     help="on CUDA: channels_last layout and bf16 autocast (on a CPU: no change); off: plain fp32"),
+        None if has_precision else click.option(
+            "--precision", type=click.Choice(PRECISIONS), default=None,
+            help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA), fp32 on a "
+                          "CPU for now; bf16 / fp16: autocast forward passes (losses, BN statistics, optimiser "
+                          "states fp32); fp32: plain fp32. Part of the dataset's identity [default: auto]"),
+        click.option("--accelerate/--no-accelerate", default=None, hidden=True,
+                     help="deprecated: --precision auto / --precision fp32"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
         click.option("--rank", type=int, default=None,
                      help="fan-out: this worker's index; it writes OUT/part-RANK (its share of --num-images, its own "
@@ -143,8 +158,22 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
         click.option("--world", type=int, default=None,
                      help="fan-out: the number of workers [default: torchrun's WORLD_SIZE, else 1]"),
     ]):
-        command = option(command)
+        command = option(command) if option is not None else command
     return click.command(name, context_settings={"max_content_width": 110})(command)
+
+
+def _precision(config: Any, precision: str | None, accelerate: bool | None) -> str:
+    """The run's --precision: the option (or the method's own field of that name), else the deprecated
+    --accelerate (auto) / --no-accelerate (fp32), else auto."""
+    if precision is None and dataclasses.is_dataclass(config) and hasattr(config, "precision"):
+        precision = None if config.precision == "auto" else config.precision
+    if precision is not None:
+        return precision
+    if accelerate is not None:
+        click.echo(f"--{'' if accelerate else 'no-'}accelerate is deprecated: use --precision "
+                   f"{'auto' if accelerate else 'fp32'}", err=True)
+        return "auto" if accelerate else "fp32"
+    return "auto"
 
 
 def _duration(value: Any) -> float | None:

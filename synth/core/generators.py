@@ -142,15 +142,18 @@ class CategoricalFeatureEmbedding(nn.Module):
         CFE(x | y) = W_y * (x - mu) / sqrt(sigma^2 + eps) + b_y,    W_y, b_y in R^{d x m}
 
     Read as d = channels and m = H x W spatial positions: one scale and one shift per channel *and* position
-    for every class (the paper calls them feature maps, not vectors). Initialised to the identity affine
-    (W = 1, b = 0), as BatchNorm initialises gamma and beta, so every class starts from the same generator.
+    for every class (the paper calls them feature maps, not vectors). ``per_position=False`` is the lighter
+    reading, one scale and shift per class and channel (a class embedding: W_y, b_y in R^d, 1 x 1 maps
+    broadcast over positions). Initialised to the identity affine (W = 1, b = 0), as BatchNorm initialises
+    gamma and beta, so every class starts from the same generator.
     """
 
-    def __init__(self, channels: int, num_classes: int, size: int):
+    def __init__(self, channels: int, num_classes: int, size: int, per_position: bool = True):
         super().__init__()
         self.norm = nn.BatchNorm2d(channels, affine=False)
-        self.weight = nn.Parameter(torch.empty(num_classes, channels, size, size))
-        self.bias = nn.Parameter(torch.empty(num_classes, channels, size, size))
+        side = size if per_position else 1
+        self.weight = nn.Parameter(torch.empty(num_classes, channels, side, side))
+        self.bias = nn.Parameter(torch.empty(num_classes, channels, side, side))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -167,13 +170,14 @@ class ConditionalDCGANGenerator(nn.Module):
     The DCGAN generator with the label at its input (z concatenated with the one-hot label, as the
     conditional GAN of Mirza & Osindero 2014) and its first ``cfe_layers`` normalisation layers (counted from
     the input; ``None``: all three) replaced by :class:`CategoricalFeatureEmbedding`; ``cfe_layers=0`` is the
-    plain-BN generator conditioned at the input only.
+    plain-BN generator conditioned at the input only; ``cfe_per_position=False`` gives every CFE block
+    per-channel maps only (see :class:`CategoricalFeatureEmbedding`).
     """
 
     num_norm_layers = 3
 
     def __init__(self, latent_dim: int, num_classes: int, channels: int = 3, image_size: int = 32,
-                 width: int = 64, cfe_layers: int | None = None):
+                 width: int = 64, cfe_layers: int | None = None, cfe_per_position: bool = True):
         super().__init__()
         _check_size(image_size)
         cfe_layers = self.num_norm_layers if cfe_layers is None else cfe_layers
@@ -188,7 +192,7 @@ class ConditionalDCGANGenerator(nn.Module):
             nonlocal built
             built += 1
             if built <= cfe_layers:
-                return CategoricalFeatureEmbedding(channels, num_classes, size)
+                return CategoricalFeatureEmbedding(channels, num_classes, size, cfe_per_position)
             return nn.BatchNorm2d(channels)
 
         self.project = nn.Linear(latent_dim + num_classes, 2 * width * self.init_size**2)

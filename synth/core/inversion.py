@@ -17,7 +17,8 @@ something to disagree with. A method changes the loop only through these named p
 ``batch_result(y)``         the batch's images (the last iterate; CMI: the best)
 ``after_inversion(x, y)``   after every inverted batch (D2CIP's memory banks)
 ``end_batch(batch)``        after every *stored* batch (replay memory, proxy-student KD)
-``proxy_student_loss(x)``   the proxy student's objective on replayed images (KD; CPSC: L_IKD + L_SCL)
+``remember(batch)``         a stored batch (a plug-in's too) joins the replay memory with its asked labels
+``proxy_student_loss(x)``   the proxy student's objective on replayed images (KD; CPSC: L_IKD + L_CE + L_SCL)
 ``next_batch()``            one stored batch (D2CIP's A.8 selects one of several inverted candidates)
 ==========================  ===============================================================================
 
@@ -26,6 +27,9 @@ file. The updates are exact and fused: :class:`~synth.core.updates.UpdateEngine`
 exactly the terms that name it, in the fewest backward passes. All views of a step go through the teacher
 in one forward pass, BN statistics read from the first view only (the teacher is in eval mode, so the other
 rows do not change them).
+
+The module is over 400 lines: the loop and its extension points are read together, and splitting them would
+scatter what a method author needs to see at once.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from .losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, d
 from .memory import MemoryBank
 from .pixels import dequantise, quantise
 from .protocol import InversionStep, LossPlugin, SynthBatch, SynthConfig, SynthesisMethod
-from .updates import ParamGroup, Term, UpdateDeclarationError, UpdateEngine, make_optimizers, term
+from .updates import KeptOptimizers, ParamGroup, Term, UpdateDeclarationError, UpdateEngine, make_optimizers, term
 
 ResetMode = Literal["auto", "keep", "initial", "random"]
 
@@ -103,6 +107,11 @@ class GeneratorInversion(SynthesisMethod):
     keeps_best_iterate: bool = False
     #: Also give each step the proxy student's penultimate features (CPSC-DFKD's contrast needs them).
     wants_student_features: bool = False
+    #: Groups whose Adam persists across batches while the generator is kept (CPSC, K-Gen); the others get a
+    #: fresh Adam per batch, as CMI re-creates its optimiser per round (gMI, D2CIP, CMI: on purpose).
+    persistent_groups: tuple[str, ...] = ()
+    #: Call :meth:`proxy_student_loss` as ``(images, labels)``: the replayed images' asked labels (CPSC).
+    replays_labels: bool = False
 
     def __init__(self, teacher: zoo.Classifier, config: InversionConfig, device: torch.device,
                  plugins: Sequence[LossPlugin] = (), acceleration: zoo.Acceleration | None = None):
@@ -117,6 +126,7 @@ class GeneratorInversion(SynthesisMethod):
         self.latents = torch.empty(0)
         self._best: tuple[float, torch.Tensor] | None = None  # (total loss, images) when keeping the best
         self._last_terms: dict[str, torch.Tensor] = {}
+        self.kept_optimizers = KeptOptimizers()
         for plugin in self.plugins:
             plugin.attach(self)
 
@@ -157,6 +167,12 @@ class GeneratorInversion(SynthesisMethod):
         self.latents = self.sample_latents(labels).detach().requires_grad_(True)
         return {"generator": ParamGroup(list(self.generator.parameters()), self.config.generator_lr),
                 "latents": ParamGroup([self.latents], self.config.latent_lr)}
+
+    def keep_optimizers(self, groups: dict[str, ParamGroup], suffix: str = "") -> None:
+        """Run-long Adams (keyed ``name + suffix``) for :attr:`persistent_groups`, unless weights reset per batch."""
+        if self.reset_mode() == "keep":
+            for name in [g for g in self.persistent_groups if g in groups and groups[g].optimizer is None]:
+                self.kept_optimizers.attach(name + suffix, groups[name])
 
     def teacher_view_count(self) -> int:
         return 1
@@ -228,8 +244,12 @@ class GeneratorInversion(SynthesisMethod):
 
     def end_batch(self, batch: SynthBatch) -> None:
         """Called after every stored batch: it joins the replay memory and the proxy student learns."""
-        self.memory.push(quantise(batch.images))
+        self.remember(batch)
         self.train_proxy_student()
+
+    def remember(self, batch: SynthBatch) -> None:
+        """A stored batch (a plug-in's too: the condensed images) joins the replay memory with its labels."""
+        self.memory.push(quantise(batch.images), batch.labels)
 
     def next_batch(self) -> SynthBatch:
         """One stored batch: the next labels, inverted."""
@@ -260,10 +280,11 @@ class GeneratorInversion(SynthesisMethod):
     def _proxy_kd_steps(self) -> None:
         self.student.train()
         for _ in range(self.config.kd_steps):
-            pixels = dequantise(self.memory.sample(self.config.batch_size))
-            images = self.acceleration.tensor(augment.random_shift_flip(pixels))
+            pixels, labels = self.memory.sample_with_labels(self.config.batch_size)
+            images = self.acceleration.tensor(augment.random_shift_flip(dequantise(pixels)))
+            asked = (labels,) if self.replays_labels else ()
             with self.acceleration.autocast():
-                loss = self.proxy_student_loss(images)
+                loss = self.proxy_student_loss(images, *asked)
             self.student_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.student_optimizer.step()
@@ -276,6 +297,7 @@ class GeneratorInversion(SynthesisMethod):
         groups = self.begin_batch(labels)
         for plugin in self.plugins:
             self._merge_from_plugin(groups, plugin.begin_batch(labels), plugin.name, "a parameter group")
+        self.keep_optimizers(groups)
         optimizers = make_optimizers(groups)
         self.engine.reset()
         self._best = None
@@ -350,8 +372,10 @@ class GeneratorInversion(SynthesisMethod):
             own[name] = value
 
     def synthesize(self) -> Iterator[SynthBatch]:
-        for plugin in self.plugins:  # e.g. the condensed samples: first, once per dataset
-            yield from plugin.initial_batches()
+        for plugin in self.plugins:  # e.g. the condensed samples: first, once per dataset, replayed too
+            for batch in plugin.initial_batches():
+                self.remember(batch)
+                yield batch
         while True:
             batch = self.next_batch()
             self.end_batch(batch)
@@ -371,6 +395,7 @@ class GeneratorInversion(SynthesisMethod):
             "memory": self.memory.state_dict(),
             "plugins": {plugin.name: plugin.state_dict() for plugin in self.plugins},
         })
+        state["kept_optimizers"] = self.kept_optimizers.state_dict()  # {} unless persistent_groups
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -379,6 +404,7 @@ class GeneratorInversion(SynthesisMethod):
         self.student.load_state_dict(state["student"])
         self.student_optimizer.load_state_dict(state["student_optimizer"])
         self.memory.load_state_dict(state["memory"], device=self.device)
+        self.kept_optimizers.load_state_dict(state.get("kept_optimizers", {}))
         saved = state.get("plugins", {})
         for plugin in self.plugins:
             if plugin.name not in saved:

@@ -17,7 +17,7 @@ def class_prior_loss(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torc
 
     D2CIP Eq. 1 (the class prior of DAFL, Chen et al. 2019); DeepInversion's L_CE.
     """
-    return F.cross_entropy(teacher_logits, labels)
+    return F.cross_entropy(teacher_logits.float(), labels)  # fp32 under any --precision, as every loss here
 
 
 def bn_statistics_loss(hook: BatchNormStatisticsHook,
@@ -54,8 +54,8 @@ def bn_statistics_loss(hook: BatchNormStatisticsHook,
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
                   reduction: str = "batchmean") -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)), per sample when ``reduction='none'``."""
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     if reduction == "none":
         return per_sample
@@ -95,6 +95,7 @@ def total_variation_loss(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     DeepInversion's image prior R_TV (Yin et al. 2020, Eq. 3; Mahendran & Vedaldi 2015): mean absolute
     and mean squared differences between neighbouring pixels.
     """
+    images = images.float()  # a generator under autocast hands over bf16/fp16 pixels
     dh = images[:, :, 1:, :] - images[:, :, :-1, :]
     dw = images[:, :, :, 1:] - images[:, :, :, :-1]
     tv_l1 = dh.abs().mean() + dw.abs().mean()
@@ -104,7 +105,7 @@ def total_variation_loss(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def image_l2_loss(images: torch.Tensor) -> torch.Tensor:
     """DeepInversion's R_l2 image prior: the mean squared L2 norm of each image (Yin et al. 2020, Eq. 3)."""
-    return images.flatten(1).pow(2).sum(dim=1).mean()
+    return images.float().flatten(1).pow(2).sum(dim=1).mean()
 
 
 def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
@@ -117,10 +118,10 @@ def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: tor
     only; we use the usual softmax cross-entropy form, whose denominator also holds the positive (as
     SimCLR and CMI do): it is bounded below by 0 and numerically stable, and it orders solutions the same.
     """
-    anchors = F.normalize(anchors, dim=1)
-    candidates = F.normalize(positives, dim=1)
+    anchors = F.normalize(anchors.float(), dim=1)
+    candidates = F.normalize(positives.float(), dim=1)
     if negatives is not None and negatives.numel() > 0:
-        candidates = torch.cat([candidates, F.normalize(negatives, dim=1)], dim=0)
+        candidates = torch.cat([candidates, F.normalize(negatives.float(), dim=1)], dim=0)
     logits = anchors @ candidates.t() / temperature
     targets = torch.arange(anchors.shape[0], device=anchors.device)
     return F.cross_entropy(logits, targets)
@@ -134,7 +135,8 @@ def logit_discrepancy_loss(teacher_logits: torch.Tensor, student_logits: torch.T
     alpha in the paper's recommended [3, 7] weighs it against a KL of comparable size. The proxy student
     minimises this discrepancy; the generator maximises it.
     """
-    return kl_divergence(teacher_logits, student_logits) + l2_weight * F.mse_loss(student_logits, teacher_logits)
+    return kl_divergence(teacher_logits, student_logits) + l2_weight * F.mse_loss(student_logits.float(),
+                                                                                  teacher_logits.float())
 
 
 def supervised_contrastive_loss(anchors: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
@@ -150,8 +152,8 @@ def supervised_contrastive_loss(anchors: torch.Tensor, candidates: torch.Tensor,
 
     on L2-normalised features.
     """
-    a = F.normalize(anchors, dim=1)
-    c = F.normalize(candidates, dim=1)
+    a = F.normalize(anchors.float(), dim=1)
+    c = F.normalize(candidates.float(), dim=1)
     log_prob = (a @ c.t() / temperature).log_softmax(dim=1)
     positives = (labels[:, None] == labels[None, :]).to(log_prob.dtype)
     return -((log_prob * positives).sum(dim=1) / positives.sum(dim=1)).mean()

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 import zoo
+from timebudget import Deadline
 
 from .hooks import BatchNormStatisticsHook
 from .registry import register_method, register_plugin
@@ -75,6 +76,12 @@ class SynthConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        # Every method's loss weights, checked once here: a negative weight turns a term into its opposite
+        # (and --bn-weight -1 used to crash on a missing BN hook far into the run).
+        negative = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name.endswith("_weight")
+                    and isinstance(getattr(self, f.name), (int, float)) and getattr(self, f.name) < 0]
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, got {', '.join(negative)}")
 
     @classmethod
     def own_cpu_budget(cls) -> Mapping[str, Any] | None:
@@ -140,6 +147,10 @@ class SynthesisMethod(abc.ABC):
         self.batches_done = 0
         self.last_losses: dict[str, float] = {}
         self.show_progress = False  # progress bars inside a method (D2CIP's stage 1); the runner sets it
+        # The part of a --time-budget that prepare() may spend (the runner sets it; None: no budget), and what
+        # prepare() reports back for the manifest (e.g. a stage 1 cut short by it).
+        self.prepare_deadline: Deadline | None = None
+        self.prepare_report: dict[str, Any] = {}
 
     @classmethod
     def identity_extras(cls, config: SynthConfig, teacher: zoo.Classifier) -> dict[str, Any]:
@@ -152,6 +163,12 @@ class SynthesisMethod(abc.ABC):
     @classmethod
     def planned_images(cls, config: SynthConfig) -> int | None:
         """The image count this config implies on its own (D2CIP's A.8 cycles), or ``None``."""
+        return None
+
+    @classmethod
+    def fit_to_teacher(cls, config: SynthConfig, teacher: zoo.Classifier) -> None:
+        """Fills, in place, options whose default depends on the teacher (K-Gen's resolutions: empty means
+        "from the teacher's input size"), before the config is checked, planned or recorded. Most have none."""
         return None
 
     @classmethod
@@ -177,8 +194,13 @@ class SynthesisMethod(abc.ABC):
         return labels.to(self.device)
 
     def prepare(self, artifacts: Artifacts) -> None:
-        """One-off work before the first batch (e.g. D2CIP's stage 1). Runs again after a resume."""
+        """One-off work before the first batch (e.g. D2CIP's stage 1). Runs again after a resume. A long one
+        checks :meth:`prepare_time_is_up` at safe points and stops there (saying so in ``prepare_report``)."""
         return None  # most methods need none
+
+    def prepare_time_is_up(self) -> bool:
+        """Whether :meth:`prepare` has spent its share of the run's time budget (never without a budget)."""
+        return self.prepare_deadline is not None and self.prepare_deadline.expired()
 
     @abc.abstractmethod
     def synthesize(self) -> Iterator[SynthBatch]:
@@ -241,6 +263,11 @@ class LossPlugin(abc.ABC):
     def extra_samples(self) -> int:
         """Samples this plug-in adds to the dataset beyond ``--num-images`` (after :meth:`check`)."""
         return 0
+
+    def identity_extras(self) -> dict[str, Any]:
+        """Inputs besides the options that make the dataset what it is (the condensed set's content hash),
+        after :meth:`check`; recorded with the options in the dataset identity and the manifest."""
+        return {}
 
     def initial_batches(self) -> list[SynthBatch]:
         """Batches stored before the first synthetic one, once per dataset (the resume state must say so)."""

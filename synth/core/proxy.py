@@ -7,6 +7,7 @@ built in; methods with a loop of their own (DiffDFKD) use this class.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,6 +18,24 @@ from . import augment
 from .losses import distillation_loss
 from .memory import MemoryBank
 from .pixels import dequantise, quantise
+
+
+def scheduled_lr(base: float, schedule: str, step: int, total: int, floor: float = 2e-4) -> float:
+    """The proxy student's learning rate after ``step`` scheduler steps: ``constant`` keeps ``base``; ``cosine``
+    is torch's ``CosineAnnealingLR(T_max=total, eta_min=floor)`` in closed form (Fast-Datafree's student
+    schedule: T_max 200 epochs, eta_min 2e-4, one step per synthesised batch), computed from the step count so
+    that a resumed run needs no scheduler state."""
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"unknown proxy schedule {schedule!r}; choose constant or cosine")
+    return floor + (base - floor) * (1 + math.cos(math.pi * step / max(total, 1))) / 2
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group of ``optimizer`` at learning rate ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class ProxyStudent:

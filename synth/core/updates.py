@@ -151,6 +151,33 @@ def _graph_leaves(value: torch.Tensor) -> set[int]:
     return leaves
 
 
+class KeptOptimizers:
+    """Adam optimisers that outlive a batch, by key (a generator kept for the whole run keeps its momentum),
+    saved with the method's resume state; a saved state waits until its group first asks for its optimiser."""
+
+    def __init__(self) -> None:
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._saved: dict[str, dict] = {}
+
+    def attach(self, key: str, group: ParamGroup) -> torch.optim.Optimizer:
+        """Sets ``group.optimizer`` to the run-long Adam of ``key``, created (or restored) on first use."""
+        if key not in self.optimizers:
+            optimizer = torch.optim.Adam(group.params, lr=group.lr, betas=group.betas)
+            if key in self._saved:
+                optimizer.load_state_dict(self._saved.pop(key))
+            self.optimizers[key] = optimizer
+        group.optimizer = self.optimizers[key]
+        return group.optimizer
+
+    def state_dict(self) -> dict[str, dict]:
+        return {**self._saved, **{key: optimizer.state_dict() for key, optimizer in self.optimizers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, dict]) -> None:
+        self._saved = dict(state)
+        for key in [k for k in self._saved if k in self.optimizers]:
+            self.optimizers[key].load_state_dict(self._saved.pop(key))
+
+
 def make_optimizers(groups: Mapping[str, ParamGroup]) -> dict[str, torch.optim.Optimizer]:
     """One Adam per group, created per batch as CMI re-creates its optimiser for every synthesis round, unless
     the group brings its own persistent optimiser."""

@@ -81,7 +81,8 @@ def _method_section(manifest: dict[str, Any]) -> list[str]:
     if paper:
         lines += ["", f"Paper: {paper}."]
     fanout = (manifest.get("identity") or {}).get("fanout")
-    lines += ["", f"Seed {method.get('seed')}, preset `{method.get('preset')}`"
+    precision = f", precision `{method['precision']}`" if method.get("precision") else ""  # changes the images
+    lines += ["", f"Seed {method.get('seed')}, preset `{method.get('preset')}`{precision}"
               + (f", fan-out part {fanout['rank']} of {fanout['world']}" if fanout else "") + ". Full config:", "",
               "```json", json.dumps(method.get("config"), indent=1, sort_keys=True), "```", ""]
     if method.get("plugins"):

@@ -15,10 +15,11 @@ from .card import write_card
 from .diversity import diversity_report, subsample, teacher_features
 
 
-def _teacher_for(manifest: dict[str, Any], teacher_path: str | None) -> zoo.Classifier | None:
+def _teacher_for(manifest: dict[str, Any], teacher_path: str | None,
+                 trust_torchscript: bool = False) -> zoo.Classifier | None:
     """The given teacher, or the shipped one when it is the teacher that made the set."""
     if teacher_path:
-        return zoo.load_classifier(teacher_path)
+        return zoo.load_classifier(teacher_path, trust_torchscript=trust_torchscript)
     default = zoo.default_teacher_path()
     if default.exists():
         teacher = zoo.load_classifier(default)
@@ -27,15 +28,45 @@ def _teacher_for(manifest: dict[str, Any], teacher_path: str | None) -> zoo.Clas
     return None
 
 
-def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | None = None,
-                    reference: str | None = None, samples: int = 2000, device: str = "auto") -> dict[str, Any]:
-    manifest = shards.read_manifest(location)
+def _read(location: str, manifest: dict[str, Any], index: np.ndarray,
+          per_class: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, shards.ShardArrays]:
+    """(labels, logits, the images at ``index``, the grid's first ``per_class`` samples of each class), in one
+    streamed pass that keeps no other image: memory follows ``--samples``, not the dataset (a stranger's set
+    may be far larger decoded than on disk). A set of several sizes is resized to its largest."""
     sizes = shards.image_shapes(manifest)
-    # A set of several sizes is shown and measured at its largest size.
-    arrays = shards.load_arrays(location, progress=False, resize=max(s[0] for s in sizes) if len(sizes) > 1 else None)
+    largest = max(s[0] for s in sizes) if len(sizes) > 1 else None
+    wanted = set(index.tolist())
+    labels, logits, kept, grid_images, grid_labels = [], [], {}, [], []
+    shown = np.zeros(int(manifest["num_classes"]), dtype=np.int64)
+    for i, (_key, image, label, logit, _meta) in enumerate(shards.iter_samples(location, manifest)):
+        labels.append(label)
+        logits.append(logit)
+        if i in wanted or shown[label] < per_class:
+            image = image if largest is None else shards.resize_image(image, largest)
+            if i in wanted:
+                kept[i] = image
+            if shown[label] < per_class:
+                shown[label] += 1
+                grid_images.append(image)
+                grid_labels.append(label)
+    shape = list(grid_images[0].shape) if grid_images else (manifest["schema"]["image"]["shape"] or [0, 0, 0])
+    grid = shards.ShardArrays(images=np.stack(grid_images) if grid_images else np.zeros((0, *shape), np.uint8),
+                              labels=np.asarray(grid_labels, dtype=np.int64),
+                              logits=np.zeros((len(grid_labels), len(shown)), np.float16), keys=[], manifest=manifest)
+    images = np.stack([kept[i] for i in index.tolist()]) if len(index) else np.zeros((0, *shape), np.uint8)
+    return np.asarray(labels, dtype=np.int64), np.stack(logits).astype(np.float32), images, grid
+
+
+def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | None = None,
+                    reference: str | None = None, samples: int = 2000, device: str = "auto",
+                    trust_torchscript: bool = False) -> dict[str, Any]:
+    manifest = shards.read_manifest(location)
     num_classes = int(manifest["num_classes"])
     class_names = manifest.get("teacher", {}).get("class_names") or [str(i) for i in range(num_classes)]
-    labels, logits = arrays.labels, arrays.logits.astype(np.float32)
+    dev = zoo.pick_device(device)
+    teacher = _teacher_for(manifest, teacher_path, trust_torchscript)
+    index = subsample(int(manifest["num_samples"]), samples) if teacher is not None else np.zeros(0, np.int64)
+    labels, logits, images, grid_arrays = _read(location, manifest, index)
     predicted = logits.argmax(axis=1)
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -53,7 +84,7 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
         "method": manifest.get("method", {}).get("name"),
         "teacher": {k: manifest.get("teacher", {}).get(k) for k in ("arch", "sha256", "test_accuracy")},
         "num_samples": int(len(labels)),
-        "image_shape": list(arrays.images.shape[1:]),
+        "image_shape": list(grid_arrays.images.shape[1:]),
         "resolution_counts": manifest.get("resolution_counts"),
         "images_per_second_by_resolution": manifest.get("summary", {}).get("images_per_second_by_resolution"),
         "shards": len(manifest["shards"]),
@@ -64,12 +95,9 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
         "per_class": per_class,
         "agreement_over_run": agreement_over_run(manifest),
     }
-    dev = zoo.pick_device(device)
-    teacher = _teacher_for(manifest, teacher_path)
     if teacher is not None:
         teacher = teacher.to(dev).eval()
-        index = subsample(len(labels), samples)
-        synthetic = teacher_features(teacher, arrays.images[index], dev)
+        synthetic = teacher_features(teacher, images, dev)
         real = None
         if reference:
             import realdata
@@ -85,7 +113,7 @@ def inspect_dataset(location: str, grid: str | None = None, teacher_path: str | 
         grid = str(Path(location) / "samples.png")
     if grid:
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(grid, lambda tmp: shards.sample_grid_png(arrays, tmp, class_names=class_names))
+        write_atomic(grid, lambda tmp: shards.sample_grid_png(grid_arrays, tmp, class_names=class_names))
         report["grid"] = grid
     if "://" not in location and Path(location).is_dir():
         # The card carries this report's figures (diversity measured with the teacher, when there is one).

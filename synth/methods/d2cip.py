@@ -43,6 +43,19 @@ Readings where the paper is silent or ambiguous (each chosen because it is the o
 * The two views go through the teacher as two forward passes, not one of the concatenated batch: Eq. 13
   needs the latents' gradient of L_gMI without L_scr, a second backward pass that then only traverses the
   first view (measured in docs/performance.md).
+* Stage 1's teacher sees the same random crop/flip view as stage 2 (``--augment-views``, on by default), where
+  Alg. 1 writes y' = theta_T(x') with no view: the prior is fitted under the views stage 2 will use it
+  with. ``--no-augment-views`` gives Alg. 1 literally (both stages). Kept without a separate measurement: the
+  CPU preset (docs/equal-wall-time.md) and every D2CIP row in ``pipelines/results`` were measured with it.
+* The prior learns at ``prior_lr`` 1e-2, the generator at ``generator_lr`` 1e-3, where Alg. 1 writes one eta
+  for both (Table 12 gives none): the mixture means must travel across the latent space (unit scale) while
+  the generator only adjusts, and the prior's rate is an option (``--prior-lr 1e-3`` is Alg. 1's one eta).
+* h_x and h_z keep their weights across batches (Alg. 2 initialises only theta_G per batch) but get a fresh
+  Adam every batch, as the generator does (Alg. 2 writes plain gradient steps with one eta, so no optimiser
+  state is the paper's; a fresh Adam per batch is CMI's per-round optimiser, and keeps resume exact).
+* Eq. 15's temperature is tau = 1: Table 12 gives tau only for the contrastive loss (0.1), and the
+  decision-adversarial KL of CMI's public code, which Eq. 15 follows ("Following Fang et al. (2021a)"), is
+  ``kldiv(s_out, t_out)`` at its default T = 1.
 """
 
 from __future__ import annotations
@@ -190,6 +203,10 @@ class D2CIP(GeneratorInversion):
         bar = tqdm(range(cfg.prior_iterations), desc="d2cip stage 1: prior", unit="it", leave=False,
                    dynamic_ncols=True, disable=not self.show_progress or cfg.prior_iterations < 20 or None)
         for iteration in bar:
+            if self.prepare_time_is_up():  # a safe point: the prior so far is a prior, saved with the dataset
+                self.prepare_report = {"stage1_iterations": iteration, "stage1_iterations_asked": cfg.prior_iterations,
+                                       "stopped_by": "time_budget"}
+                break
             labels = torch.randint(self.num_classes, (cfg.batch_size,), device=self.device)
             with self.acceleration.autocast():
                 images = self.generate(self.prior.sample(labels, relaxed=True), labels)
@@ -199,6 +216,7 @@ class D2CIP(GeneratorInversion):
             engine.apply(terms, groups, optimizers)
             if iteration % 10 == 0:
                 bar.set_postfix({k: f"{float(t.value.detach()):.3g}" for k, t in terms.items()})
+        bar.close()
 
     def stage1_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Term]:
         """Eq. 6, both terms updating the generator and the prior."""

@@ -9,6 +9,10 @@ L_adv = -KL(theta_T(x'), theta_S(x')) (Eq. 3) against the in-loop proxy student,
 and the latents. As in CMI and Fast, a generator and per-batch learnable latents are optimised for
 ``inversion_steps`` steps; here the generator *persists* across batches (``reset_generator=auto`` is
 ``keep``), so its training accumulates over the run. The loop itself is :mod:`synth.core.inversion`.
+
+Not done yet: the CPU preset only cuts the steps per batch (200 -> 20); an equal-wall-time tuning like D2CIP's
+(docs/equal-wall-time.md: steps per batch vs images in the same minutes) needs long benchmark runs and is
+still to be run, for gMI as for CMI.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -34,7 +35,7 @@ def draw_mixes(batch: int, height: int, width: int, beta: float = 1.0,
                generator: torch.Generator | None = None) -> list[Mix]:
     """Random disjoint pairs of ``range(batch)`` and one CutMix box each (possibly empty when lambda is ~1)."""
     order = torch.randperm(batch, generator=generator).tolist()
-    lam = torch.distributions.Beta(beta, beta).sample((batch // 2,)).tolist() if batch >= 2 else []
+    lam = _beta(beta, batch // 2, generator) if batch >= 2 else []
     centres = torch.rand(batch // 2, 2, generator=generator).tolist()
     mixes = []
     for pair, (ratio, (cy, cx)) in enumerate(zip(lam, centres, strict=True)):
@@ -45,6 +46,13 @@ def draw_mixes(batch: int, height: int, width: int, beta: float = 1.0,
         left, right = max(int(round(x - w / 2)), 0), min(int(round(x + w / 2)), width)
         mixes.append(Mix(order[2 * pair], order[2 * pair + 1], top, left, bottom, right))
     return mixes
+
+
+def _beta(beta: float, n: int, generator: torch.Generator | None) -> list[float]:
+    """``n`` draws of Beta(beta, beta) from ``generator`` (torch's global one when None). torch.distributions
+    takes no generator, so numpy draws them from a seed that ``generator`` gives."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return np.random.default_rng(seed).beta(beta, beta, size=n).tolist()
 
 
 def apply_mixes(tensor: torch.Tensor, mixes: list[Mix]) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from synth.errors import SynthError
+from zoo.device import auto_precision
 
 #: Files hashed into a model's identity: every file of the pipeline directory (weights, configs, tokenizer).
 _HASH_CHUNK = 1 << 20
@@ -131,15 +132,26 @@ def identity(model: str, revision: str | None = None, allow_download: bool = Fal
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA (as Stable Diffusion is usually run), fp32 elsewhere."""
+    """The weights' dtype. ``auto``: what ``--precision auto`` runs on ``device`` (zoo.Acceleration: bf16 on CUDA
+    with bf16, fp16 on older CUDA, fp32 on a CPU). bf16 runs on a CPU too (this project's has a bf16 fast path);
+    fp16 needs CUDA."""
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        precision = auto_precision(device)
     if precision not in table:
         raise DiffusionModelError(f"unknown precision {precision!r}; choose auto, fp32, fp16 or bf16")
-    if device.type != "cuda" and precision != "fp32":
-        raise DiffusionModelError(f"precision {precision} needs CUDA; on {device.type} use fp32 (or auto)")
+    if device.type != "cuda" and precision == "fp16":
+        raise DiffusionModelError(f"precision fp16 needs CUDA; on {device.type} use bf16, fp32 or auto")
     return table[precision]
+
+
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword the installed diffusers reads for the weights' dtype: ``dtype`` from 0.40
+    on (``torch_dtype`` is deprecated there); before 0.40 only ``torch_dtype``, and ``dtype`` is ignored."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 
 
 @dataclass
@@ -255,7 +267,8 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
         extra["low_cpu_mem_usage"] = False
     diffusers.utils.logging.disable_progress_bar()  # synth shows its own progress
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True,
+                                                           **{dtype_keyword(): dtype}, **extra)
     except (OSError, ValueError) as error:
         raise DiffusionModelError(f"{folder}: cannot load the diffusers pipeline: {error}") from error
     components = pipe.components
@@ -275,6 +288,8 @@ def load(folder: Path, device: torch.device, precision: str = "auto", scheduler:
     for module in (denoiser, vae, text_encoder):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
+            if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+                module.to(dtype)  # a diffusers that ignored the keyword: the inputs are cast to dtype, so must it be
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     native = int(denoiser.config.sample_size) * scale
     side = resolution or native

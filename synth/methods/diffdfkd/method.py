@@ -33,6 +33,9 @@ Readings where the paper is silent (each the one that works best here, and why):
 * The label of a mixed sample stays the asked label y of the latent that received the box: the paper adds
   (x_t^i, y) to D' for every intermediate image, and the receiving latent keeps its own condition c(y). Its
   stored logits are the teacher's on the stored image, as for every sample.
+* The prompt is the paper's, "a realistic photo" plus a random subject and style modifier (Sec. IV-A): no label
+  name, which is the paper's reason to set NAYER aside; ``--prompt 'a realistic photo of a {name}'`` puts the
+  teacher's class names in (:mod:`.prompts`).
 * Defaults follow the paper's CIFAR setting and its public code: s = 3, T = 10 DDIM steps, k = 2 (four
   intermediate images and the final one per latent), alpha = 0.1, beta = 1, gamma = 1, eta = 1, L_adv only
   on samples where teacher and proxy student agree (the public code's mask, D2CIP Eq. 15's reading), once the
@@ -81,7 +84,8 @@ class DiffDFKDConfig(SynthConfig):
     allow_download: bool = field(default=False, metadata={
         "help": "fetch --diffusion from the hub when it is not in the local cache"})
     precision: Literal["auto", "fp32", "fp16", "bf16"] = field(default="auto", metadata={
-        "help": "diffusion model weights: auto = fp16 on CUDA, fp32 on a CPU"})
+        "help": "the run's --precision, which also sets the diffusion model's weights (auto: bf16 on CUDA with "
+                "bf16, else fp16 on CUDA; fp32 on a CPU)"})
     scheduler: Literal["ddim", "ddpm", "pipeline"] = field(default="ddim", metadata={
         "help": "sampler: DDIM (Eq. 5, deterministic), DDPM, or the pipeline's own scheduler"})
     resolution: int = field(default=0, metadata={"help": "generated image side in pixels (0: the model's own)"})
@@ -102,8 +106,9 @@ class DiffDFKDConfig(SynthConfig):
     cutmix: bool = field(default=True, metadata={"help": "Latent CutMix (Eq. 11); --no-cutmix: the ablation"})
     cutmix_beta: float = field(default=1.0, metadata={
         "help": "box area ratio 1 - lambda with lambda ~ Beta(b, b) (1: uniform, CutMix's default)"})
-    prompt: str = field(default="a realistic photo of a {name}", metadata={
-        "help": "prompt template for text-conditioned models; {name} is the teacher's class name"})
+    prompt: str = field(default="a realistic photo", metadata={
+        "help": "prompt for text-conditioned models, label-free as the paper's (Sec. IV-A); a {name} in it is "
+                "replaced by the teacher's class name (e.g. 'a realistic photo of a {name}', DM-KD's use)"})
     subjects: str = field(default=DEFAULT_SUBJECTS, metadata={
         "help": "'|'-separated subject modifiers, one drawn per image (an empty entry: none)"})
     styles: str = field(default=DEFAULT_STYLES, metadata={

@@ -176,7 +176,11 @@ class CamRecorder:
             raise CamError(self._needs(f"the classifier reads {flat.shape[1]} features, the last pooled map has "
                                        f"{pooled.shape[1]} channels"))
         mean = pooled.detach().float().mean(dim=(2, 3))
-        if not torch.allclose(mean, flat.detach().float(), rtol=1e-3, atol=1e-3 * (1 + mean.abs().max().item())):
+        # Under autocast the pooled value is rounded to bf16/fp16 (2^-8 relative for bf16): the tolerance follows
+        # the coarser of the two dtypes, never tighter than fp32's 1e-3.
+        eps = max(torch.finfo(t.dtype).eps for t in (pooled, flat) if t.is_floating_point())
+        rtol = max(1e-3, 4 * eps)
+        if not torch.allclose(mean, flat.detach().float(), rtol=rtol, atol=rtol * (1 + mean.abs().max().item())):
             raise CamError(self._needs("the classifier's input is not the global average of the last feature map "
                                        "(something sits between the pooling and the linear layer)"))
         return pooled

@@ -12,12 +12,14 @@ Distribution Matching (DM; Zhao & Bilen, "Dataset Condensation with Distribution
 
 per class c, the mean embedding of real images T_c and of the synthetic images S_c under a *freshly, randomly
 initialised* embedding network psi_theta each iteration (ConvNet-3: conv 3x3, instance norm, ReLU, average
-pool, as in DM), with differentiable Siamese augmentation A (the same random parameters on both sides:
-:func:`synth.core.augment.diff_augment` drawn from one seed). S starts from randomly chosen real images of its class
-(DM's initialisation) and is optimised by SGD (momentum 0.5, DM's) in pixel space, clamped to [0, 1]. DM's
-learning rate 1 acts on normalised images; on [0, 1] pixels it diverges (measured on the toy set of
-tests/test_condensed_distill.py: the held-out mean-embedding gap grows 12.6 -> 16.6 in 30 iterations), 0.1
-closes it (12.6 -> 10.9), so 0.1 is the default. The paper runs 20,000 iterations with real batches of 256;
+pool, as in DM), with differentiable Siamese augmentation A (one parameter set per class and iteration,
+applied to every real and synthetic image alike: :func:`synth.core.augment.diff_augment` with ``params``;
+one seed on both sides would share parameters only between the first ``ipc`` images of each side). S starts
+from randomly chosen real images of its class (DM's initialisation) and is optimised by SGD (momentum 0.5,
+DM's) in pixel space, clamped to [0, 1]. DM's learning rate 1 acts on normalised images; on [0, 1] pixels it
+diverges (measured on the toy set of tests/test_condensed_distill.py: the held-out mean-embedding gap grows
+12.6 -> 16.6 in 30 iterations), 0.1 closes it (12.6 -> 10.9), so 0.1 is the default (measured before the
+augmentation became one parameter set per batch). The paper runs 20,000 iterations with real batches of 256;
 the defaults here are a CPU budget (``--iterations`` raises it).
 
 Output: ``OUT/<class index>/<n>.png`` (index zero-padded so that sorted names are class order) and
@@ -112,10 +114,10 @@ def distribution_matching(images: np.ndarray, labels: np.ndarray, num_classes: i
         for c in range(num_classes):
             x_real = pick(c, config.real_batch)
             x_syn = syn[c * config.ipc:(c + 1) * config.ipc]
-            if config.augment:  # Siamese: one seed, so both sides draw the same augmentation parameters
-                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-                x_real = diff_augment(x_real, generator=torch.Generator().manual_seed(seed))
-                x_syn = diff_augment(x_syn, generator=torch.Generator().manual_seed(seed))
+            if config.augment:  # Siamese: one parameter set for the whole real and synthetic batch
+                params = torch.rand(1, 7, generator=gen)
+                x_real = diff_augment(x_real, params=params)
+                x_syn = diff_augment(x_syn, params=params)
             with torch.no_grad():
                 real_mean = net(x_real).mean(0)
             loss = loss + (real_mean - net(x_syn).mean(0)).pow(2).sum()

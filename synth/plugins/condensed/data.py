@@ -19,7 +19,9 @@ condensed samples of its own class, so each class the generator is asked for nee
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,14 @@ class CondensedSet:
 
     def per_class(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of the content as read (shape, pixels, labels): a resume refuses a changed set, whatever its layout."""
+        digest = hashlib.sha256(repr((self.images.shape, str(self.images.dtype))).encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(self.labels.astype("<i8").tobytes())
+        return digest.hexdigest()
 
 
 def load_condensed(path: str | Path, *, num_classes: int, shape: tuple[int, int, int],

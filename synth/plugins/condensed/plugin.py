@@ -26,6 +26,13 @@ What the paper specifies, and where it lives here:
   Heusel et al. 2017): a batch lasts only a few host steps, and on the toy case of tests/test_condensed.py a
   discriminator at the GAN default 2e-4 lags so far behind that L_FA follows a near-random critic and the
   features drift away from the condensed ones instead of toward them.
+* **One resolution on both sides**: a host that generates below the teacher's input (K-Gen's 28 px on a
+  32 px teacher) has its condensed batch resized (area) to the synthetic batch's size before the teacher, so
+  the discriminator cannot tell the two apart by resolution alone.
+* **The host's proxy student replays the condensed images** (they join its memory with their labels before
+  the first synthetic batch), as the paper's student learns from both.
+* **The dataset identity holds the set's content hash** (``condensed_sha256``), not only its path: a resume
+  refuses a changed set.
 * **The student learns from both** (the paper's student objective, two KL expectations): the condensed images
   are stored in the dataset, first and once, marked ``source: condensed`` with their teacher logits;
   ``distill run`` weights the two expectations (``--synthetic-weight``, ``--condensed-weight``).
@@ -129,7 +136,7 @@ class CondensedGuidance(LossPlugin):
         self.emitted = False
         self.discriminator: FeatureDiscriminator | None = None
         self.last_discriminator_loss: torch.Tensor | None = None
-        self._fake: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fake: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None
 
     @classmethod
     def enabled(cls, options: CondensedOptions) -> bool:
@@ -143,6 +150,10 @@ class CondensedGuidance(LossPlugin):
 
     def extra_samples(self) -> int:
         return len(self.data) if self.data is not None else 0
+
+    def identity_extras(self) -> dict[str, Any]:
+        """The set's content hash: the path alone would let a resume accept changed files."""
+        return {"condensed_sha256": self.data.sha256} if self.data is not None else {}
 
     def attach(self, host: GeneratorInversion) -> None:
         super().attach(host)
@@ -191,15 +202,17 @@ class CondensedGuidance(LossPlugin):
             return {}
         assert self.host is not None
         features = self._features(step.images)
-        self._fake = (features.detach(), step.labels)
+        self._fake = (features.detach(), step.labels, (step.images.shape[-2], step.images.shape[-1]))
         loss = feature_alignment_loss(self.discriminator(features, step.labels))
         return {"fa": term(self.options.fa_weight * loss, *self.host.gmi_groups)}
 
     def after_step(self, step: InversionStep) -> None:
         if self.discriminator is None or self._fake is None:
             return
-        fake_features, fake_labels = self._fake
+        fake_features, fake_labels, size = self._fake
         images, labels = self.real_batch(fake_labels)
+        if tuple(images.shape[-2:]) != size:  # a lower-resolution host: both sides at the synthetic size
+            images = F.interpolate(images, size=size, mode="area")
         with torch.no_grad():
             real_features = self._features(images)
         loss = discriminator_loss(self.discriminator(real_features, labels),
