@@ -164,6 +164,9 @@ def main() -> None:
 @click.option("--cache-dir", default=None, metavar="DIR",
               help="Keep remote shards (http(s)://, s3://, …) here, by sha256, as they are first read: later epochs "
                    "and later runs read them from disk, not the network.")
+@click.option("--offline", is_flag=True,
+              help="Read a remote set's manifest (and its shards) from --cache-dir without asking the server: for a "
+                   "set the server no longer has, or no network. Without it a withdrawn manifest is an error.")
 @click.option("--resize", type=int, default=None, metavar="N",
               help="Resize every shard image to N×N when loading. Without it, a set whose images are not all at the "
                    "teacher's input size (synth run kgen) trains in batches of one resolution each and is evaluated "

@@ -33,10 +33,10 @@ class DatasetView:
     condensed_counts: dict[str, Any]  # source_counts of a set with condensed samples, else {}
 
 
-def read_dataset(location: str, *, resize: int | None, cache_dir: str | None) -> DatasetView:
+def read_dataset(location: str, *, resize: int | None, cache_dir: str | None, offline: bool = False) -> DatasetView:
     """The manifest, checked; sizes other than the teacher's (K-Gen) train by resolution or ``--resize``, and the
     student's nominal size (its card, the evaluation) is the teacher's input size, or the resize."""
-    manifest = shards.read_manifest(location, cache_dir=cache_dir)
+    manifest = shards.read_manifest(location, cache_dir=cache_dir, offline=offline)
     if int(manifest["num_samples"]) < 2:
         raise DistillError(f"dataset {location} holds {manifest['num_samples']} samples; nothing to learn from")
     if not manifest.get("complete", True):

@@ -76,6 +76,7 @@ class RunOptions:
     workers: int | None = None
     cache: str = "auto"  # auto | memory | stream
     cache_dir: str | None = None  # remote shards are kept here (shards.remote.ShardCache)
+    offline: bool = False  # a remote set's manifest from cache_dir, without asking the server
     augment: str = "auto"  # auto | on | off
     resize: int | None = None  # shard images resized to N×N (else a set of several sizes trains by resolution)
     synthetic_weight: float = 1.0  # mixed sets: weight of the KD expectation over synthetic samples
@@ -113,7 +114,7 @@ class Evaluation:
 def distill_from_shards(opts: RunOptions) -> JobResult:
     """``distill run``: train a student from a shard dataset's images and stored (or live) teacher logits."""
     run = prepare_run(opts)
-    data = read_dataset(opts.shards, resize=opts.resize, cache_dir=opts.cache_dir)
+    data = read_dataset(opts.shards, resize=opts.resize, cache_dir=opts.cache_dir, offline=opts.offline)
     opts.eval_data = resolve_eval_data(opts.eval_data, data.teacher_info.get("dataset"), opts.progress)
     student, arch = build_student(opts, data)
     teacher, teacher_acc = load_live_teacher(opts, data)
@@ -237,7 +238,8 @@ def build_batches(opts: RunOptions, data: DatasetView, teacher: zoo.Classifier |
     return shard_source(opts.shards, data.manifest, cache=opts.cache, workers=opts.workers,
                         batch_size=opts.loop.batch_size // run.dist.world, seed=opts.loop.seed, device=run.device,
                         dist=run.dist, augment=augment, with_logits=teacher is None, progress=opts.progress,
-                        with_sources=bool(data.condensed_counts), cache_dir=opts.cache_dir, plan=data.plan)
+                        with_sources=bool(data.condensed_counts), cache_dir=opts.cache_dir, plan=data.plan,
+                        offline=opts.offline)
 
 
 def make_objective(opts: RunOptions, data: DatasetView, student: nn.Module, teacher: zoo.Classifier | None,

@@ -83,13 +83,13 @@ def choose_shard_source(location: str, manifest: dict[str, Any], *, cache: str, 
 
 def build_shard_source(location: str, manifest: dict[str, Any], choice: SourceChoice, *, batch_size: int, seed: int,
                        device: torch.device, workers: int | None, progress: bool, cache_dir: str | None = None,
-                       dist: Distributed = SINGLE) -> ShardBatchSource:
+                       dist: Distributed = SINGLE, offline: bool = False) -> ShardBatchSource:
     """The batches ``choice`` describes (reads or opens the shards)."""
     workers = default_workers() if workers is None else workers
     if choice.path != "memory":
         return stream_source(location, int(manifest["num_samples"]), batch_size=batch_size, device=device,
                              augment=choice.augment, seed=seed, workers=workers, with_logits=choice.with_logits,
-                             with_sources=choice.with_sources, cache_dir=cache_dir, dist=dist)
+                             with_sources=choice.with_sources, cache_dir=cache_dir, dist=dist, offline=offline)
 
     def tensors(arrays: shards.ShardArrays, split: Distributed) -> TensorSource:
         logits = torch.from_numpy(np.ascontiguousarray(arrays.logits)) if choice.with_logits else None
@@ -101,30 +101,34 @@ def build_shard_source(location: str, manifest: dict[str, Any], choice: SourceCh
 
     plan = choice.plan
     if plan.mode == "single":
-        return tensors(shards.load_arrays(location, workers=workers, progress=progress, cache_dir=cache_dir), dist)
+        return tensors(shards.load_arrays(location, workers=workers, progress=progress, cache_dir=cache_dir,
+                                           offline=offline), dist)
     # Sets of several sizes train in one process's order (no rank split).
     if plan.mode == "resized":
         size = plan.train_size[0] if plan.train_size else 0
-        return tensors(shards.load_arrays(location, workers=workers, progress=progress, resize=size), SINGLE)
+        return tensors(shards.load_arrays(location, workers=workers, progress=progress, resize=size,
+                                           cache_dir=cache_dir, offline=offline), SINGLE)
     return ResolutionBatches([tensors(shards.load_arrays(location, workers=workers, progress=progress,
-                                                         resolution=size), SINGLE) for size in plan.sizes], seed=seed)
+                                                         resolution=size, cache_dir=cache_dir,
+                                                         offline=offline), SINGLE) for size in plan.sizes], seed=seed)
 
 
 def shard_source(location: str, manifest: dict[str, Any], *, cache: str, workers: int | None, batch_size: int,
                  seed: int, device: torch.device, augment: bool, with_logits: bool, progress: bool,
                  with_sources: bool = False, cache_dir: str | None = None, dist: Distributed = SINGLE,
-                 plan: ResolutionPlan | None = None) -> tuple[ShardBatchSource, str]:
+                 plan: ResolutionPlan | None = None, offline: bool = False) -> tuple[ShardBatchSource, str]:
     """Choose and build in one call; returns the source and which path it took (``SourceChoice.describe``)."""
     choice = choose_shard_source(location, manifest, cache=cache, device=device, augment=augment,
                                  with_logits=with_logits, with_sources=with_sources, dist=dist, plan=plan)
     source = build_shard_source(location, manifest, choice, batch_size=batch_size, seed=seed, device=device,
-                                workers=workers, progress=progress, cache_dir=cache_dir, dist=dist)
+                                workers=workers, progress=progress, cache_dir=cache_dir, dist=dist,
+                                offline=offline)
     return source, choice.describe()
 
 
 def stream_source(location: str, num_samples: int, *, batch_size: int, device: torch.device, augment: bool,
                   seed: int, workers: int, with_logits: bool = True, with_sources: bool = False,
-                  cache_dir: str | None = None, dist: Distributed = SINGLE) -> LoaderSource:
+                  cache_dir: str | None = None, dist: Distributed = SINGLE, offline: bool = False) -> LoaderSource:
     """WebDataset streaming of the shards (verified as they stream), batched in ``DataLoader`` workers.
 
     Each epoch pins the stream's epoch (shard order and shuffle buffer are seeded by ``(seed, epoch)``), so a
@@ -143,7 +147,7 @@ def stream_source(location: str, num_samples: int, *, batch_size: int, device: t
                                     f"batch of {batch_size}; use a smaller --batch-size or --cache memory")
         num_samples = steps * batch_size
     make = stream_epochs(location, batch_size=batch_size, seed=seed, workers=workers, with_logits=with_logits,
-                         with_sources=with_sources, cache_dir=cache_dir, steps=steps)
+                         with_sources=with_sources, cache_dir=cache_dir, steps=steps, offline=offline)
     return LoaderSource(make, num_samples=num_samples, batch_size=batch_size, device=device, augment=augment,
                         seed=seed)
 

@@ -20,13 +20,13 @@ from distill.data import HostBatch, is_condensed
 
 
 def stream_epochs(location: str, *, batch_size: int, seed: int, workers: int, with_logits: bool,
-                  with_sources: bool, cache_dir: str | None, steps: int | None = None) -> Callable[[int],
-                                                                                              Iterator[HostBatch]]:
+                  with_sources: bool, cache_dir: str | None, steps: int | None = None,
+                  offline: bool = False) -> Callable[[int], Iterator[HostBatch]]:
     """``make(epoch)`` for a :class:`~distill.data.LoaderSource`: the shards once, in the order and shuffle that
     ``(seed, epoch)`` give; with ``steps``, shards drawn with replacement and the epoch cut at that many batches
     (every rank of a torchrun job then takes the same number of steps)."""
     pipeline = shards.stream(location, shuffle=1000, seed=seed, cache_dir=cache_dir, with_meta=with_sources,
-                             **({"resampled": True} if steps is not None else {}))
+                             offline=offline, **({"resampled": True} if steps is not None else {}))
 
     def make(epoch: int) -> Iterator[HostBatch]:
         pipeline.set_epoch(epoch)

@@ -235,3 +235,15 @@ def test_fsspec_locations_read_and_cache_like_http(dataset, tmp_path):
             list(shards.stream("memory://remote-set", shuffle=0))
     finally:
         memory.rm("/remote-set", recursive=True)  # the in-memory filesystem lives as long as the process
+
+
+def test_a_withdrawn_manifest_stops_distill_unless_offline(server, dataset, tmp_path):
+    url, cache = f"{server.url}/set", tmp_path / "cache"
+    online = distill(url, tmp_path / "online", "--cache", "memory", "--cache-dir", str(cache))
+    (dataset / "manifest.json").unlink()  # the server now answers 404: the set was withdrawn
+    with pytest.raises(AssertionError, match="--offline"):
+        distill(url, tmp_path / "refused", "--cache", "memory", "--cache-dir", str(cache))
+    assert same_weights(online, distill(url, tmp_path / "offline", "--cache", "memory", "--cache-dir", str(cache),
+                                        "--offline"))
+    streamed = distill(url, tmp_path / "offline-stream", "--cache", "stream", "--cache-dir", str(cache), "--offline")
+    assert streamed.keys() == online.keys()  # the streamed path reads the cached manifest too
