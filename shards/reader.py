@@ -33,7 +33,7 @@ from .decoding import decode_fields
 from .format import ShardError, image_shapes, sample_key
 from .locations import Location, is_local_location
 from .manifests import read_manifest, shard_entries, shard_urls
-from .remote import read_shard
+from .remote import naming_the_shard, read_shard
 from .tario import group_samples, iter_tar
 
 if TYPE_CHECKING:
@@ -150,14 +150,8 @@ def _load_shard_task(url: str, local: bool, entry: dict[str, Any], manifest: dic
                      select: tuple[tuple[int, int] | None, int | None] | None = None) -> dict[str, Any]:
     # Top-level so a process pool can pickle it. Reads the whole shard once: hash and decode share the bytes.
     name = entry["url"]
-    try:
+    with naming_the_shard(name, url):
         data = read_shard(url, entry, local, cache_dir)
-    except FileNotFoundError:
-        raise ShardError(f"shard {name} is missing (expected at {url})") from None
-    except ShardError:
-        raise
-    except OSError as error:
-        raise ShardError(f"shard {name}: cannot read {url} ({error})") from error
     return _decode_shard(data, entry, url, manifest, verify, select)
 
 

@@ -26,6 +26,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -270,6 +272,19 @@ def _file_matches(path: Path, entry: dict[str, Any]) -> bool:
 
 
 CacheDir = str | os.PathLike[str] | None
+
+
+@contextmanager
+def naming_the_shard(name: str, url: str) -> Iterator[None]:
+    """Turns a failure to open or read shard ``name`` (at ``url``) into a :class:`ShardError` that names it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ShardError(f"shard {name} is missing (expected at {url})") from None
+    except ShardError:
+        raise
+    except OSError as error:
+        raise ShardError(f"shard {name}: cannot read {url} ({error})") from error
 
 
 def open_shard(url: str, entry: dict[str, Any], local: bool, cache_dir: CacheDir = None) -> IO[bytes]:

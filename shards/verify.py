@@ -18,7 +18,7 @@ from .decoding import decode_fields
 from .format import MANIFEST_NAME, Problem, ShardError, logit_stats, sample_key
 from .locations import Location, is_local_location, manifest_location, read_all
 from .manifests import read_manifest, shard_entries, shard_urls
-from .remote import open_shard
+from .remote import naming_the_shard, open_shard
 from .tario import MeteredReader, group_samples, iter_tar
 
 _DRAIN = 1 << 20
@@ -34,14 +34,8 @@ def scan_shard(url: str, local: bool, entry: dict[str, Any],
     size or sha256 mismatch (reported in preference to a decode failure it explains).
     """
     name = entry["url"]
-    try:
+    with naming_the_shard(name, url):
         handle = open_shard(url, entry, local)
-    except FileNotFoundError:
-        raise ShardError(f"shard {name} is missing (expected at {url})") from None
-    except ShardError:
-        raise
-    except OSError as error:
-        raise ShardError(f"shard {name}: cannot read {url} ({error})") from error
     reader = MeteredReader(handle, name, entry["bytes"])
     count, failure = 0, None
     try:
