@@ -57,7 +57,8 @@ from torch import nn
 
 from synth.core import augment
 from synth.core.hooks import recording
-from synth.core.inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from synth.core.inversion import GeneratorInversion, InversionStep
+from synth.core.inversion_config import InversionConfig, ResetMode
 from synth.core.memory import MemoryBank
 from synth.core.proxy import scheduled_lr, set_lr
 from synth.core.updates import ParamGroup, Term, term

@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from synth.core.generators import ConditionalDCGANGenerator
-from synth.core.inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from synth.core.inversion import GeneratorInversion, InversionStep
+from synth.core.inversion_config import InversionConfig, ResetMode
 from synth.core.losses import (
     adversarial_kl_loss,
     class_prior_loss,

@@ -70,7 +70,8 @@ from tqdm import tqdm
 import zoo
 from synth.core.generators import ProjectionHead
 from synth.core.hooks import recording
-from synth.core.inversion import GeneratorInversion, InversionConfig, InversionStep, ResetMode
+from synth.core.inversion import GeneratorInversion, InversionStep
+from synth.core.inversion_config import InversionConfig, ResetMode
 from synth.core.losses import adversarial_kl_loss, bn_statistics_loss, class_prior_loss, info_nce_loss
 from synth.core.memory import MemoryBank
 from synth.core.priors import ClassConditionalGMM, StandardNormalPrior

@@ -57,7 +57,8 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from synth.core import augment
-from synth.core.inversion import GeneratorInversion, InversionConfig, ResetMode
+from synth.core.inversion import GeneratorInversion
+from synth.core.inversion_config import InversionConfig, ResetMode
 from synth.core.losses import bn_statistics_loss
 from synth.core.proxy import scheduled_lr, set_lr
 from synth.core.updates import ParamGroup

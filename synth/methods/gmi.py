@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from synth.core.inversion import GeneratorInversion, InversionConfig
+from synth.core.inversion import GeneratorInversion
+from synth.core.inversion_config import InversionConfig
 
 
 @dataclass

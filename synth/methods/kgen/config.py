@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from synth.core.inversion import InversionConfig
+from synth.core.inversion_config import InversionConfig
 
 from .cam import parse_mask
 from .text_embeddings import DEFAULT_PROMPT, DEFAULT_TEXT_ENCODER

@@ -70,7 +70,8 @@ from torch import nn
 
 import zoo
 from synth.core import augment
-from synth.core.inversion import GeneratorInversion, InversionStep, ResetMode
+from synth.core.inversion import GeneratorInversion, InversionStep
+from synth.core.inversion_config import ResetMode
 from synth.core.losses import distillation_loss
 from synth.core.memory import MemoryBank
 from synth.core.pixels import quantise
