@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,34 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from synthkit import digest, refused, synth, tiny_gmi
 
 import shards
 from shards import writer as writer_module
 from synth.commands.cli import main
 
-TINY = ["--batch-size", "4", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
-        "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "32", "--shard-size", "2",
-        "--device", "cpu", "--quiet", "--preset", "paper"]
+TINY = tiny_gmi(batch_size=4)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
-
-def synth(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def refused(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    return result.output
-
-
-def digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

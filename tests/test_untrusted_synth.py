@@ -3,41 +3,21 @@ run on a folder another one holds, a TorchScript teacher without the opt-in."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from synthkit import digest, refused, synth, tiny_gmi
 from torch import nn
 
 import shards
-from synth.commands.cli import main
 
-TINY = ["--batch-size", "2", "--inversion-steps", "1", "--kd-steps", "1", "--proxy-student", "resnet8",
-        "--latent-dim", "16", "--generator-width", "8", "--memory-capacity", "32", "--shard-size", "2",
-        "--device", "cpu", "--quiet", "--preset", "paper"]
+TINY = tiny_gmi(batch_size=2)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
-
-def synth(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def refused(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    return result.output
-
-
-def digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_a_resume_with_other_teacher_settings_is_refused_naming_them(tmp_path: Path, tiny_teacher: Path) -> None:
