@@ -31,7 +31,7 @@ import realdata
 import zoo
 from distill import distributed, report
 from distill.bookkeeping import FitResult, check_out_dir
-from distill.core import DistillError, Objective
+from distill.core import DistillError, Objective, acceleration
 from distill.dataset_view import DatasetView, manifest_digest, read_dataset, resolve_eval_data
 from distill.distributed import Distributed
 from distill.jobs import (
@@ -50,6 +50,7 @@ from distill.objective_choice import ObjectiveChoice, ObjectiveOptions, build_ob
 from distill.sources import ShardBatchSource, real_source, shard_source
 from distill.train import DEFAULT_TEMPERATURE, LoopConfig, evaluate, fit, per_class_accuracy
 from timebudget import Clock, Deadline, system_clock
+from zoo.architectures.fewer_patches_vit import FewerPatchesViT, is_torchvision_vit
 
 
 @dataclass
@@ -176,6 +177,11 @@ def build_student(opts: RunOptions, data: DatasetView) -> tuple[zoo.Classifier, 
                                mean=tuple(mean), std=tuple(std), class_names=list(data.class_names))
         student = zoo.Classifier(zoo.build_model(arch, data.num_classes, c), card=card)
         what = f"student {arch}"
+    if is_torchvision_vit(student.network) and any(shape[1:] != (h, h) for shape in data.stored_shapes):
+        # K-Gen's appendix A.1: a ViT student learns from the reduced-size images with fewer patches and
+        # centre-biased position-embedding windows, and is evaluated (and saved) as the plain ViT at full size.
+        student.network = FewerPatchesViT(student.network, random_offsets=True)
+        print(f"{what}: a ViT trained on fewer patches at the stored sizes (K-Gen appendix A.1)", file=sys.stderr)
     for fits in dict.fromkeys([data.shape, *data.stored_shapes]):
         check_fits(student, fits, data.num_classes, what, data.where)
     return student, arch
@@ -297,6 +303,8 @@ def write_run_outputs(opts: RunOptions, run: Run, data: DatasetView, student: zo
     manifest = data.manifest
     manifest_sha, sha_of = manifest_digest(opts.shards, manifest)
     student.to("cpu")
+    if isinstance(student.network, FewerPatchesViT):  # saved as the plain torchvision ViT it wraps
+        student.network = student.network.vit
     zoo.save_classifier(student, run.out / "student.pt", test_accuracy=result.final_accuracy, command=opts.command,
                         dataset=f"shards:{opts.shards}", **student_card_kwargs(student.card))
     method = manifest.get("method")
@@ -316,7 +324,7 @@ def write_run_outputs(opts: RunOptions, run: Run, data: DatasetView, student: zo
         "eval_seconds": result.eval_seconds, "wall_seconds": time.perf_counter() - run.wall_start,
         "per_class_accuracy": evaluation.per_class or None,
         "peak_memory": report.peak_memory(run.device), "device": report.device_description(run.device),
-        "data_path": data_path,
+        "precision": acceleration(run.device).resolved, "data_path": data_path,
         "dataset": {"location": opts.shards, "manifest_sha256": manifest_sha, "manifest_sha256_of": sha_of,
                     "num_samples": int(manifest["num_samples"]), "image_shape": [h, w, c],
                     "num_classes": data.num_classes, "method": method_name},

@@ -15,6 +15,7 @@ import realdata
 import zoo
 from distill import report
 from distill.bookkeeping import check_out_dir
+from distill.core import acceleration
 from distill.jobs import (
     EVAL_BATCH,
     JobResult,
@@ -137,6 +138,7 @@ def train_on_real(opts: TrainOptions) -> JobResult:
         "wall_seconds": time.perf_counter() - wall_start,
         "peak_memory": report.peak_memory(device),
         "device": report.device_description(device),
+        "precision": acceleration(device).resolved,
         "data_path": "memory" if train_ds.in_memory else "loader",
         "dataset": {"spec": opts.data, "train_samples": len(train_ds), "eval_spec": eval_spec,
                     "eval_samples": len(eval_ds) if eval_ds is not None else 0, "image_shape": [h, w, c],

@@ -149,6 +149,12 @@ class Benchmark:
         saved = self.run_path(name, seed) / "run.json"
         return json.loads(saved.read_text()) if saved.exists() else None
 
+    def precision_args(self, row: dict[str, Any]) -> list[str]:
+        """``--precision`` for both stages: the row's ``precision``, else ``[budget] precision``, else none
+        (the commands' own default)."""
+        precision = row.get("precision", self.budget.get("precision"))
+        return ["--precision", str(precision)] if precision else []
+
     def distill_args(self, seed: int) -> list[str]:
         return ["--student", self.spec["student"], "--epochs", str(self.budget["distill_epochs"]),
                 "--batch-size", str(self.budget["distill_batch_size"]), "--eval-data", self.spec["eval_data"],
@@ -235,13 +241,14 @@ class Benchmark:
                                       "--config", str(config), "--preset", self.preset,
                                       "--num-images", str(self.budget["num_images"]),
                                       "--shard-size", str(self.budget["shard_size"]), "--seed", str(seed),
-                                      "--quiet", *extra), directory / "synth.log", lane)
+                                      "--quiet", *self.precision_args(row), *extra), directory / "synth.log", lane)
             write_results_file(timing, spent)
         if not (student / "metrics.json").exists():
             if student.exists():
                 shutil.rmtree(student)
             spent = run_command(distill("run", "--shards", str(dataset), "--out", str(student),
-                                        *self.distill_args(seed)), directory / "distill.log", lane)
+                                        *self.distill_args(seed), *self.precision_args(row)),
+                              directory / "distill.log", lane)
             write_results_file(distill_timing, spent)
         synth_time = read_time(timing)
         distill_time = read_time(distill_timing) if distill_timing.exists() else None
@@ -251,6 +258,7 @@ class Benchmark:
         return {
             "method": method, "seed": seed, "options": options, "matched": bool(row.get("match_time_of")),
             "shared_prior": bool(row.get("prior_from")), "preset": self.preset, "threads": lane.threads,
+            "precision": manifest.get("precision", metrics.get("precision")),
             "accuracy": metrics["final_accuracy"],
             "synthesis_seconds": synth_time.wall_seconds, "synthesis_cpu_seconds": synth_time.cpu_seconds,
             "synthesis_cores": list(synth_time.cores),

@@ -317,7 +317,7 @@ def test_synth_run_takes_its_image_count_from_the_memory_ratio(tmp_path, tiny_te
 
 
 def test_fewer_patches_vit_is_the_plain_vit_at_full_size_and_draws_centre_biased_windows():
-    from synth.methods.kgen.vit_regions import FewerPatchesViT, centre_probabilities
+    from zoo.architectures.fewer_patches_vit import FewerPatchesViT, centre_probabilities
 
     torch.manual_seed(0)
     vit = zoo.build_model("tv:vit_b_16", 10, 3).eval()

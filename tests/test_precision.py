@@ -149,6 +149,7 @@ def _check_distill(result, out, made, seen) -> None:
     model, before = made[-1]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights and SGD's state stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert json.loads((out / "metrics.json").read_text())["precision"] == "bf16"  # the figures say what ran
 
 
 def test_distill_run_and_train_under_bf16(small_set, tmp_path, tiny_teacher, monkeypatch):
@@ -226,3 +227,43 @@ def test_diffusion_weights_get_the_dtype_on_diffusers_that_ignore_dtype(tmp_path
     loaded = diffusion.load(diffusion.resolve(str(model)), torch.device("cpu"), precision="bf16")
     assert {p.dtype for p in loaded.denoiser.parameters()} == {torch.bfloat16}
     assert asked == ["torch_dtype"]
+
+
+def test_fp16_scales_every_synthesis_update_and_skips_an_overflowed_one():
+    """fp16 gradients underflow without loss scaling: the update engine scales each backward pass, unscales before
+    the step (the step equals the unscaled one) and skips a step whose gradient overflowed."""
+    from synth.core.updates import ParamGroup, UpdateEngine, term
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    param = torch.ones(3, requires_grad=True)
+    groups = {"p": ParamGroup([param], lr=0.1)}
+    optimizers = {"p": torch.optim.SGD([param], lr=0.1)}
+    seen = []
+    scaled = param * 2.0
+    scaled.register_hook(seen.append)  # the gradient the backward pass carried
+    UpdateEngine().apply({"loss": term(scaled.sum(), "p")}, groups, optimizers, scaler)
+    assert float(seen[0][0]) == 1024.0  # scaled in the backward pass
+    assert torch.allclose(param.detach(), torch.full((3,), 1 - 0.1 * 2.0))  # unscaled for the step
+    overflow = (param * float("inf")).sum()
+    UpdateEngine().apply({"loss": term(overflow, "p")}, groups, optimizers, scaler)
+    assert torch.allclose(param.detach(), torch.full((3,), 0.8)) and scaler.get_scale() < 1024.0
+
+
+@pytest.mark.parametrize("method", ["gmi", "deepinversion", "d2cip"])
+def test_fp16_synthesis_runs_with_its_loss_scaler(method, tmp_path, tiny_teacher, monkeypatch):
+    made = _watch(monkeypatch, method)
+    scaled = []
+    original = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, outputs: scaled.append(self.is_enabled()) or original(self, outputs))
+    out = tmp_path / "set"
+    result = CliRunner().invoke(synth_main, ["run", method, "--out", str(out), "--teacher", str(tiny_teacher),
+                                             "--num-images", "8", "--shard-size", "8", *METHODS[method],
+                                             *[a if a != "bf16" else "fp16" for a in BF16]])
+    assert result.exit_code == 0, result.output
+    assert shards.verify(out) == []
+    assert json.loads((out / "manifest.json").read_text())["method"]["precision"] == "fp16"
+    assert scaled and all(scaled)  # every update went through an enabled scaler
+    method_run = made[-1][0]
+    losses = method_run.losses_of_last_step() if hasattr(method_run, "losses_of_last_step") else method_run.last_losses
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses

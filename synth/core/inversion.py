@@ -249,8 +249,9 @@ class GeneratorInversion(SynthesisMethod):
             with self.acceleration.autocast():
                 loss = self.proxy_student_loss(images, *asked)
             self.student_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.student_optimizer.step()
+            self.grad_scaler.scale(loss).backward()  # unscaled, a no-op, unless fp16
+            self.grad_scaler.step(self.student_optimizer)
+            self.grad_scaler.update()
         self.student.eval()
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ class GeneratorInversion(SynthesisMethod):
             with record_function("synth.losses"):
                 terms = self.step_terms(step)
             with record_function("synth.update"):
-                self.engine.apply(terms, groups, optimizers)
+                self.engine.apply(terms, groups, optimizers, self.grad_scaler)
             self.after_step(step, terms)
             for plugin in self.plugins:
                 with record_function(f"synth.plugin.{plugin.name}"):

@@ -140,6 +140,7 @@ class SynthesisMethod(abc.ABC):
         self.device = device
         self.acceleration = acceleration or zoo.Acceleration(device, enabled=False)
         self.teacher = self.acceleration.module(teacher.eval().requires_grad_(False))
+        self.grad_scaler = self.acceleration.grad_scaler()  # fp16 only: loss scaling for every update
         self.plugins = list(plugins)
         self.num_classes = teacher.num_classes
         self.channels, self.height, self.width = teacher.input_shape

@@ -108,20 +108,34 @@ class UpdateEngine:
         return self._reach[key]
 
     def apply(self, terms: Mapping[str, Term], groups: Mapping[str, ParamGroup],
-              optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
-        """Sets each group's ``.grad`` to the gradient of its update loss and steps its optimiser."""
+              optimizers: Mapping[str, torch.optim.Optimizer],
+              scaler: torch.amp.GradScaler | None = None) -> None:
+        """Sets each group's ``.grad`` to the gradient of its update loss and steps its optimiser.
+
+        ``scaler`` (fp16 only; ``zoo.Acceleration.grad_scaler``) multiplies every loss before its backward pass
+        so small gradients do not underflow in fp16, unscales them before the step, and skips the steps of an
+        iteration whose gradients overflowed (then lowers its scale)."""
+        scaling = scaler is not None and scaler.is_enabled()
         passes = self.plan(terms, groups)
         for i, backward in enumerate(passes):
             params = [p for g in backward.groups for p in groups[g].params]
             loss = _sum(terms[n].value for n in backward.terms)
+            if scaling:
+                loss = scaler.scale(loss)
             grads = torch.autograd.grad(loss, params, retain_graph=i < len(passes) - 1, allow_unused=True)
             for param, grad in zip(params, grads, strict=True):
                 param.grad = grad
             self.passes_run += 1
         for backward in passes:
             for g in backward.groups:
-                optimizers[g].step()
+                has_grad = any(p.grad is not None for p in groups[g].params)
+                if scaling and has_grad:  # GradScaler.step refuses an optimiser with no gradient to check
+                    scaler.step(optimizers[g])
+                else:
+                    optimizers[g].step()
                 optimizers[g].zero_grad(set_to_none=True)
+        if scaling:
+            scaler.update()
 
 
 def _sum(values: Iterable[torch.Tensor]) -> torch.Tensor:

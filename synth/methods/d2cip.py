@@ -214,7 +214,7 @@ class D2CIP(GeneratorInversion):
                 with recording(self.bn_hook):
                     logits = self.teacher(self.teacher_view(images)).float()
             terms = self.stage1_terms(logits, labels)
-            engine.apply(terms, groups, optimizers)
+            engine.apply(terms, groups, optimizers, self.grad_scaler)
             if iteration % 10 == 0:
                 bar.set_postfix({k: f"{float(t.value.detach()):.3g}" for k, t in terms.items()})
         bar.close()

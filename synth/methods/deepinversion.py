@@ -105,8 +105,9 @@ class DeepInversion(SynthesisMethod):
                 if best is None or float(total.detach()) < best[0]:  # the images this loss was computed on
                     best = (float(total.detach()), images.detach().clone())
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
+                self.grad_scaler.scale(total).backward()  # unscaled, a no-op, unless fp16
+                self.grad_scaler.step(optimizer)
+                self.grad_scaler.update()
                 with torch.no_grad():
                     images.clamp_(0, 1)  # stay in the valid pixel range the dataset stores
                 self.last_losses = {k: float(v.detach()) for k, v in terms.items()}

@@ -47,7 +47,8 @@ Readings where the paper is silent (each the one that works, and why):
   agrees with the asked class on 19-28 % of the images with a_bn = 10, 72 % with a_bn = 1 (gmi: 78-84 %); the
   same runs without L_kr reach 31 %. That is agreement, not accuracy: the project's equal-image benchmark
   trains a better student *without* L_kr (58.78 % against 53.27 %), so Table 4's gain is not reproduced here.
-* A torchvision ViT teacher (no CAM, Sec. 3.3) runs through :class:`~.vit_regions.FewerPatchesViT`
+* A torchvision ViT teacher (no CAM, Sec. 3.3) runs through
+  :class:`~zoo.architectures.fewer_patches_vit.FewerPatchesViT`
   (A.1): fewer patches with centre-biased position-embedding windows, the [CLS] attention as M(x, y), no L_bn
   (LayerNorm only). Any other teacher without a CAM is refused with :class:`~.cam.CamError`.
 * Table 8's E (epochs) and I (iterations per epoch) are not options: every iteration's batch is stored (Alg. 1
@@ -78,6 +79,7 @@ from synth.core.pixels import quantise
 from synth.core.protocol import Artifacts, SynthBatch
 from synth.core.updates import ParamGroup, Term, term
 from synth.errors import SynthError
+from zoo.architectures.fewer_patches_vit import FewerPatchesViT, is_torchvision_vit
 
 from . import embedding_diversity as ed
 from .cam import CamRecorder, cam_grid, key_region_loss, target_mask
@@ -85,7 +87,6 @@ from .config import KGenConfig, KGenSConfig
 from .embedding_diversity import EmbeddingProjection, derived_radii, inner_margin_loss, outer_margin_loss
 from .noisy_generator import MultiResolutionGenerator, NoisyLayer, reinitialise_generator
 from .text_embeddings import class_prompts, encode_texts, resolve_encoder
-from .vit_regions import FewerPatchesViT, is_torchvision_vit
 
 EMBEDDINGS_FILE = "class_embeddings.pt"
 

@@ -1,20 +1,22 @@
-"""K-Gen for Vision Transformers (papers/k-gen.txt, Sec. 3.3 and Appendix A.1): fewer patches, centre-biased
-position embeddings, and the [CLS] token's attention as the key-region map.
+"""A torchvision ViT that takes fewer patches (papers/k-gen.txt, Sec. 3.3 and Appendix A.1): low-resolution images
+for a ViT teacher (K-Gen's synthesis) and a ViT student trained on them (``distill``), with centre-biased position
+embeddings and the [CLS] token's attention as a key-region map.
 
-A ViT has no class activation map, and a torchvision ViT refuses any input but its training size.
-:class:`FewerPatchesViT` wraps a torchvision ``VisionTransformer`` so that an e x e image becomes an
-(e/P) x (e/P) grid of patches (Eq. 12-13: 112 px and P = 16 give 7 x 7 instead of 14 x 14), and each patch gets
-the position embedding of a window of the teacher's full grid placed around a centre index p_center drawn
-with P(p) proportional to 1 / (1 + lambda ||p - c||^2), c the grid's centre (A.1's "Position Embedding"). The
-last encoder block also returns its attention weights; the [CLS] query's attention to the patches, renormalised
-over the patches and times their number (so that uniform attention is 1 everywhere, the scale of the target
-masks), is the map L_kr compares with M_target.
+A torchvision ViT refuses any input but its training size. :class:`FewerPatchesViT` wraps a torchvision
+``VisionTransformer`` so that an e x e image becomes an (e/P) x (e/P) grid of patches (Eq. 12-13: 112 px and
+P = 16 give 7 x 7 instead of 14 x 14), and each patch gets the position embedding of a window of the full grid
+placed around a centre index p_center drawn with P(p) proportional to 1 / (1 + lambda ||p - c||^2), c the grid's
+centre (A.1's "Position Embedding"). At the full size the window is the whole grid: the wrapped ViT's own
+forward. The last encoder block also returns its attention weights; the [CLS] query's attention to the
+patches, renormalised over the patches and times their number (so that uniform attention is 1 everywhere, the
+scale of K-Gen's target masks), is the map K-Gen's L_kr compares with M_target.
 
 Readings where A.1 is garbled or silent: the window is the (e/P) x (e/P) block of position indices centred on
 p_center (the offsets "{-P, 0, P}" of A.1 read as a block of neighbours), p_center is drawn per image among
-the centres that keep the window inside the grid, lambda = 1; attention is averaged over the heads. Outside
-synthesis steps (the stored logits, the summary) the window is the central one, deterministically, so the
-stored logits are those of the teacher on a fixed view of the stored image.
+the centres that keep the window inside the grid, lambda = 1; attention is averaged over the heads. With
+``random_offsets`` off (K-Gen outside its synthesis steps: the stored logits, the summary) the window is the
+central one, deterministically. Here in ``zoo`` because both stages use it: synthesis for a ViT teacher,
+distillation for a ViT student on reduced-size shards.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def centre_probabilities(grid: int, window: int, steepness: float = 1.0) -> torc
 class FewerPatchesViT(nn.Module):
     """A torchvision ViT that takes images of any multiple of its patch size up to its training size."""
 
-    def __init__(self, vit: nn.Module, steepness: float = 1.0):
+    def __init__(self, vit: nn.Module, steepness: float = 1.0, random_offsets: bool = False):
         super().__init__()
         if not is_torchvision_vit(vit):
             raise TypeError(f"FewerPatchesViT wraps a torchvision VisionTransformer, got {type(vit).__name__}")
@@ -55,7 +57,7 @@ class FewerPatchesViT(nn.Module):
         self.patch = int(vit.patch_size)
         self.grid = int(vit.image_size) // self.patch
         self.steepness = steepness
-        self.random_offsets = False  # per-image centre-biased windows (synthesis steps) or the central one
+        self.random_offsets = random_offsets  # per-image centre-biased windows, or the central one
         self.cls_attention: torch.Tensor | None = None  # [N, h, w] of the last forward pass
 
     def window_origins(self, n: int, size: int, device: torch.device) -> torch.Tensor:
