@@ -54,6 +54,7 @@ from . import tables, walltime
 from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arguments, plan_lanes, run_in_lanes
 from .runs import (
     RunTime,
+    code_commit,
     distill,
     environment,
     read_time,
@@ -250,6 +251,7 @@ class Benchmark:
                                         *self.distill_args(seed), *self.precision_args(row)),
                               directory / "distill.log", lane)
             write_results_file(distill_timing, spent)
+        commit = reused_commit(timing, name, seed)
         synth_time = read_time(timing)
         distill_time = read_time(distill_timing) if distill_timing.exists() else None
         manifest = json.loads(manifest_path.read_text())
@@ -258,7 +260,7 @@ class Benchmark:
         return {
             "method": method, "seed": seed, "options": options, "matched": bool(row.get("match_time_of")),
             "shared_prior": bool(row.get("prior_from")), "preset": self.preset, "threads": lane.threads,
-            "precision": manifest.get("precision", metrics.get("precision")),
+            "precision": manifest.get("method", {}).get("precision", metrics.get("precision")), "commit": commit,
             "accuracy": metrics["final_accuracy"],
             "synthesis_seconds": synth_time.wall_seconds, "synthesis_cpu_seconds": synth_time.cpu_seconds,
             "synthesis_cores": list(synth_time.cores),
@@ -344,7 +346,18 @@ RUN_FIGURES = ("synthesis_seconds", "synthesis_cpu_seconds", "synthesis_images_p
 
 
 def write_results_file(path: Path, spent: RunTime) -> None:
-    write_json_atomic(path, spent.record())
+    write_json_atomic(path, {**spent.record(), "commit": code_commit()})
+
+
+def reused_commit(path: Path, name: str, seed: int) -> str | None:
+    """The commit that made a run (read back from its timing file), with a note when a reused run was made
+    by other code than this tree's: the committed 512-image table once mixed such runs unnoticed."""
+    made = json.loads(path.read_text()).get("commit")
+    now = code_commit()
+    if made != now:
+        print(f"   note: {name} (seed {seed}) reused from a run made by {made or 'an unrecorded commit'}, "
+              f"not this tree ({now}); --fresh re-runs it", flush=True)
+    return made
 
 
 def _mean(runs: list[dict[str, Any]], key: str) -> float | None:

@@ -1,6 +1,8 @@
 """The README's results figure from a benchmark's results JSON: accuracy per row with the seed range.
 
-    python -m pipelines.results_plot pipelines/results/fmnist32-cpu.json docs/results-512.png
+    python -m pipelines.results_plot pipelines/results/fmnist32-cpu-precision.json docs/results-512.png [ROW ...]
+
+ROW: the rows to draw, by their name in the JSON (default: the references, then every row of the file).
 """
 
 from __future__ import annotations
@@ -9,16 +11,17 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = ("teacher", "student on real labels", "KD on real images", "gmi", "d2cip", "deepinversion")
+REFERENCES = ("teacher", "student on real labels", "KD on real images")
 
 
-def plot(results: Path, out: Path, rows: tuple[str, ...] = ROWS) -> None:
+def plot(results: Path, out: Path, rows: tuple[str, ...] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = dict(json.loads(results.read_text())["rows"])
+    rows = rows or tuple(dict.fromkeys([*(r for r in REFERENCES if r in data), *data]))
     picked = [data[key] for key in rows if key in data]
     names = [row["name"].replace("wrn16_1: ", "").replace(" (512 real images)", "\n(512 real)") for row in picked]
     acc = [row["accuracy"] for row in picked]
@@ -26,7 +29,7 @@ def plot(results: Path, out: Path, rows: tuple[str, ...] = ROWS) -> None:
     below = [(a["mean"] - a["min"]) * 100 for a in acc]
     above = [(a["max"] - a["mean"]) * 100 for a in acc]
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
-    references = sum(1 for key in rows[:3] if key in data)
+    references = sum(1 for key in rows if key in REFERENCES and key in data)
     ax.barh(range(len(names)), means, xerr=[below, above], capsize=3,
             color=["#888"] * references + ["#1f77b4"] * (len(names) - references))
     for i, (mean, a, up) in enumerate(zip(means, acc, above, strict=True)):
@@ -42,4 +45,4 @@ def plot(results: Path, out: Path, rows: tuple[str, ...] = ROWS) -> None:
 
 
 if __name__ == "__main__":
-    plot(Path(sys.argv[1]), Path(sys.argv[2]))
+    plot(Path(sys.argv[1]), Path(sys.argv[2]), tuple(sys.argv[3:]))

@@ -82,6 +82,22 @@ def run_command(command: list[str], log: Path, lane: Lane | None = None) -> RunT
     return RunTime(wall, cpu, cores)
 
 
+def code_commit() -> str | None:
+    """The commit this tree is at (``+dirty`` when tracked files differ from it); None outside a git checkout.
+    Recorded with every run, because a benchmark reuses finished runs: a table must say which code made them."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def read_time(path: Path) -> RunTime:
     """A :class:`RunTime` written by :meth:`RunTime.record` (older files hold wall seconds only)."""
     saved = json.loads(path.read_text())

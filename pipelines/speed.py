@@ -4,6 +4,7 @@
     python -m pipelines.speed profile [--method d2cip] [--steps 10] [--fuse-views on|off]
     python -m pipelines.speed state
     python -m pipelines.speed precision [--methods gmi,d2cip] [--rounds 2] ...   (pipelines/precision_speed.py)
+    python -m pipelines.speed compile [--precision bf16] ...                      (pipelines/compile_speed.py)
 
 ``compare`` checks out ``REV`` (default: the last commit before the inversion core v2) into a temporary git
 worktree and runs the same ``synth run`` command in both trees, alternating (baseline, current, baseline,
@@ -192,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         from pipelines.precision_speed import main as precision_main
 
         sys.exit(precision_main(argv[1:]))
+    if argv[:1] == ["compile"]:  # torch.compile on top of the precision
+        from pipelines.compile_speed import main as compile_main
+
+        sys.exit(compile_main(argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare", help="images/s of this tree against an earlier commit, interleaved")
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     prof.add_argument("--fuse-views", choices=("method", "on", "off"), default="method",
                       help="the teacher's views as one concatenated forward (on) or one forward each (off)")
     sub.add_parser("precision", help="synthesis and distill images/s, fp32 against bf16 (see its --help)")
+    sub.add_parser("compile", help="torch.compile of the teacher on top of bf16 (see its --help)")
     sub.add_parser("state", help="size and write time of the resume state, now and as the previous version kept it")
     args = parser.parse_args(argv)
     if args.command == "compare":

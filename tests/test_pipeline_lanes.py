@@ -133,14 +133,18 @@ def test_the_decisive_table_runs_exactly_the_rows_its_split_sweep_chose_shares_f
     assert len(decisive["benchmark"]["seeds"]) >= 3
 
 
-def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows(tmp_path, monkeypatch):
+def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows(tmp_path, monkeypatch, capsys):
     from pipelines import benchmark as bench_module
 
     order: list[tuple[str, str]] = []
+    precisions: dict[str, set[str | None]] = {}
     lock = threading.Lock()
 
     def fake_run(command: list[str], log: Path, lane: Lane | None = None) -> runs.RunTime:
         out = Path(command[command.index("--out") + 1])
+        precision = command[command.index("--precision") + 1] if "--precision" in command else None
+        with lock:
+            precisions.setdefault(out.parts[len(tmp_path.parts)], set()).add(precision)
         out.mkdir(parents=True, exist_ok=True)
         seed = command[command.index("--seed") + 1] if "--seed" in command else "0"
         if command[2] == "synth":
@@ -158,21 +162,28 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     monkeypatch.setattr(bench_module, "teacher_accuracy", lambda path, data: 0.9)
     monkeypatch.setattr(bench_module.Benchmark, "row_options", lambda self, row, seed, lane: row.get("options", {}))
     monkeypatch.setattr(bench_module, "teacher_arch", lambda path: "resnet8")
+    monkeypatch.setattr(bench_module, "code_commit", lambda: "abc")
     pipeline = {"benchmark": {"name": "t", "student": "resnet8", "eval_data": "e", "real_data": "e",
                               "out": str(tmp_path), "seeds": [0, 1, 2]},
                 "budget": {"num_images": 8, "shard_size": 8, "distill_epochs": 1, "distill_batch_size": 8,
                            "lanes": 2, "threads_per_lane": 1},
                 "rows": [{"name": "d2cip", "method": "d2cip"},
                          {"name": "w/o scr", "method": "d2cip", "prior_from": "d2cip", "options": {"scr": False}},
-                         {"name": "one seed", "method": "gmi", "seeds": [0]}]}
+                         {"name": "one seed", "method": "gmi", "seeds": [0], "precision": "bf16"}]}
     bench = bench_module.Benchmark(pipeline, fresh=False, cores=2)
     bench.run(None)
+    assert precisions["one-seed"] == {"bf16"} and precisions["d2cip"] == {None}  # both stages, that row only
     for seed in "012":
         assert order.index(("d2cip", seed)) < order.index(("w-o-scr", seed))
     results = json.loads((tmp_path / "results.json").read_text())["rows"]
     run = results["d2cip"]["runs"][0]
     assert run["synthesis_cpu_seconds"] == 9.0 and run["distill_cpu_seconds"] == 3.5 and run["threads"] == 1
     assert run["synthesis_cores"] in ([0], [1])
+    assert run["commit"] == "abc"  # which code made it
+    monkeypatch.setattr(bench_module, "code_commit", lambda: "def")
+    capsys.readouterr()
+    bench_module.Benchmark(pipeline, fresh=False, cores=2).run({"d2cip"})  # reused runs, made by other code
+    assert "reused from a run made by abc, not this tree (def)" in capsys.readouterr().out
     table = (tmp_path / "results.md").read_text()
     assert "| 1 | d2cip | 51.00% ± 1.00 (50.00–52.00%, n=3) |" in table
     assert "| 3 ‡ | one seed | 50.00% (n=1) ‡ |" in table and "fewer than 3 seeds" in table
