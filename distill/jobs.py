@@ -12,6 +12,7 @@ remains for large budgets on small synthetic sets, where overfitting may dominat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import realdata
 import zoo
 from distill import report
 from distill.bookkeeping import FitResult
-from distill.core import DistillError
+from distill.core import DistillError, acceleration
+from zoo.device import slow_precision_note
 
 #: Whether ``--augment auto`` applies crop+flip when training on *stored* logits: no, measured (module docstring).
 AUGMENT_STORED_LOGITS = False
@@ -91,6 +93,9 @@ def resolve_augment(flag: str, live_teacher: bool, supervised: bool) -> bool:
 
 
 def configure_device(device: torch.device) -> None:
+    """Device settings for a job, and a warning when ``--precision`` has no fast path on it."""
+    if note := slow_precision_note(acceleration(device)):
+        warnings.warn(note, stacklevel=1)
     if device.type == "cuda":
         # Fixed input shapes: let cuDNN pick the fastest kernels once.
         torch.backends.cudnn.benchmark = True

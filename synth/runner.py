@@ -23,6 +23,7 @@ from tqdm import tqdm
 import shards
 import zoo
 from timebudget import Clock, Deadline, format_duration, system_clock
+from zoo.device import slow_precision_note
 
 from .core.pixels import quantise
 from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
@@ -193,6 +194,8 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     teacher = teacher.to(device).eval()
     out = Path(options.out)
     acceleration = zoo.Acceleration(device, enabled=options.accelerate, precision=options.precision)
+    if note := slow_precision_note(acceleration):
+        log(f"Warning: {note}")
     identity = dataset_identity(method_class.name, config, options.seed, teacher, options.shard_size, plugins,
                                 acceleration.resolved)
     if fanout:

@@ -267,3 +267,25 @@ def test_fp16_synthesis_runs_with_its_loss_scaler(method, tmp_path, tiny_teacher
     method_run = made[-1][0]
     losses = method_run.losses_of_last_step() if hasattr(method_run, "losses_of_last_step") else method_run.last_losses
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
+
+
+def test_a_precision_without_a_fast_path_is_named_before_it_runs_slowly(monkeypatch, tmp_path, tiny_teacher,
+                                                                        small_set):
+    monkeypatch.setattr(zdevice, "cpu_has_bf16", lambda: False)  # a CPU without avx512_bf16 / amx_bf16
+    cpu = torch.device("cpu")
+    assert zdevice.slow_precision_note(zoo.Acceleration(cpu, precision="bf16")) is not None
+    assert zdevice.slow_precision_note(zoo.Acceleration(cpu, precision="fp32")) is None
+    monkeypatch.setattr(zdevice, "cpu_has_bf16", lambda: True)
+    assert zdevice.slow_precision_note(zoo.Acceleration(cpu, precision="bf16")) is None
+    assert "fp16 autocast on a CPU" in zdevice.slow_precision_note(zoo.Acceleration(cpu, precision="fp16"))
+    monkeypatch.setattr(zdevice, "cpu_has_bf16", lambda: False)
+    result = CliRunner().invoke(synth_main, ["run", "deepinversion", "--out", str(tmp_path / "set"), "--teacher",
+                                             str(tiny_teacher), "--num-images", "4", "--batch-size", "4",
+                                             "--iterations", "1", *BF16])
+    assert result.exit_code == 0 and "no fast path" in result.output
+    with pytest.warns(UserWarning, match="no fast path"):
+        result = CliRunner().invoke(distill_main, [
+            "run", "--shards", str(small_set), "--student", "resnet8", "--batch-size", "8", "--epochs", "1",
+            "--eval-data", "none", "--out", str(tmp_path / "student"), "--workers", "0", "--quiet", "--device",
+            "cpu", "--precision", "bf16"])
+    assert result.exit_code == 0

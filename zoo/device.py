@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ZooError
 
-__all__ = ["PRECISIONS", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device"]
+__all__ = ["PRECISIONS", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device", "slow_precision_note"]
 
 
 #: The values of ``--precision``, on ``synth run``, ``distill run`` and ``distill train``.
@@ -48,6 +48,17 @@ def auto_precision(device: torch.device) -> str:
     if device.type == "cpu" and CPU_AUTO_BF16 and cpu_has_bf16():
         return "bf16"
     return "fp32"
+
+
+def slow_precision_note(acceleration: Acceleration) -> str | None:
+    """What to tell a user whose ``--precision`` has no known fast path on the device (None when it has one): bf16
+    autocast on a CPU without ``avx512_bf16``/``amx_bf16``, and fp16 autocast on any CPU."""
+    resolved, device = acceleration.resolved, acceleration.device
+    if device.type != "cpu" or resolved == "fp32" or (resolved == "bf16" and cpu_has_bf16()):
+        return None
+    why = "no avx512_bf16 or amx_bf16" if resolved == "bf16" else "fp16 autocast on a CPU"
+    return (f"--precision {resolved} on this CPU has no known fast path ({why}): expect it to run slower than "
+            "--precision fp32")
 
 
 @dataclass(frozen=True)
