@@ -1,5 +1,5 @@
 """``python -m distill …`` (and ``torchrun … -m distill run …``): the ``distill`` command."""
 
-from distill.cli import main
+from distill.cli import entry
 
-main()
+entry()

@@ -16,6 +16,7 @@ import click
 
 from distill.core import precision
 from distill.train import DEFAULT_TEMPERATURE, LoopConfig
+from zoo.threads import fit_threads_to_free_cores
 
 #: ``distill run`` on a machine without CUDA, for options not given: a budget that finishes in minutes and
 #: spends its time on training (evaluations every 5 epochs on a 2,000-image subset, the full set at the end).
@@ -297,4 +298,11 @@ def train(**kwargs: Any) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+def entry() -> None:
+    """The ``distill`` console command (and ``python -m distill``): threads fitted to the free cores, then
+    :func:`main`."""
+    fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
     main()

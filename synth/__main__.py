@@ -1,5 +1,5 @@
 """``python -m synth …`` (and ``torchrun … -m synth run …``): the ``synth`` command."""
 
-from .commands.cli import main
+from .commands.cli import entry
 
-main()
+entry()

@@ -16,6 +16,7 @@ import click
 
 import zoo
 from synth.core.registry import all_methods, all_plugins
+from zoo.threads import fit_threads_to_free_cores
 
 from .common import MainGroup
 from .condense import condense
@@ -65,3 +66,9 @@ for command in (run_group, inspect, verify, merge, condense):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def entry() -> None:
+    """The ``synth`` console command (and ``python -m synth``): threads fitted to the free cores, then :func:`main`."""
+    fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
+    main()
