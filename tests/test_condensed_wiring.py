@@ -45,8 +45,8 @@ def test_every_host_hands_the_fa_term_to_its_generator_update(tiny_teacher, cond
     host, _ = _host(tiny_teacher, method, condensed_npz)
     applied: list[dict[str, frozenset[str]]] = []
     apply = host.engine.apply
-    monkeypatch.setattr(host.engine, "apply", lambda terms, groups, optimizers: (
-        applied.append({n: t.updates for n, t in terms.items()}), apply(terms, groups, optimizers))[1])
+    monkeypatch.setattr(host.engine, "apply", lambda terms, groups, optimizers, scaler=None: (
+        applied.append({n: t.updates for n, t in terms.items()}), apply(terms, groups, optimizers, scaler))[1])
     stream = host.synthesize()
     assert next(stream).source == "condensed"
     next(stream)
