@@ -30,6 +30,8 @@ from typing import Any
 
 from atomicio import write_atomic, write_json_atomic
 
+from .runs import machine_is_busy
+
 
 def _busy_loop() -> subprocess.Popen | None:
     """A process spinning on the last core (pinned where the OS allows); None on a 1-core machine."""
@@ -110,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load", type=float, default=1.5)
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine")
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    if load > args.max_load and not args.force:
-        print(f"load average {load:.2f} > {args.max_load}: the machine is busy; not measuring (--force to measure "
-              "anyway)", file=sys.stderr)
+    if machine_is_busy(args.max_load, args.force):
         return 2
     extra = shlex.split(args.extra)
     named = " ".join(filter(None, [args.method, args.extra, args.precision and f"--precision {args.precision}"]))

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .runs import machine_is_busy
+
 PRECISIONS = ("fp32", "bf16")
 EXTRA = {"kgen": ["--class-embedding", "centre"], "kgen-s": ["--class-embedding", "centre"]}
 
@@ -100,12 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="measure even on a busy machine")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    if load > args.max_load and not args.force:
-        print(f"load average {load:.2f} > {args.max_load}: the machine is busy, so the figures would measure the "
-              "other processes; not measuring (--force to measure anyway)", file=sys.stderr)
+    if machine_is_busy(args.max_load, args.force):
         return 2
-    print(f"load average at start: {load:.2f}", flush=True)
+    print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
     extra: dict[str, list[str]] = {"diffdfkd": ["--diffusion", args.diffusion]} if args.diffusion else {}
     results = measure(args.methods.split(","), args.num_images, args.rounds, args.distill_epochs, extra)
     print(table(results))

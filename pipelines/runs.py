@@ -98,6 +98,17 @@ def code_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def machine_is_busy(max_load: float, force: bool) -> bool:
+    """True (and says why on stderr) when the one-minute load average is over ``max_load`` and ``force`` is not
+    set: a speed measurement on a busy machine measures the other processes."""
+    load = os.getloadavg()[0]
+    if load > max_load and not force:
+        print(f"load average {load:.2f} > {max_load}: the machine is busy, so the figures would measure the "
+              "other processes; not measuring (--force to measure anyway)", file=sys.stderr)
+        return True
+    return False
+
+
 def read_time(path: Path) -> RunTime:
     """A :class:`RunTime` written by :meth:`RunTime.record` (older files hold wall seconds only)."""
     saved = json.loads(path.read_text())
