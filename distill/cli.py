@@ -113,9 +113,9 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Evaluate on a seeded random subset of this many test images (CPU budgets)."),
         click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-                     help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA), fp32 on a "
-                          "CPU for now; bf16 / fp16: forward passes under autocast, the loss and SGD's state in "
-                          "fp32; fp32: plain fp32. [default: auto]"),
+                     help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA) and on a CPU "
+                          "with avx512_bf16/amx_bf16, fp32 on other CPUs; bf16 / fp16: forward passes under "
+                          "autocast, the loss and SGD's state in fp32; fp32: plain fp32. [default: auto]"),
         click.option("--accelerate/--no-accelerate", default=None, hidden=True,
                      help="Deprecated: --precision auto / --precision fp32."),
     ]

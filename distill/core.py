@@ -52,7 +52,7 @@ def precision(name: str) -> Iterator[None]:
 
 
 def acceleration(device: torch.device) -> zoo.Acceleration:
-    """The current ``--precision`` on ``device`` (auto: bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on a CPU)."""
+    """The current ``--precision`` on ``device`` (auto: zoo.auto_precision)."""
     return zoo.Acceleration(device, precision=_PRECISION.get())
 
 

@@ -23,8 +23,9 @@ from synth.methods.diffdfkd.cutmix import draw_mixes  # noqa: E402
 from synth.methods.diffdfkd.method import DiffDFKD, DiffDFKDConfig  # noqa: E402
 from synth.methods.diffdfkd.prompts import PromptBuilder  # noqa: E402
 
+# fp32 weights: these tests recompute the denoiser's outputs by hand (bf16 runs: tests/test_precision.py)
 TINY = dict(batch_size=4, num_inference_steps=4, interval=2, proxy_student="resnet8", kd_steps=1,
-            memory_capacity=64)
+            memory_capacity=64, precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,8 @@ def test_live_teacher_with_augment_labels_the_augmented_view_the_student_sees(se
         return real_call(self, batch)
 
     monkeypatch.setattr(objectives.TeacherLogits, "__call__", teacher_view)
-    result = _run(sets["cpsc"], tmp_path / "live", "--teacher", str(tiny_teacher), "--augment", "on")
+    result = _run(sets["cpsc"], tmp_path / "live", "--teacher", str(tiny_teacher), "--augment", "on",
+                  "--precision", "fp32")  # compared below with the teacher's fp32 logits
     assert result.exit_code == 0, result.output
     metrics = _metrics(tmp_path / "live")
     assert metrics["objective"]["name"] == "ikd-live-teacher" and metrics["config"]["augment"] is True

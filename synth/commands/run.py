@@ -146,9 +146,10 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
                           "minutes on a CPU), or 'auto' (paper on CUDA, cpu otherwise)"),
         None if has_precision else click.option(
             "--precision", type=click.Choice(PRECISIONS), default=None,
-            help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA), fp32 on a "
-                          "CPU for now; bf16 / fp16: autocast forward passes (losses, BN statistics, optimiser "
-                          "states fp32); fp32: plain fp32. Part of the dataset's identity [default: auto]"),
+            help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA) and on a CPU "
+                          "with avx512_bf16/amx_bf16, fp32 on other CPUs; bf16 / fp16: autocast forward passes "
+                          "(losses, BN statistics, optimiser states fp32); fp32: plain fp32. Part of the dataset's "
+                          "identity [default: auto]"),
         click.option("--accelerate/--no-accelerate", default=None, hidden=True,
                      help="deprecated: --precision auto / --precision fp32"),
         click.option("--quiet", is_flag=True, help="no progress bar"),

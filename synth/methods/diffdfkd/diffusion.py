@@ -133,8 +133,7 @@ def identity(model: str, revision: str | None = None, allow_download: bool = Fal
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The weights' dtype. ``auto``: what ``--precision auto`` runs on ``device`` (zoo.Acceleration: bf16 on CUDA
-    with bf16, fp16 on older CUDA, fp32 on a CPU). bf16 runs on a CPU too (this project's has a bf16 fast path);
-    fp16 needs CUDA."""
+    with bf16, fp16 on older CUDA, bf16 on a CPU with a bf16 fast path, fp32 on other CPUs); fp16 needs CUDA."""
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
         precision = auto_precision(device)

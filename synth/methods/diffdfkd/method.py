@@ -85,7 +85,7 @@ class DiffDFKDConfig(SynthConfig):
         "help": "fetch --diffusion from the hub when it is not in the local cache"})
     precision: Literal["auto", "fp32", "fp16", "bf16"] = field(default="auto", metadata={
         "help": "the run's --precision, which also sets the diffusion model's weights (auto: bf16 on CUDA with "
-                "bf16, else fp16 on CUDA; fp32 on a CPU)"})
+                "bf16, else fp16 on CUDA; bf16 on a CPU with avx512_bf16/amx_bf16, else fp32)"})
     scheduler: Literal["ddim", "ddpm", "pipeline"] = field(default="ddim", metadata={
         "help": "sampler: DDIM (Eq. 5, deterministic), DDPM, or the pipeline's own scheduler"})
     resolution: int = field(default=0, metadata={"help": "generated image side in pixels (0: the model's own)"})
