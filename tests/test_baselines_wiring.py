@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from methodkit import built, first_step
 
 from synth.core import augment
 from synth.core.proxy import scheduled_lr
@@ -117,21 +118,12 @@ def test_fast_bn_term_is_computed_with_the_running_statistics(teacher, monkeypat
 # -- CMI ----------------------------------------------------------------------------------------------------
 
 def _cmi_after(teacher, batches: int = 1, **options) -> CMI:
-    torch.manual_seed(0)
-    method = CMI(teacher, CMIConfig(**{**TINY, "inversion_steps": 1, "bank_size": 64, "negatives": 16, **options}),
-                 CPU)
-    stream = method.synthesize()
-    for _ in range(batches):
-        next(stream)
-    return method
+    return built(CMI, CMIConfig(**{**TINY, "inversion_steps": 1, "bank_size": 64, "negatives": 16, **options}),
+                 teacher, batches=batches)
 
 
 def _cmi_step(method: CMI):
-    labels = method.next_labels()
-    groups = method.begin_batch(labels)
-    method.engine.reset()
-    images = method.generate(method.latents, labels)
-    step = method.forward_step(0, labels, images, needs_student=method.proxy_has_learnt)
+    groups, step = first_step(method, needs_student=method.proxy_has_learnt)
     return groups, step, method.losses(step)
 
 

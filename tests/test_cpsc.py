@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from methodkit import built, first_step
 
 from synth.commands.cli import main
 from synth.core.generators import CategoricalFeatureEmbedding, ConditionalDCGANGenerator
@@ -22,21 +23,7 @@ TINY = dict(batch_size=8, inversion_steps=1, kd_steps=2, proxy_student="resnet8"
 
 def _method(teacher, batches: int = 1, **flags) -> CPSC:
     """A CPSC after ``batches`` stored batches (its proxy student has learnt), same seed every time."""
-    torch.manual_seed(0)
-    method = CPSC(teacher, CPSCConfig(**{**TINY, **flags}), torch.device("cpu"))
-    stream = method.synthesize()
-    for _ in range(batches):
-        next(stream)
-    return method
-
-
-def _step(method: CPSC):
-    labels = method.next_labels()
-    groups = method.begin_batch(labels)
-    method.engine.reset()
-    images = method.generate(method.latents, labels)
-    step = method.forward_step(0, labels, images, needs_student=method.wants_adversarial())
-    return groups, step
+    return built(CPSC, CPSCConfig(**{**TINY, **flags}), teacher, batches=batches)
 
 
 def test_cfe_block_output_depends_on_the_label_and_only_on_it():
@@ -79,7 +66,7 @@ def test_adapter_exists_only_when_the_feature_sizes_differ(calibrated_teacher):
 
 def test_full_cpsc_has_every_term_on_the_generator_only(calibrated_teacher):
     method = _method(calibrated_teacher)
-    groups, step = _step(method)
+    groups, step = first_step(method)
     terms = method.losses(step)
     assert {name: set(t.updates) for name, t in terms.items()} == {
         "ikd": {"generator"}, "scl": {"generator"}, "ce": {"generator"}, "bn": {"generator"}}
@@ -103,7 +90,7 @@ def test_full_cpsc_has_every_term_on_the_generator_only(calibrated_teacher):
 @pytest.mark.parametrize("flag", ["ikd", "ce", "scl", "bn"])
 def test_each_loss_flag_removes_exactly_its_term_and_its_share_of_the_generator_gradient(calibrated_teacher, flag):
     method = _method(calibrated_teacher)
-    _, step = _step(method)
+    _, step = first_step(method)
     params = list(method.generator.parameters())
 
     def gradient(terms):

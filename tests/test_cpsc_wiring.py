@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from methodkit import built
 
 from synth.commands.cli import main
 from synth.core import registry
@@ -23,12 +24,7 @@ TINY = dict(batch_size=8, inversion_steps=2, kd_steps=2, proxy_student="resnet8"
 
 
 def _method(teacher, batches: int = 1, **flags) -> CPSC:
-    torch.manual_seed(0)
-    method = CPSC(teacher, CPSCConfig(**{**TINY, **flags}), torch.device("cpu"))
-    stream = method.synthesize()
-    for _ in range(batches):
-        next(stream)
-    return method
+    return built(CPSC, CPSCConfig(**{**TINY, **flags}), teacher, batches=batches)
 
 
 def test_replay_memory_keeps_the_asked_labels_and_the_student_learns_from_them(calibrated_teacher, monkeypatch):

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import NoArtifacts
+from methodkit import built, first_step
 
 from synth.commands.cli import main
 from synth.core.inversion import InversionStep
@@ -30,22 +30,13 @@ def teacher(calibrated_teacher):
 
 def _method(teacher, batches: int = 2, **flags) -> D2CIP:
     """A D2CIP after ``batches`` stored batches (banks filled, proxy student trained), same seed every time."""
-    torch.manual_seed(0)
-    method = D2CIP(teacher, D2CIPConfig(**{**TINY, **flags}), torch.device("cpu"))
-    method.prepare(NoArtifacts())
-    stream = method.synthesize()
-    for _ in range(batches):
-        next(stream)
-    return method
+    return built(D2CIP, D2CIPConfig(**{**TINY, **flags}), teacher, batches=batches, prepare=True)
 
 
 def _step(method: D2CIP) -> tuple[dict, InversionStep, dict]:
-    """Sets up the next batch and runs one forward step; returns (groups, step, terms)."""
-    labels = method.next_labels()
-    groups = method.begin_batch(labels)
-    method.engine.reset()
-    images = method.generate(method.latents, labels)
-    step = method.forward_step(0, labels, images, needs_student=method.proxy_has_learnt)
+    """Sets up the next batch and runs one forward step (the student's terms once it has learnt); returns
+    (groups, step, terms)."""
+    groups, step = first_step(method, needs_student=method.proxy_has_learnt)
     return groups, step, method.losses(step)
 
 

@@ -31,14 +31,9 @@ needs_fmnist = pytest.mark.skipif(
 N, SHARD, BATCH = 128, 32, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads per test slow it down 5-10x when
-    anything else runs (measured); the models here are far too small to gain from a second thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread: on 2 shared cores, two spinning OpenMP threads per test slow it down 5-10x when anything
+# else runs (measured); the models here are far too small to gain from a second thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest
 
 
 def _write_dataset(out: Path, images: np.ndarray, logits: np.ndarray, teacher_card: dict | None) -> Path:

@@ -34,13 +34,7 @@ N, BATCH = 128, 32  # 4 steps an epoch
 PER_BATCH = 0.0625  # clock seconds a training batch costs on the "quiet machine": 0.25 s an epoch (exact in binary)
 RUN_N = 64  # distill run: 2 steps an epoch, PER_BATCH * 2 clock seconds
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
 
 class Throttled:

@@ -24,12 +24,7 @@ from distill.objective_choice import ObjectiveOptions, build_objective, choose_o
 N, K, EMBED = 64, 10, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
 
 def _dataset(out: Path, teacher_path: Path, method: str, config: dict, embeddings: torch.Tensor | None = None) -> Path:

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import NoArtifacts
+from methodkit import built, first_step
 from torch import nn
 
 from synth.commands.cli import main
@@ -25,20 +25,11 @@ TINY = dict(batch_size=20, inversion_steps=2, kd_steps=2, proxy_student="resnet8
 
 
 def _method(teacher, cls=KGenS, config_cls=KGenSConfig, batches: int = 1, **flags):
-    torch.manual_seed(0)
-    method = cls(teacher, config_cls(**{**TINY, **flags}), torch.device("cpu"))
-    method.prepare(NoArtifacts())
-    stream = method.synthesize()
-    for _ in range(batches):
-        next(stream)
-    return method
+    return built(cls, config_cls(**{**TINY, **flags}), teacher, batches=batches, prepare=True)
 
 
 def _step(method):
-    labels = method.next_labels()
-    method.begin_batch(labels)
-    images = method.generate(method.latents, labels)
-    return method.forward_step(0, labels, images, needs_student=method.wants_adversarial())
+    return first_step(method)[1]
 
 
 def test_every_weight_reaches_its_term(calibrated_teacher):

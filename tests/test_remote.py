@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from loopback import serving
 
 import shards
 import zoo
@@ -30,59 +30,10 @@ def _quick_retries(monkeypatch):
     monkeypatch.setattr(remote, "BACKOFF_SECONDS", 0.01)
 
 
-class Loopback(http.server.ThreadingHTTPServer):
-    """Serves ``root``; counts the shard bytes it sends; truncates shard responses when told to."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.sent: Counter[str] = Counter()
-        self.truncate: dict[str, float] = {}  # shard name -> how many more responses to cut in half
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def shard_bytes(self) -> int:
-        return sum(n for name, n in self.sent.items() if name.endswith(".tar"))
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Loopback
-
-    def do_GET(self) -> None:  # noqa: N802 (the base class's name)
-        path = self.server.root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        with self.server.lock:
-            cut = self.server.truncate.get(path.name, 0) > 0
-            if cut:
-                self.server.truncate[path.name] -= 1
-        self.send_response(200)  # Range requests are ignored, as by many simple servers
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        body = data[: len(data) // 2] if cut else data
-        self.wfile.write(body)
-        with self.server.lock:
-            self.server.sent[path.name] += len(body)
-        if cut:
-            self.close_connection = True  # the client sees the connection drop mid-shard
-
-    def log_message(self, format: str, *args) -> None:  # the base class's signature
-        pass
-
-
 @pytest.fixture()
 def server(tmp_path):
-    srv = Loopback(tmp_path / "www")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()  # idempotent: a test may have stopped it already
-    srv.server_close()
+    with serving(tmp_path / "www") as srv:  # a test may stop it early: shutdown() is idempotent
+        yield srv
 
 
 @pytest.fixture()

@@ -5,16 +5,15 @@ server the tests start (127.0.0.1 only)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import subprocess
 import sys
 import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from loopback import serving
 from shardkit import flip_byte, write_dataset
 
 import atomicio
@@ -27,55 +26,10 @@ def _quick_retries(monkeypatch):
     monkeypatch.setattr(remote, "BACKOFF_SECONDS", 0.01)
 
 
-class Loopback(http.server.ThreadingHTTPServer):
-    """Serves ``root``; appends ``padding[name]`` zero bytes to a file when told to; counts bytes sent per file."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.padding: dict[str, int] = {}
-        self.sent: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Loopback
-
-    def do_GET(self) -> None:  # noqa: N802 (the base class's name)
-        path = self.server.root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        padding = self.server.padding.get(path.name, 0)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data) + padding))
-        self.end_headers()
-        chunks = [data] + [bytes(1 << 20)] * (padding >> 20)
-        try:
-            for chunk in chunks:
-                self.wfile.write(chunk)
-                with self.server.lock:
-                    self.server.sent[path.name] += len(chunk)
-        except OSError:  # the client hung up: what a reader that stops early does
-            self.close_connection = True
-
-    def log_message(self, format: str, *args) -> None:  # the base class's signature
-        pass
-
-
 @pytest.fixture()
 def server(tmp_path: Path):
-    srv = Loopback(tmp_path / "www")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(tmp_path / "www") as srv:
+        yield srv
 
 
 def test_a_server_that_sends_more_than_declared_is_cut_off_naming_the_shard(server, tmp_path: Path) -> None:
