@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shlex
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ import click
 
 from distill.core import precision
 from distill.train import DEFAULT_TEMPERATURE, LoopConfig
-from zoo.threads import fit_threads_to_free_cores
+from zoo.device import PRECISION_HELP, PRECISIONS
+from zoo.threads import asks_for_help, fit_threads_to_free_cores
 
 #: ``distill run`` on a machine without CUDA, for options not given: a budget that finishes in minutes and
 #: spends its time on training (evaluations every 5 epochs on a 2,000-image subset, the full set at the end).
@@ -112,10 +114,8 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-eval-samples", type=int, default=None,
                      help="Evaluate on a seeded random subset of this many test images (CPU budgets)."),
         click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-                     help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA) and on a CPU "
-                          "with avx512_bf16/amx_bf16, fp32 on other CPUs; bf16 / fp16: forward passes under "
-                          "autocast, the loss and SGD's state in fp32; fp32: plain fp32. [default: auto]"),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help=f"{PRECISION_HELP} [default: auto]"),
         click.option("--accelerate/--no-accelerate", default=None, hidden=True,
                      help="Deprecated: --precision auto / --precision fp32."),
     ]
@@ -304,5 +304,6 @@ if __name__ == "__main__":  # pragma: no cover
 def entry() -> None:
     """The ``distill`` console command (and ``python -m distill``): threads fitted to the free cores, then
     :func:`main`."""
-    fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
+    if not asks_for_help(sys.argv[1:]):
+        fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -53,13 +54,15 @@ def test_a_users_thread_count_and_a_gpu_are_left_alone(monkeypatch, restore_thre
     assert threads.fit_threads_to_free_cores(print, free=0.2) == 2
 
 
-def test_the_console_commands_fit_their_threads_before_they_run(monkeypatch):
+def test_the_console_commands_fit_their_threads_before_they_run_but_not_for_help(monkeypatch):
     import distill.cli
     import synth.commands.cli
 
-    for module in (synth.commands.cli, distill.cli):
-        calls: list[str] = []
-        monkeypatch.setattr(module, "fit_threads_to_free_cores", lambda log, calls=calls: calls.append("fit"))
-        monkeypatch.setattr(module, "main", lambda calls=calls: calls.append("main"))
-        module.entry()
-        assert calls == ["fit", "main"]
+    for module, command in ((synth.commands.cli, ["synth", "run", "gmi"]), (distill.cli, ["distill", "run"])):
+        for argv, want in ((command, ["fit", "main"]), (command + ["--help"], ["main"]), (command[:1], ["main"])):
+            calls: list[str] = []
+            monkeypatch.setattr(module, "fit_threads_to_free_cores", lambda log, calls=calls: calls.append("fit"))
+            monkeypatch.setattr(module, "main", lambda calls=calls: calls.append("main"))
+            monkeypatch.setattr(sys, "argv", argv)
+            module.entry()
+            assert calls == want, argv

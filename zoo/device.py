@@ -18,11 +18,16 @@ from torch import nn
 
 from .errors import ZooError
 
-__all__ = ["PRECISIONS", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device", "slow_precision_note"]
+__all__ = ["PRECISIONS", "PRECISION_HELP", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device",
+           "slow_precision_note"]
 
 
 #: The values of ``--precision``, on ``synth run``, ``distill run`` and ``distill train``.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: What ``--precision`` does, for both commands' ``--help``.
+PRECISION_HELP = ("auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA) and on a CPU with "
+                  "avx512_bf16/amx_bf16, fp32 on other CPUs; bf16 / fp16: forward passes under autocast (losses, "
+                  "BN statistics, optimiser states fp32); fp32: plain fp32.")
 #: Whether ``auto`` picks bf16 on a CPU with a bf16 fast path. On since bf16 students sat inside the fp32 seed
 #: spread at equal images for gMI (3 seeds) and D2CIP (6 seeds), pipelines/results/fmnist32-cpu-precision.md.
 CPU_AUTO_BF16 = True

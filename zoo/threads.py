@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["free_cores", "fit_threads_to_free_cores"]
+__all__ = ["asks_for_help", "free_cores", "fit_threads_to_free_cores"]
 
 
 def _core_times(stat: Path, cores: set[int]) -> tuple[float, float] | None:
@@ -48,6 +48,12 @@ def free_cores(window: float = 0.5, stat: Path = Path("/proc/stat")) -> float | 
     if before is None or after is None or after[1] <= before[1]:
         return None
     return len(cores) * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def asks_for_help(argv: Sequence[str]) -> bool:
+    """Whether a command line only asks for help (no arguments, ``--help``, ``--version``): it computes nothing,
+    so it need not spend the measuring window nor say how many threads it would run."""
+    return not argv or any(arg in ("--help", "-h", "--version") for arg in argv)
 
 
 def fit_threads_to_free_cores(log: Callable[[str], None], free: float | None = None) -> int:

@@ -16,7 +16,7 @@ import click
 
 import zoo
 from synth.core.registry import all_methods, all_plugins
-from zoo.threads import fit_threads_to_free_cores
+from zoo.threads import asks_for_help, fit_threads_to_free_cores
 
 from .common import MainGroup
 from .condense import condense
@@ -70,5 +70,6 @@ if __name__ == "__main__":
 
 def entry() -> None:
     """The ``synth`` console command (and ``python -m synth``): threads fitted to the free cores, then :func:`main`."""
-    fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
+    if not asks_for_help(sys.argv[1:]):
+        fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
     main()

@@ -16,7 +16,7 @@ from synth.fanout import FanOut
 from synth.presets import RUN_BUDGETS, PresetError, preset_values, resolve_preset
 from synth.runner import RunOptions, run
 from timebudget import parse_duration
-from zoo.device import PRECISIONS
+from zoo.device import PRECISION_HELP, PRECISIONS
 
 from .common import USER_ERRORS, command_line, load_teacher, teacher_options
 from .options import build_config, click_options
@@ -146,10 +146,7 @@ def _make_run_command(method_class: type[SynthesisMethod]) -> click.Command:
                           "minutes on a CPU), or 'auto' (paper on CUDA, cpu otherwise)"),
         None if has_precision else click.option(
             "--precision", type=click.Choice(PRECISIONS), default=None,
-            help="auto: bf16 autocast on CUDA with bf16 (fp16 + loss scaling on older CUDA) and on a CPU "
-                          "with avx512_bf16/amx_bf16, fp32 on other CPUs; bf16 / fp16: autocast forward passes "
-                          "(losses, BN statistics, optimiser states fp32); fp32: plain fp32. Part of the dataset's "
-                          "identity [default: auto]"),
+            help=f"{PRECISION_HELP} Part of the dataset's identity. [default: auto]"),
         click.option("--accelerate/--no-accelerate", default=None, hidden=True,
                      help="deprecated: --precision auto / --precision fp32"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
