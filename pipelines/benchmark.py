@@ -170,7 +170,7 @@ class Benchmark:
             extra = ["--teacher", str(self.teacher)] if name == "KD on real images" else []
             run_command(distill("train", "--data", self.spec["real_data"], "--arch", self.spec["student"],
                                 "--out", str(directory), "--max-train-samples", str(self.budget["num_images"]),
-                                *self.distill_args(self.seeds[0])[2:], *extra),
+                                *self.distill_args(self.seeds[0])[2:], *self.precision_args({}), *extra),
                         self.out / f"{directory.name}.log", lane)
         metrics = json.loads((directory / "metrics.json").read_text())
         return {"accuracy": metrics["final_accuracy"], "distill_images_per_second": metrics.get("images_per_second"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import benchmark as benchmark_module
 from pipelines import runs
 from pipelines.benchmark import Benchmark
 from pipelines.lanes import Lane, LanePlan, OversubscribedError, plan_lanes, run_in_lanes
@@ -215,3 +216,27 @@ def test_a_teacher_table_trains_the_teacher_once_with_distill_train(tmp_path, mo
     assert len(commands) == 1  # reused
     with pytest.raises(ValueError, match="not both"):
         runs.resolve_teacher({**pipeline, "benchmark": {"teacher": "t.pt"}}, tmp_path, lane)
+
+
+def test_the_budgets_precision_reaches_every_command_the_real_data_references_too(tmp_path, monkeypatch):
+    """A file at ``[budget] precision = "fp32"`` compares fp32 rows with fp32 references, whatever ``auto`` means on
+    the machine (the references of issue 20's re-run ran at the default, bf16, before this)."""
+    spec = {"name": "t", "student": "resnet8", "eval_data": "none", "real_data": "fmnist32",
+            "out": str(tmp_path / "out"), "teacher": "t.pt"}
+    budget = {"lanes": 1, "num_images": 8, "shard_size": 8, "distill_epochs": 1, "distill_batch_size": 8,
+              "precision": "fp32"}
+    bench = Benchmark({"benchmark": spec, "budget": budget, "rows": [{"name": "a", "method": "gmi"}]},
+                      fresh=False, cores=2, source="x.toml")
+    bench.teacher = tmp_path / "t.pt"
+    commands: list[list[str]] = []
+
+    def fake_run(command, log, lane):
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        (out / "metrics.json").write_text(json.dumps({"final_accuracy": 0.5}))
+
+    monkeypatch.setattr(benchmark_module, "run_command", fake_run)
+    for name in benchmark_module.REFERENCES:
+        bench.reference_run(name, None)
+    assert len(commands) == 2 and all(c[c.index("--precision") + 1] == "fp32" for c in commands), commands
+    assert bench.precision_args({"precision": "bf16"}) == ["--precision", "bf16"]  # a row's own wins
