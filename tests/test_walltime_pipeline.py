@@ -114,12 +114,15 @@ def test_a_point_records_cpu_seconds_and_its_budget_beside_wall_seconds(tmp_path
     point = json.loads((tmp_path / "a" / "seed-0" / "total-1m00s" / "point.json").read_text())
     assert point["synthesis_wall_seconds"] == 47.0 and point["synthesis_cpu_seconds"] == 40.0
     assert point["distill_wall_seconds"] == 15.0 and point["distill_cpu_seconds"] == 19.0  # evaluation not charged
-    assert point["synthesis_budget_seconds"] == 45.0 and point["distill_budget_seconds"] == pytest.approx(15.0)
+    # distillation gets what synthesis left of the minute (60 - 47 s), not the nominal 15 s: totals stay equal
+    assert point["synthesis_budget_seconds"] == 45.0 and point["distill_budget_seconds"] == pytest.approx(13.0)
     assert point["over_budget"] == pytest.approx(62 / 60 - 1) and point["cores"] == [1] and point["threads"] == 1
     assert all(used is lane for _, used in calls)
     synth_command = calls[0][0]
     assert synth_command[1:4] == ["-m", "synth", "run"]  # the public command, not an internal module
     assert synth_command[synth_command.index("--time-budget") + 1] == "45.0s"
+    distill_command = calls[1][0]
+    assert distill_command[distill_command.index("--time-budget") + 1] == "13.0s"
     calls.clear()
     bench.row(spec["rows"][0], 0, lane)  # finished points are reused
     assert calls == []
