@@ -23,10 +23,11 @@ of images in their asked class; BN weight 10 -> 30.7, 0.718, 48%. So at 60 itera
 trades class confidence for feature statistics, away from the near-certain images behind the old row (35.50%
 student at 98.83% teacher agreement, ``pipelines/results/fmnist32-cpu.md``). The 3-seed equal-image row at
 today's defaults (``pipelines/results/fmnist32-cpu-issue20-rerun.md``, 512 images, fp32): **31.36% ± 0.30**
-(31.01-31.53%), teacher agreement 41.86% — no gain over the old single-seed 35.50%, which came from a table that
-did not reproduce. The references' weight is kept because this baseline's job is to be the DeepInversion people
-compare against; the same file's row ``deepinversion, bn weight 1`` measures the old weight at today's code, and
-``--bn-weight 1`` restores it.
+(31.01-31.53%), teacher agreement 41.86%; the old weight at today's code (same file, row ``deepinversion, bn
+weight 1``, best iterate too): 27.89% ± 3.09 (25.26-31.29%) at 99.61% agreement. So the references' weight is
+also the better one here, by 3.5 points (more than either spread): near-certain images teach less than images
+that match the teacher's feature statistics. (The old row's 35.50% came from a table that did not reproduce.)
+``--bn-weight 1`` restores the old setting.
 """
 
 from __future__ import annotations
