@@ -18,7 +18,7 @@ import click
 from distill.core import precision
 from distill.train import DEFAULT_TEMPERATURE, LoopConfig
 from zoo.device import PRECISION_HELP, PRECISIONS
-from zoo.threads import asks_for_help, fit_threads_to_free_cores
+from zoo.threads import fit_threads_for_command
 
 #: ``distill run`` on a machine without CUDA, for options not given: a budget that finishes in minutes and
 #: spends its time on training (evaluations every 5 epochs on a 2,000-image subset, the full set at the end).
@@ -297,13 +297,12 @@ def train(**kwargs: Any) -> None:
         click.echo(result.summary_line)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 def entry() -> None:
     """The ``distill`` console command (and ``python -m distill``): threads fitted to the free cores, then
     :func:`main`."""
-    if not asks_for_help(sys.argv[1:]):
-        fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
+    fit_threads_for_command(sys.argv[1:], lambda message: click.echo(message, err=True))
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -61,7 +61,7 @@ def test_the_console_commands_fit_their_threads_before_they_run_but_not_for_help
     for module, command in ((synth.commands.cli, ["synth", "run", "gmi"]), (distill.cli, ["distill", "run"])):
         for argv, want in ((command, ["fit", "main"]), (command + ["--help"], ["main"]), (command[:1], ["main"])):
             calls: list[str] = []
-            monkeypatch.setattr(module, "fit_threads_to_free_cores", lambda log, calls=calls: calls.append("fit"))
+            monkeypatch.setattr(threads, "fit_threads_to_free_cores", lambda log, calls=calls: calls.append("fit"))
             monkeypatch.setattr(module, "main", lambda calls=calls: calls.append("main"))
             monkeypatch.setattr(sys, "argv", argv)
             module.entry()

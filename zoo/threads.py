@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["asks_for_help", "free_cores", "fit_threads_to_free_cores"]
+__all__ = ["asks_for_help", "fit_threads_for_command", "fit_threads_to_free_cores", "free_cores"]
 
 
 def _core_times(stat: Path, cores: set[int]) -> tuple[float, float] | None:
@@ -54,6 +54,13 @@ def asks_for_help(argv: Sequence[str]) -> bool:
     """Whether a command line only asks for help (no arguments, ``--help``, ``--version``): it computes nothing,
     so it need not spend the measuring window nor say how many threads it would run."""
     return not argv or any(arg in ("--help", "-h", "--version") for arg in argv)
+
+
+def fit_threads_for_command(argv: Sequence[str], log: Callable[[str], None]) -> None:
+    """What the ``synth`` and ``distill`` console entry points do before parsing ``argv``: fit the threads to the
+    free cores, unless the command line only asks for help."""
+    if not asks_for_help(argv):
+        fit_threads_to_free_cores(log)
 
 
 def fit_threads_to_free_cores(log: Callable[[str], None], free: float | None = None) -> int:

@@ -16,7 +16,7 @@ import click
 
 import zoo
 from synth.core.registry import all_methods, all_plugins
-from zoo.threads import asks_for_help, fit_threads_to_free_cores
+from zoo.threads import fit_threads_for_command
 
 from .common import MainGroup
 from .condense import condense
@@ -64,12 +64,11 @@ def list_methods(archs: bool) -> None:
 for command in (run_group, inspect, verify, merge, condense):
     main.add_command(command)
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def entry() -> None:
     """The ``synth`` console command (and ``python -m synth``): threads fitted to the free cores, then :func:`main`."""
-    if not asks_for_help(sys.argv[1:]):
-        fit_threads_to_free_cores(lambda message: click.echo(message, err=True))
+    fit_threads_for_command(sys.argv[1:], lambda message: click.echo(message, err=True))
     main()
+
+
+if __name__ == "__main__":
+    entry()
