@@ -54,6 +54,7 @@ from . import tables, walltime
 from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arguments, plan_lanes, run_in_lanes
 from .runs import (
     RunTime,
+    check_reused_options,
     code_commit,
     distill,
     environment,
@@ -233,10 +234,12 @@ class Benchmark:
         timing, distill_timing = directory / "synth_seconds.json", directory / "distill_seconds.json"
         manifest_path = dataset / "manifest.json"
         complete = manifest_path.exists() and json.loads(manifest_path.read_text()).get("complete")
-        if not (complete and timing.exists()):
+        config = directory / "synth.toml"
+        if complete and timing.exists():
+            check_reused_options(config, method, options, name)
+        else:
             if dataset.exists():
                 shutil.rmtree(dataset)
-            config = directory / "synth.toml"
             write_row_config(config, method, options)
             spent = run_command(synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
                                       "--config", str(config), "--preset", self.preset,

@@ -143,10 +143,22 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def write_row_config(path: Path, method: str, options: dict[str, Any]) -> None:
+def row_config_text(method: str, options: dict[str, Any]) -> str:
     """The row's method options as the ``[synth.METHOD]`` table ``synth run --config`` reads."""
     lines = [f"[synth.{method}]"] + [f"{key} = {_toml_value(value)}" for key, value in options.items()]
-    write_atomic(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_row_config(path: Path, method: str, options: dict[str, Any]) -> None:
+    write_atomic(path, row_config_text(method, options))
+
+
+def check_reused_options(path: Path, method: str, options: dict[str, Any], row: str) -> None:
+    """Refuses to reuse a finished run whose ``synth.toml`` (written when it ran) holds other options than the
+    row now asks for: a row redefined under its old name would otherwise report the old run's figures."""
+    if path.exists() and path.read_text() != row_config_text(method, options):
+        raise ValueError(f"row {row!r}: {path.parent} ran with other options ({path} differs from the file's "
+                         f"row); rerun it with --fresh --rows {row!r}, or move that folder aside")
 
 
 def teacher_accuracy(teacher_path: Path, eval_data: str) -> float:

@@ -189,6 +189,8 @@ def walltime_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: f
                 f"| {fmt(p.get('worst_class_agreement'), 'pct1')} |")
         lines.append("")
     lines += [note for key, note in (("seeds", FEW_SEEDS_NOTE), ("over", OVERRUN_NOTE)) if key in notes]
+    for total in totals if spec.get("baselines") else []:
+        lines += ["", *baseline_table(results, total, spec["baselines"])]
     if chosen is not None:
         lines += ["", *share_table(results, chosen)]
     lines += ["", "## Every seed", "",
@@ -204,6 +206,44 @@ def walltime_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: f
                 f"| {fmt(over, 'signed') if over <= OVERRUN_TOLERANCE else f'**{over:+.1%}** over budget'} "
                 f"| {fmt(None if None in cpu else sum(cpu), 's')} | {p['accuracy']:.2%} |")
     return "\n".join(lines) + "\n"
+
+
+def verdict(row: dict[str, float], baseline: dict[str, float]) -> str:
+    """Whether a row beats a baseline by more than the seed spread: its mean ahead by more than the larger of
+    the two standard deviations ("ahead"), behind by as much ("behind"), or neither ("within the spread")."""
+    difference, noise = row["mean"] - baseline["mean"], max(row["std"], baseline["std"])
+    if min(row["n"], baseline["n"]) < 2:
+        return "one seed: undecided"
+    return "ahead" if difference > noise else "behind" if -difference > noise else "within the spread"
+
+
+def baseline_table(results: Points, total: float, baselines: list[str]) -> list[str]:
+    """Every row against each baseline row (``[benchmark] baselines``) at one total budget: the difference of
+    mean accuracies and :func:`verdict`. Rows over budget get no verdict: they had more time."""
+    from timebudget import format_duration
+
+    rows = {name: _at(points, total) for name, points in results.items() if _at(points, total)}
+    present = [b for b in baselines if b in rows]
+    if not present:
+        return []
+    accuracy = {name: spread([p["accuracy"] for p in at]) for name, at in rows.items()}
+    within = {name: budget_status(at)[1] for name, at in rows.items()}
+    lines = [f"## Against the baselines at {format_duration(total)}", "",
+             "Difference of mean accuracies in points; *ahead* / *behind*: by more than the larger of the two "
+             "rows' standard deviations over seeds, the seed spread.", "",
+             "| method | " + " | ".join(f"vs {b}" for b in present) + " |", "|---|" + "---|" * len(present)]
+    for name in sorted(rows, key=lambda n: -accuracy[n]["mean"]):
+        cells = []
+        for b in present:
+            if b == name:
+                cells.append("–")
+            elif not (within[name] and within[b]):
+                cells.append("over budget")
+            else:
+                difference = (accuracy[name]["mean"] - accuracy[b]["mean"]) * 100
+                cells.append(f"{difference:+.2f}: {verdict(accuracy[name], accuracy[b])}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chosen_shares(results: Points) -> dict[str, float]:

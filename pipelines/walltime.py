@@ -45,6 +45,7 @@ from timebudget import format_duration, parse_duration
 from . import tables
 from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arguments, plan_lanes, run_in_lanes
 from .runs import (
+    check_reused_options,
     distill,
     environment,
     resolve_teacher,
@@ -140,6 +141,8 @@ class WallTimeBenchmark:
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dataset, config = directory / "dataset", directory / "synth.toml"
+        if any((self.point_dir(row, seed, t, s) / "point.json").exists() for t, s in self.points(row)):
+            check_reused_options(config, method, row.get("options", {}), name)
         write_row_config(config, method, row.get("options", {}))
         synth_wall, synth_cpu = 0.0, 0.0
         for total, share in self.points(row):

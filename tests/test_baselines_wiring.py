@@ -196,6 +196,19 @@ def test_cmi_contrast_updates_generator_latents_and_head(teacher, engine_gradien
     assert any(not torch.allclose(w, o) for w, o in zip(want, other, strict=True))
 
 
+
+def test_cmi_without_contrast_shows_the_teacher_the_global_view_only_as_the_reference_cr_0(teacher, monkeypatch):
+    """The reference's short setting (g_steps 5, --cr 0): one teacher view of the batch's own size per step,
+    no L_cr, no head update, nothing pushed to the bank."""
+    method = _cmi_after(teacher, batches=0, inversion_steps=2, contrast_weight=0.0)
+    seen = _teacher_inputs(method, monkeypatch)
+    next(method.synthesize())
+    assert len(seen) == 2 and all(len(batch) == len(images) for images, batch in seen)
+    assert all(_is_shift_flip(v, x) for images, batch in seen for v, x in zip(batch, images, strict=True))
+    assert "cr" not in method.losses_of_last_step() and len(method.feature_bank) == 0
+    groups, step, terms = _cmi_step(method)
+    assert "head" not in groups and step.instance_features is None and "cr" not in terms
+
 # -- the proxy student's schedule ---------------------------------------------------------------------------
 
 def test_cosine_schedule_is_torchs_cosine_annealing():

@@ -132,6 +132,8 @@ def test_the_decisive_table_runs_exactly_the_rows_its_split_sweep_chose_shares_f
     assert decisive["budget"]["totals"] == sweep["budget"]["totals"] == ["10m"]
     assert Path(decisive["budget"]["share_from"]).name == f"{sweep['benchmark']['name']}.json"
     assert len(decisive["benchmark"]["seeds"]) >= 3
+    # the table measures on other seeds than the sweep chose its shares on: the choice does not flatter it
+    assert not set(decisive["benchmark"]["seeds"]) & set(sweep["benchmark"]["seeds"])
 
 
 def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows(tmp_path, monkeypatch, capsys):
@@ -189,6 +191,10 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     assert "| 1 | d2cip | 51.00% ± 1.00 (50.00–52.00%, n=3) |" in table
     assert "| 3 ‡ | one seed | 50.00% (n=1) ‡ |" in table and "fewer than 3 seeds" in table
     assert "| ref. | resnet8: student on real labels (8 real images) |" in table
+    redefined = json.loads(json.dumps(pipeline))
+    redefined["rows"][0]["options"] = {"scr_weight": 2.0}  # a row redefined under its old name is not reused
+    with pytest.raises(ValueError, match="row 'd2cip': .* ran with other options"):
+        bench_module.Benchmark(redefined, fresh=False, cores=2).run({"d2cip"})
     order.clear()  # a later sitting with --rows runs only that row, and still writes the whole file's table
     bench_module.Benchmark(pipeline, fresh=True, cores=2).run({"one seed"})
     assert order == [("one-seed", "0")]

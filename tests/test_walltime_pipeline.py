@@ -13,7 +13,7 @@ import pytest
 from pipelines import walltime
 from pipelines.lanes import Lane
 from pipelines.runs import RunTime
-from pipelines.tables import OVERRUN_NOTE, chosen_shares, walltime_tables
+from pipelines.tables import OVERRUN_NOTE, chosen_shares, verdict, walltime_tables
 from pipelines.walltime import WallTimeBenchmark
 
 PIPELINE = {
@@ -126,10 +126,31 @@ def test_a_point_records_cpu_seconds_and_its_budget_beside_wall_seconds(tmp_path
     calls.clear()
     bench.row(spec["rows"][0], 0, lane)  # finished points are reused
     assert calls == []
-    spec["rows"][0]["synthesis_share"] = 0.5  # ... but not at another share than they ran at
+    redefined = {**spec["rows"][0], "options": {"inversion_steps": 5}}  # ... nor for a row redefined under its name
+    with pytest.raises(ValueError, match="row 'a': .* ran with other options"):
+        bench.row(redefined, 0, lane)
+    assert calls == [] and "inversion_steps" not in (tmp_path / "a" / "seed-0" / "synth.toml").read_text()
+    spec["rows"][0]["synthesis_share"] = 0.5  # ... nor at another share than they ran at
     with pytest.raises(ValueError, match="ran at synthesis share 0.75"):
         WallTimeBenchmark(spec, fresh=False, cores=2).row(spec["rows"][0], 0, lane)
 
+
+
+def test_the_table_says_which_rows_are_ahead_of_the_baselines_by_more_than_the_seed_spread():
+    means = {"gmi": [0.50, 0.52, 0.54], "far": [0.60, 0.61, 0.62], "near": [0.53, 0.55, 0.50],
+             "worse": [0.40, 0.41, 0.42], "long": [0.70, 0.71, 0.72]}
+    results = {name: [_point(seed, acc, row=name) for seed, acc in enumerate(values)]
+               for name, values in means.items()}
+    results["long"][0]["total_wall_seconds"] = 70.0  # over budget: had more time, gets no verdict
+    spec = {**PIPELINE["benchmark"], "baselines": ["gmi", "absent"]}
+    table = walltime_tables(spec, PIPELINE["budget"], 0.9, results, ENV)
+    section = table.split("## Against the baselines at 1m00s")[1].split("## Every seed")[0]
+    assert "| vs gmi |" in section and "vs absent" not in section
+    assert "| far | +9.00: ahead |" in section and "| worse | -11.00: behind |" in section
+    assert "| near | +0.67: within the spread |" in section and "| long | over budget |" in section
+    assert "| gmi | – |" in section
+    assert verdict({"mean": 0.6, "std": 0.0, "n": 1}, {"mean": 0.5, "std": 0.0, "n": 3}) == "one seed: undecided"
+    assert "Against the baselines" not in walltime_tables(PIPELINE["benchmark"], PIPELINE["budget"], 0.9, results, ENV)
 
 def test_a_split_sweep_continues_one_dataset_and_names_the_best_share_within_budget(tmp_path):
     spec = _pipeline(tmp_path, synthesis_shares=[0.8, 0.5, 0.65])
