@@ -1,5 +1,7 @@
-"""The options every generator-based method shares (:class:`InversionConfig`) and what ``--reset-generator``
-may say (:data:`ResetMode`); the loop that reads them is :mod:`synth.core.inversion`."""
+"""The options every generator-based method shares (:class:`InversionConfig`), those of the methods whose proxy
+student is trained as the Fast-Datafree reference trains its student (:class:`ReferenceStudentConfig`: CMI, Fast),
+and what ``--reset-generator`` may say (:data:`ResetMode`); the loop that reads them is
+:mod:`synth.core.inversion`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .protocol import SynthConfig
+from .proxy import scheduled_lr
 
 ResetMode = Literal["auto", "keep", "initial", "random"]
 
@@ -44,3 +47,28 @@ class InversionConfig(SynthConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kd_steps < 0:
             raise ValueError(f"kd_steps must be >= 0, got {self.kd_steps}")
+
+
+@dataclass
+class ReferenceStudentConfig(InversionConfig):
+    """The proxy student trained as the public Fast-Datafree code (CMI's and Fast's) trains its student between
+    synthesised batches: 400 KD steps at T = 20, SGD whose learning rate is cosine-annealed to 2e-4 over 200
+    batches. Each method's ``cpu_budget`` cuts these (see its module docstring)."""
+
+    kd_steps: int = field(default=400, metadata={
+        "help": "proxy-student KD steps after each stored batch (the reference's kd_steps: 400)"})
+    kd_temperature: float = field(default=20.0, metadata={"help": "temperature of the proxy student's KD loss"})
+    proxy_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the proxy student (at its start)"})
+    proxy_schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={
+        "help": "proxy lr over the run: cosine to 2e-4 over --proxy-schedule-batches stored batches (Fast: after "
+                "its warm-up), as the reference's student; or constant"})
+    proxy_schedule_batches: int = field(default=200, metadata={"help": "T_max of the cosine proxy schedule"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.proxy_schedule_batches < 1:
+            raise ValueError(f"proxy_schedule_batches must be positive, got {self.proxy_schedule_batches}")
+
+    def proxy_lr_after(self, batches: int) -> float:
+        """The proxy student's learning rate after ``batches`` scheduler steps (one per stored batch)."""
+        return scheduled_lr(self.proxy_lr, self.proxy_schedule, batches, self.proxy_schedule_batches)

@@ -53,7 +53,7 @@ missing local features). Five steps at latent lr 2e-2 *with* L_cr collapsed at 1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,9 @@ from torch import nn
 from synth.core import augment
 from synth.core.hooks import recording
 from synth.core.inversion import GeneratorInversion, InversionStep
-from synth.core.inversion_config import InversionConfig, ResetMode
+from synth.core.inversion_config import ReferenceStudentConfig, ResetMode
 from synth.core.memory import MemoryBank
-from synth.core.proxy import scheduled_lr, set_lr
+from synth.core.proxy import set_lr
 from synth.core.updates import ParamGroup, Term, term
 
 #: The local view's aspect ratio range (kornia's RandomResizedCrop default, which the public code keeps).
@@ -72,7 +72,7 @@ LOCAL_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass
-class CMIConfig(InversionConfig):
+class CMIConfig(ReferenceStudentConfig):
     """CMI's hyperparameters (public CIFAR-10 script); the inversion core's options keep their meaning."""
 
     # The proxy settings are those the CPU rows were measured with (see the module docstring).
@@ -89,20 +89,9 @@ class CMIConfig(InversionConfig):
         "help": "smallest area fraction of the local view's random resized crop"})
     decision_adversarial: bool = field(default=True, metadata={
         "help": "count L_adv only where teacher and proxy student agree (CMI's adversarial term)"})
-    # The proxy student trained as the reference trains its student between batches (module docstring).
-    kd_steps: int = field(default=400, metadata={
-        "help": "proxy-student KD steps after each stored batch (the reference's kd_steps: 400)"})
-    kd_temperature: float = field(default=20.0, metadata={"help": "temperature of the proxy student's KD loss"})
-    proxy_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the proxy student (at its start)"})
-    proxy_schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={
-        "help": "proxy lr over the run: cosine to 2e-4 over --proxy-schedule-batches stored batches (the "
-                "reference's student), or constant"})
-    proxy_schedule_batches: int = field(default=200, metadata={"help": "T_max of the cosine proxy schedule"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.proxy_schedule_batches < 1:
-            raise ValueError(f"proxy_schedule_batches must be positive, got {self.proxy_schedule_batches}")
         if self.head_dim < 1 or self.bank_size < 1 or self.negatives < 0:
             raise ValueError("head_dim and bank_size must be positive and negatives >= 0")
         if not 0 < self.local_scale <= 1:
@@ -176,9 +165,7 @@ class CMI(GeneratorInversion):
         return [self.acceleration.tensor(global_view), self.acceleration.tensor(local_view)]
 
     def train_proxy_student(self) -> None:
-        cfg = self.config
-        set_lr(self.student_optimizer, scheduled_lr(cfg.proxy_lr, cfg.proxy_schedule, self.batches_done,
-                                                    cfg.proxy_schedule_batches))
+        set_lr(self.student_optimizer, self.config.proxy_lr_after(self.batches_done))
         super().train_proxy_student()
 
     def begin_batch(self, labels: torch.Tensor) -> dict[str, ParamGroup]:

@@ -52,20 +52,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from synth.core import augment
 from synth.core.inversion import GeneratorInversion
-from synth.core.inversion_config import InversionConfig, ResetMode
+from synth.core.inversion_config import ReferenceStudentConfig, ResetMode
 from synth.core.losses import bn_statistics_loss
-from synth.core.proxy import scheduled_lr, set_lr
+from synth.core.proxy import set_lr
 from synth.core.updates import ParamGroup
 
 
 @dataclass
-class FastConfig(InversionConfig):
+class FastConfig(ReferenceStudentConfig):
     """Fast's hyperparameters (public CIFAR scripts, WRN teacher, Fast-5)."""
 
     # The proxy settings are those the CPU rows were measured with (see the module docstring).
@@ -88,20 +88,10 @@ class FastConfig(InversionConfig):
     warmup: int = field(default=20, metadata={"help": "batches before L_adv is switched on"})
     decision_adversarial: bool = field(default=True, metadata={
         "help": "count L_adv only where teacher and proxy student agree (the public code's adversarial term)"})
-    # The proxy student trained as the reference trains its student between batches (module docstring).
-    kd_steps: int = field(default=400, metadata={
-        "help": "proxy-student KD steps after each stored batch (the reference's kd_steps: 400)"})
-    kd_temperature: float = field(default=20.0, metadata={"help": "temperature of the proxy student's KD loss"})
     proxy_lr: float = field(default=0.2, metadata={"help": "SGD learning rate of the proxy student (at its start)"})
-    proxy_schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={
-        "help": "proxy lr over the run: cosine to 2e-4 over --proxy-schedule-batches stored batches after the "
-                "warm-up (the reference's student), or constant"})
-    proxy_schedule_batches: int = field(default=200, metadata={"help": "T_max of the cosine proxy schedule"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.proxy_schedule_batches < 1:
-            raise ValueError(f"proxy_schedule_batches must be positive, got {self.proxy_schedule_batches}")
         if not 0 <= self.bn_momentum < 1:
             raise ValueError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
         if self.warmup < 0 or self.meta_lr < 0:
@@ -151,10 +141,7 @@ class Fast(GeneratorInversion):
 
     def train_proxy_student(self) -> None:
         """The reference's schedule: its scheduler steps once per epoch (one batch) only after the warm-up."""
-        cfg = self.config
-        step = max(0, self.batches_done - cfg.warmup)
-        set_lr(self.student_optimizer, scheduled_lr(cfg.proxy_lr, cfg.proxy_schedule, step,
-                                                    cfg.proxy_schedule_batches))
+        set_lr(self.student_optimizer, self.config.proxy_lr_after(max(0, self.batches_done - self.config.warmup)))
         super().train_proxy_student()
 
     def after_inversion(self, images: torch.Tensor, labels: torch.Tensor) -> None:
