@@ -114,3 +114,24 @@ def batch_clock(monkeypatch):
     monkeypatch.setattr(runner, "system_clock", clock)
     monkeypatch.setattr(runner, "quantise_and_label", charged)
     return clock
+
+
+# -- tiny diffusers pipelines (tests/tiny_diffusion.py), one per test module: test_diffdfkd.py rewrites its own ---
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory) -> Path:
+    """A tiny random pixel-space DDPM saved with ``save_pretrained``, loaded back as a user's would be."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusion import save_ddpm
+
+    return save_ddpm(tmp_path_factory.mktemp("ddpm") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline (text encoder, tokenizer, UNet, VAE) saved with ``save_pretrained``."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tiny_diffusion import save_stable_diffusion
+
+    return save_stable_diffusion(tmp_path_factory.mktemp("sd") / "pipeline")

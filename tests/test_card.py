@@ -39,15 +39,6 @@ TINY = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: torch on one thread here
 
 
-@pytest.fixture(scope="module")
-def ddpm_dir(tmp_path_factory) -> Path:
-    """A tiny random pixel-space DDPM saved with save_pretrained, for diffdfkd's run."""
-    pytest.importorskip("diffusers")
-    from tiny_diffusion import save_ddpm
-
-    return save_ddpm(tmp_path_factory.mktemp("ddpm") / "pipeline")
-
-
 def synth_run(method: str, out: Path, teacher: Path, images: int = 8, ddpm: Path | None = None) -> None:
     options = [str(ddpm) if option == "{ddpm}" else option for option in TINY[method]]
     args = ["run", method, "--out", str(out), "--teacher", str(teacher), "--num-images", str(images),

@@ -30,16 +30,6 @@ TINY = dict(batch_size=4, num_inference_steps=4, interval=2, proxy_student="resn
 
 
 @pytest.fixture(scope="module")
-def ddpm_dir(tmp_path_factory):
-    return save_ddpm(tmp_path_factory.mktemp("ddpm") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return save_stable_diffusion(tmp_path_factory.mktemp("sd") / "pipeline")
-
-
-@pytest.fixture(scope="module")
 def dit_dir(tmp_path_factory):
     """Label names of the calibrated teacher ('0'..'9'), at ids 990..999, with synonyms as ImageNet has them."""
     return save_dit(tmp_path_factory.mktemp("dit") / "pipeline", {990 + i: f"Class{i}, {i}" for i in range(10)})

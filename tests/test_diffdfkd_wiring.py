@@ -14,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / huggingface_hub read it
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tiny_diffusion import save_ddpm, save_dit, save_stable_diffusion  # noqa: E402
+from tiny_diffusion import save_dit  # noqa: E402
 
 from synth.errors import SynthError  # noqa: E402
 from synth.methods.diffdfkd import diffusion  # noqa: E402
@@ -26,16 +26,6 @@ from synth.methods.diffdfkd.prompts import PromptBuilder  # noqa: E402
 # fp32 weights: these tests recompute the denoiser's outputs by hand (bf16 runs: tests/test_precision.py)
 TINY = dict(batch_size=4, num_inference_steps=4, interval=2, proxy_student="resnet8", kd_steps=1,
             memory_capacity=64, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def ddpm_dir(tmp_path_factory):
-    return save_ddpm(tmp_path_factory.mktemp("ddpm") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return save_stable_diffusion(tmp_path_factory.mktemp("sd") / "pipeline")
 
 
 def _method(teacher, model_dir, **options) -> DiffDFKD:
