@@ -1,8 +1,12 @@
-"""The README's results figure from a benchmark's results JSON: accuracy per row with the seed range.
+"""The README's results figure from benchmarks' results JSONs: accuracy per row with the seed range.
 
-    python -m pipelines.results_plot pipelines/results/fmnist32-cpu-precision.json docs/results-512.png [ROW ...]
+    python -m pipelines.results_plot docs/results-512.png \\
+        pipelines/results/fmnist32-cpu-precision.json \\
+        "pipelines/results/fmnist32-cpu-issue20-rerun.json:kgen;cpsc;cmi;deepinversion"
 
-ROW: the rows to draw, by their name in the JSON (default: the references, then every row of the file).
+Each source is a results JSON, optionally followed by ``:`` and the rows to draw from it, separated by
+semicolons, by their name in the JSON (default: every row). The references (teacher, the real-data rows) are
+drawn first, once, from the first file that has them.
 """
 
 from __future__ import annotations
@@ -10,26 +14,51 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from atomicio import write_atomic
 
 REFERENCES = ("teacher", "student on real labels", "KD on real images")
 
 
-def plot(results: Path, out: Path, rows: tuple[str, ...] = ()) -> None:
+def parse_source(spec: str) -> tuple[Path, tuple[str, ...]]:
+    """``FILE.json`` or ``FILE.json:ROW;ROW``."""
+    path, _, rows = spec.partition(".json:")
+    if not rows:
+        return Path(spec), ()
+    return Path(path + ".json"), tuple(r.strip() for r in rows.split(";") if r.strip())
+
+
+def pick_rows(sources: list[tuple[Path, tuple[str, ...]]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows to draw in order, and how many of them (first) are references."""
+    references: dict[str, dict[str, Any]] = {}
+    picked: list[dict[str, Any]] = []
+    for path, rows in sources:
+        data = dict(json.loads(path.read_text())["rows"])
+        for key in REFERENCES:
+            if key in data:
+                references.setdefault(key, data[key])
+        for key in rows or [k for k in data if k not in REFERENCES]:
+            if key not in data:
+                raise SystemExit(f"{path} has no row {key!r}; it has: {', '.join(data)}")
+            picked.append(data[key])
+    ordered = [references[key] for key in REFERENCES if key in references]
+    return ordered + picked, len(ordered)
+
+
+def plot(sources: list[tuple[Path, tuple[str, ...]]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = dict(json.loads(results.read_text())["rows"])
-    rows = rows or tuple(dict.fromkeys([*(r for r in REFERENCES if r in data), *data]))
-    picked = [data[key] for key in rows if key in data]
+    picked, references = pick_rows(sources)
     names = [row["name"].replace("wrn16_1: ", "").replace(" (512 real images)", "\n(512 real)") for row in picked]
     acc = [row["accuracy"] for row in picked]
     means = [a["mean"] * 100 for a in acc]
     below = [(a["mean"] - a["min"]) * 100 for a in acc]
     above = [(a["max"] - a["mean"]) * 100 for a in acc]
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
-    references = sum(1 for key in rows if key in REFERENCES and key in data)
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.3 * len(names)), dpi=120)
     ax.barh(range(len(names)), means, xerr=[below, above], capsize=3,
             color=["#888"] * references + ["#1f77b4"] * (len(names) - references))
     for i, (mean, a, up) in enumerate(zip(means, acc, above, strict=True)):
@@ -39,10 +68,14 @@ def plot(results: Path, out: Path, rows: tuple[str, ...] = ()) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 110)
     ax.set_xlabel("WRN-16-1 test accuracy on real FMNIST (%); bars: range over seeds")
-    ax.set_title("512 synthetic images per method, shipped WRN-16-2 teacher, 2-core CPU", fontsize=9)
+    ax.set_title("512 synthetic images per method, shipped WRN-16-2 teacher, 2-core CPU\n"
+                 "both stages fp32 unless the row says bf16", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    plot(Path(sys.argv[1]), Path(sys.argv[2]), tuple(sys.argv[3:]))
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    plot([parse_source(spec) for spec in sys.argv[2:]], Path(sys.argv[1]))

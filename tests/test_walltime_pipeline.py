@@ -215,3 +215,25 @@ def test_share_outside_zero_and_one_is_refused():
     spec["budget"]["synthesis_share"] = 1.0
     with pytest.raises(ValueError, match="synthesis_share"):
         WallTimeBenchmark(spec, fresh=False, cores=2)
+
+
+def test_the_results_figure_draws_the_references_once_then_the_rows_asked_for_from_each_file(tmp_path):
+    from pipelines.results_plot import parse_source, pick_rows
+
+    def results(path: Path, rows: list[str]) -> Path:
+        acc = {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 3}
+        names = ["teacher", "KD on real images", *rows]
+        path.write_text(json.dumps({"rows": {name: {"name": f"{name} ({path.stem})", "accuracy": acc}
+                                             for name in names}}))
+        return path
+
+    first = results(tmp_path / "a.json", ["gmi, fp32", "gmi, bf16"])
+    second = results(tmp_path / "b.json", ["kgen", "cmi"])
+    assert parse_source(f"{second}:kgen; cmi") == (second, ("kgen", "cmi"))
+    assert parse_source(str(first)) == (first, ())
+    picked, references = pick_rows([parse_source(str(first)), parse_source(f"{second}:cmi")])
+    assert [row["name"] for row in picked] == ["teacher (a)", "KD on real images (a)", "gmi, fp32 (a)",
+                                               "gmi, bf16 (a)", "cmi (b)"]
+    assert references == 2
+    with pytest.raises(SystemExit, match="has no row 'fast'"):
+        pick_rows([parse_source(f"{second}:fast")])
