@@ -210,7 +210,8 @@ def walltime_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: f
 
 def verdict(row: dict[str, float], baseline: dict[str, float]) -> str:
     """Whether a row beats a baseline by more than the seed spread: its mean ahead by more than the larger of
-    the two standard deviations ("ahead"), behind by as much ("behind"), or neither ("within the spread")."""
+    the two standard deviations ("ahead"), behind by as much ("behind"), or neither ("within the spread"); with
+    one seed on either side there is no spread to compare against ("one seed: undecided")."""
     difference, noise = row["mean"] - baseline["mean"], max(row["std"], baseline["std"])
     if min(row["n"], baseline["n"]) < 2:
         return "one seed: undecided"

@@ -24,8 +24,10 @@ takes its chosen share from there, and the file refuses to run for a row the swe
 than cores, ``pipelines/lanes.py``); every (row, seed) is one run. ``seeds = [0, 1, 2]`` in ``[benchmark]``
 (or in a row) runs every row once per seed, in ``seed-N`` folders (``seed = N``: one seed, old layout).
 ``[budget] preset``: the synthesis preset (default ``cpu``). ``[teacher]``: train the teacher first
-(``pipelines/runs.py``). Finished points are reused on a re-run; ``--plan`` prints the lanes and the wall time
-the remaining points will take.
+(``pipelines/runs.py``). Finished points are reused on a re-run (a row whose options changed since is refused:
+``--fresh --rows``); ``--plan`` prints the lanes and the wall time the remaining points will take.
+``[benchmark] baselines = ["gmi", ...]`` adds a table of every row's lead over those rows, called *ahead* or
+*behind* only beyond the seed spread (``tables.verdict``).
 """
 
 from __future__ import annotations
