@@ -46,8 +46,9 @@ The reference's short setting ("tuned fast version for further comparison", the 
 round (``feature_reuse=False``) and no contrastive term, so the teacher sees only the global view. Here that is
 ``--inversion-steps 5 --contrast-weight 0``, and with ``contrast_weight`` 0 the local view, its teacher pass and
 the feature bank are skipped, as in the reference (whose best-iterate bookkeeping would then fail on the
-missing local features). Five steps at latent lr 2e-2 *with* L_cr collapsed at 10 minutes of wall time
-(students 18-19%, teacher agreement 0.38-0.40; ``docs/results.md``, split sweep).
+missing local features). At 10 minutes of wall time on the shipped FMNIST-32 teacher five steps collapse, with
+L_cr at latent lr 2e-2 (students 18-19%) and as the reference's short setting (19-23%, teacher agreement 0.39),
+where the CPU preset's 20 steps reach 70% (``docs/results.md``, split sweep).
 """
 
 from __future__ import annotations
