@@ -55,6 +55,7 @@ from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arg
 from .runs import (
     RunTime,
     check_reused_options,
+    check_row_names,
     code_commit,
     distill,
     environment,
@@ -118,6 +119,7 @@ class Benchmark:
         return [row["prior_from"]] if row.get("prior_from") else []
 
     def units(self, only: set[str] | None) -> list[Unit]:
+        check_row_names(only, self.rows)
         needed = set(only or self.by_name)
         for row in reversed(self.rows):  # rows a selected row reads from run too (from disk when finished)
             if row["name"] in needed:

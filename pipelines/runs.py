@@ -127,6 +127,14 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def check_row_names(only: set[str] | None, rows: list[dict[str, Any]]) -> None:
+    """Refuses ``--rows`` naming a row the file does not have: a typo would otherwise run nothing, silently."""
+    unknown = sorted(set(only or ()) - {row["name"] for row in rows})
+    if unknown:
+        raise ValueError(f"no row named {', '.join(map(repr, unknown))}; the file's rows: "
+                         + "; ".join(row["name"] for row in rows))
+
+
 def worst_class(per_class: list[float | None] | None) -> float | None:
     """The lowest per-class teacher agreement (a class the method fails to make shows here, not in the mean)."""
     values = [v for v in per_class or [] if v is not None]

@@ -18,7 +18,7 @@ sweep, ``synthesis_shares = [0.5, 0.65, 0.8]`` (in ``[budget]`` or on a row): ea
 share (the shares' synthesis continuing one dataset, smallest first), the tables give one line per row and
 share, and ``results.json`` / ``results.md`` name the share with the best mean accuracy per row
 (``chosen_shares``). A later file fixes those with ``share_from = "pipelines/results/<sweep>.json"``: each row
-takes its chosen share from there, and the file refuses to run for a row the sweep did not choose for.
+takes its chosen share from there, and the file refuses to run a row the sweep did not choose for (its other rows run).
 
 ``[budget] lanes`` / ``threads_per_lane``: how many runs at a time, on how many cores each (never more threads
 than cores, ``pipelines/lanes.py``); every (row, seed) is one run. ``seeds = [0, 1, 2]`` in ``[benchmark]``
@@ -48,6 +48,7 @@ from . import tables
 from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arguments, plan_lanes, run_in_lanes
 from .runs import (
     check_reused_options,
+    check_row_names,
     distill,
     environment,
     resolve_teacher,
@@ -88,7 +89,8 @@ class WallTimeBenchmark:
         self.totals = sorted(parse_duration(t) for t in self.budget["totals"])
         self.preset = self.budget.get("preset", "cpu")
         self.chosen = load_chosen_shares(self.budget["share_from"]) if self.budget.get("share_from") else None
-        self.sweep = any(len(self.shares(row)) > 1 for row in self.rows)  # also checks every row has a share
+        # A row share_from chose no share for yet has no points; it is refused only when asked to run (units).
+        self.sweep = any(len(self.shares(row)) > 1 for row in self.rows if self.has_share(row))
         self.fresh = fresh
         self._lock = threading.Lock()
         self.teacher: Path | None = None
@@ -102,6 +104,11 @@ class WallTimeBenchmark:
     def row_dir(self, row: dict[str, Any], seed: int) -> Path:
         directory = self.out / slug(row["name"])
         return directory / f"seed-{seed}" if "seeds" in self.spec or "seeds" in row else directory
+
+    def has_share(self, row: dict[str, Any]) -> bool:
+        """False only for a row whose share comes from a split sweep that has not run it yet."""
+        return "synthesis_shares" in row or "synthesis_share" in row or self.chosen is None or \
+            row["name"] in self.chosen
 
     def shares(self, row: dict[str, Any]) -> list[float]:
         if "synthesis_shares" in row or "synthesis_share" in row:
@@ -209,13 +216,18 @@ class WallTimeBenchmark:
                   f"({point['over_budget']:+.1%} of budget)", flush=True)
 
     def units(self, only: set[str] | None) -> list[tuple[dict[str, Any], int]]:
-        return [(row, seed) for row in self.rows if not only or row["name"] in only for seed in self.seeds(row)]
+        check_row_names(only, self.rows)
+        rows = [row for row in self.rows if not only or row["name"] in only]
+        for row in rows:
+            self.shares(row)  # refuses a row without a share before anything runs
+        return [(row, seed) for row in rows for seed in self.seeds(row)]
 
     def run(self, only: set[str] | None) -> None:
+        units = self.units(only)
         self.out.mkdir(parents=True, exist_ok=True)
         self.teacher = resolve_teacher(self.pipeline, self.out, self.plan.whole())
         self.teacher_acc = teacher_accuracy(self.teacher, self.spec["eval_data"])
-        run_in_lanes(self.units(only), self._unit, self.plan, key=lambda unit: (unit[0]["name"], unit[1]))
+        run_in_lanes(units, self._unit, self.plan, key=lambda unit: (unit[0]["name"], unit[1]))
         self.write()
 
     def _unit(self, unit: tuple[dict[str, Any], int], lane: Lane) -> None:
@@ -248,7 +260,7 @@ class WallTimeBenchmark:
     def finished_points(self) -> dict[str, list[dict[str, Any]]]:
         """Every row's finished points on disk, in pipeline order (a sweep: one entry per row and share)."""
         found = {}
-        for row in self.rows:
+        for row in (row for row in self.rows if self.has_share(row)):
             for share in sorted(set(self.shares(row))):
                 files = [self.point_dir(row, seed, total, s) / "point.json"
                          for seed in self.seeds(row) for total, s in self.points(row) if s == share]

@@ -183,8 +183,15 @@ def test_a_split_sweep_continues_one_dataset_and_names_the_best_share_within_bud
     fixed["rows"] = [{"name": "a", "method": "gmi"}]
     assert WallTimeBenchmark(fixed, fresh=False, cores=2).shares(fixed["rows"][0]) == [0.65]
     fixed["rows"].append({"name": "new", "method": "fast"})
+    later = WallTimeBenchmark(fixed, fresh=False, cores=2)  # the other rows run while the sweep has not chosen
+    assert [row["name"] for row, _ in later.units({"a"})] == ["a"]
+    assert list(later.finished_points()) == []
     with pytest.raises(ValueError, match="chose no share for row 'new'"):
-        WallTimeBenchmark(fixed, fresh=False, cores=2)
+        later.units(None)
+    with pytest.raises(ValueError, match="chose no share for row 'new'"):
+        later.run({"new"})  # refused before the teacher is looked for
+    with pytest.raises(ValueError, match="no row named 'ne w'"):
+        later.units({"a", "ne w"})  # a typo in --rows would otherwise run nothing, silently
 
 
 def test_the_plan_estimates_the_wall_time_left(tmp_path):
