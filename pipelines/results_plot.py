@@ -7,6 +7,11 @@
 Each source is a results JSON, optionally followed by ``:`` and the rows to draw from it, separated by
 semicolons, by their name in the JSON (default: every row). The references (teacher, the real-data rows) are
 drawn first, once, from the first file that has them.
+
+An equal-wall-time results JSON (``pipelines/walltime.py``: each row a list of points) is drawn as that runner
+draws it (:func:`pipelines.tables.plot_curves`: one line per row at one budget, curves over several):
+
+    python -m pipelines.results_plot docs/results-decisive.png pipelines/results/fmnist32-cpu-decisive.json
 """
 
 from __future__ import annotations
@@ -46,7 +51,29 @@ def pick_rows(sources: list[tuple[Path, tuple[str, ...]]]) -> tuple[list[dict[st
     return ordered + picked, len(ordered)
 
 
+def plot_walltime(source: tuple[Path, tuple[str, ...]], out: Path) -> None:
+    """An equal-wall-time results file's figure, of the rows asked for (default: all)."""
+    from . import tables
+
+    path, rows = source
+    data = json.loads(path.read_text())
+    missing = [key for key in rows if key not in data["rows"]]
+    if missing:
+        raise SystemExit(f"{path} has no row {missing[0]!r}; it has: {', '.join(data['rows'])}")
+    results = {key: points for key, points in data["rows"].items() if not rows or key in rows}
+    env = data["environment"]
+    tables.plot_curves(results, data["teacher_accuracy"], out,
+                       f"{env['device']}, {env['lanes']} x {env['cpu_threads']} thread(s)")
+
+
+def is_walltime(path: Path) -> bool:
+    return all(isinstance(points, list) for points in json.loads(path.read_text())["rows"].values())
+
+
 def plot(sources: list[tuple[Path, tuple[str, ...]]], out: Path) -> None:
+    if len(sources) == 1 and is_walltime(sources[0][0]):
+        plot_walltime(sources[0], out)
+        return
     import matplotlib
 
     matplotlib.use("Agg")

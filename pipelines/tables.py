@@ -291,14 +291,24 @@ def share_table(results: Points, chosen: dict[str, float]) -> list[str]:
     return lines
 
 
-def plot_curves(results: Points, teacher_acc: float, path: Path, machine: str) -> None:
-    """Accuracy against total wall time, one line per row: the mean with the seeds' range; a row of fewer than
-    MIN_SEEDS seeds carries ‡ in the legend, and points over budget are hollow on a dashed line."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(results: Points, teacher_acc: float, path: Path, machine: str) -> None:
+    """Accuracy against total wall time, one line per row: the mean with the seeds' range; a row of fewer than
+    MIN_SEEDS seeds carries ‡ in the legend, and points over budget are hollow on a dashed line. When every row
+    ran at one budget the lines would be a stack of points at one x: :func:`plot_one_budget` draws them instead."""
+    budgets = {p["total_budget_seconds"] for points in results.values() for p in points}
+    if len(budgets) == 1:
+        plot_one_budget(results, teacher_acc, path, machine, budgets.pop())
+        return
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     few = False
     for name, points in results.items():
@@ -322,6 +332,38 @@ def plot_curves(results: Points, teacher_acc: float, path: Path, machine: str) -
     ax.set_title(f"Student accuracy at equal wall time ({machine})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if few:
+        fig.text(0.01, 0.01, f"{FEW_SEEDS} fewer than {MIN_SEEDS} seeds", fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def plot_one_budget(results: Points, teacher_acc: float, path: Path, machine: str, budget: float) -> None:
+    """One budget: a line per row, best mean on top, with every seed's student as a dot, the mean as a bar tick
+    and the seeds' range as a line; rows over budget are drawn hollow and say so, rows of few seeds carry ‡."""
+    plt = _pyplot()
+    order = sorted(results, key=lambda name: statistics.fmean(p["accuracy"] for p in results[name]))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.38 * len(order)), dpi=120)
+    few = False
+    for y, name in enumerate(order):
+        values = [100 * p["accuracy"] for p in results[name]]
+        over = not budget_status(results[name])[1]
+        few = few or len(values) < MIN_SEEDS
+        color = "tab:grey" if over else "tab:blue"
+        ax.hlines(y, min(values), max(values), color=color, linewidth=2, alpha=0.5)
+        ax.scatter(values, [y] * len(values), s=18, color=color, facecolors="white" if over else color, zorder=3)
+        ax.plot([statistics.fmean(values)] * 2, [y - 0.3, y + 0.3], color="black", linewidth=1.5, zorder=4)
+    labels = [name + (f" {FEW_SEEDS}" if len(results[name]) < MIN_SEEDS else "")
+              + (" (over budget)" if not budget_status(results[name])[1] else "") for name in order]
+    ax.set_yticks(range(len(order)), labels, fontsize=8)
+    ax.axvline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1)
+    ax.text(100 * teacher_acc, len(order) - 0.4, " teacher", fontsize=7, color="grey", va="bottom", ha="right")
+    ax.set_ylim(-0.7, len(order) - 0.1)
+    ax.set_xlabel(f"student test accuracy (%): each seed a dot, the mean a tick; {budget / 60:g} minutes of "
+                  "synthesis + distillation", fontsize=8)
+    ax.set_title(f"Student accuracy at equal wall time ({machine})", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     if few:
         fig.text(0.01, 0.01, f"{FEW_SEEDS} fewer than {MIN_SEEDS} seeds", fontsize=7)
     fig.tight_layout()

@@ -244,3 +244,25 @@ def test_the_results_figure_draws_the_references_once_then_the_rows_asked_for_fr
     assert references == 2
     with pytest.raises(SystemExit, match="has no row 'fast'"):
         pick_rows([parse_source(f"{second}:fast")])
+
+
+def test_the_figure_of_a_one_budget_table_is_one_line_per_row_and_of_several_budgets_a_curve(tmp_path, monkeypatch):
+    from pipelines import results_plot, tables
+
+    drawn = []
+    monkeypatch.setattr(tables, "plot_one_budget", lambda results, *args: drawn.append(("rows", list(results))))
+    one = {"a": [_point(s, 0.5 + s / 100) for s in range(3)], "b c": [_point(0, 0.6, row="b c")]}
+    tables.plot_curves(one, 0.9, tmp_path / "one.png", "CPU")
+    assert drawn == [("rows", ["a", "b c"])] and not (tmp_path / "one.png").exists()
+    saved = tmp_path / "results.json"  # the README's figure is drawn again from a committed results file
+    saved.write_text(json.dumps({"rows": one, "teacher_accuracy": 0.9, "environment": ENV}))
+    results_plot.plot([results_plot.parse_source(f"{saved}:b c")], tmp_path / "readme.png")
+    assert drawn[-1] == ("rows", ["b c"])
+    monkeypatch.undo()
+    tables.plot_curves(one, 0.9, tmp_path / "one.png", "CPU")  # the real one-budget figure, hollow when over
+    one["a"][0]["total_wall_seconds"] = 70.0
+    tables.plot_curves(one, 0.9, tmp_path / "over.png", "CPU")
+    two = {"a": [*one["a"], {**_point(0, 0.7), "total_budget_seconds": 120.0, "total_wall_seconds": 121.0}]}
+    tables.plot_curves(two, 0.9, tmp_path / "two.png", "CPU")
+    for name in ("one", "over", "two"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
