@@ -8,31 +8,29 @@ for every row, evaluated on the real test set. Two reference rows train the same
 *real* images: on their labels, and by KD from the teacher (the ceiling for any synthetic set of that size).
 A file with ``totals`` in ``[budget]`` is an equal-wall-time benchmark and goes to ``pipelines/walltime.py``.
 
-A row runs once per seed (``seeds`` in ``[benchmark]`` or on the row; the seed drives synthesis and
-distillation alike); the table gives mean accuracy with its standard deviation and range, ranks the rows, and
-marks a row of fewer than 3 seeds (``pipelines/report.py``). Every (row, seed) is one run; ``[budget] lanes``
-of them run at a time, ``threads_per_lane`` threads each, each lane pinned to its own cores; a file asking for
-more threads than the machine has cores is refused (``pipelines/lanes.py``). Each run's CPU seconds are
-recorded beside its wall seconds: CPU/wall well under the lane's threads means the run was starved.
+A row runs once per seed (``seeds`` in ``[benchmark]`` or on the row; the seed drives synthesis and distillation
+alike); the table (``pipelines/tables.py``) gives mean accuracy with its spread, ranks the rows, and marks one of
+under 3 seeds. Every (row, seed) is one run; ``[budget] lanes`` of them run at a time, ``threads_per_lane``
+threads each, each lane pinned to its own cores; a file asking for more threads than the machine has cores is
+refused (``pipelines/lanes.py``). Each run's CPU seconds are recorded beside its wall seconds: CPU/wall well
+under the lane's threads means the run was starved.
 
 ``[budget] preset`` is the synthesis preset of every row: ``cpu`` (default; each method's CPU budget) or
 ``paper`` (each method's paper hyperparameters and iteration counts, at the file's ``num_images``).
-``[teacher]`` trains the teacher first with ``distill train`` (``pipelines/runs.py``: ``resolve_teacher``).
-Row options:
+``[teacher]`` trains the teacher first with ``distill train`` (``pipelines/runs.py``: ``resolve_teacher``). Row options:
 
 * ``options``: method options over the preset;
 * ``prior_from = "ROW"``: a D2CIP row reuses the stage-1 prior of ROW's dataset of the same seed
   (``synth run d2cip --prior``), so ablations of stage 2 share one stage 1; its synthesis time then
   excludes stage 1, and the table says so;
-* ``match_time_of = "ROW"``: scales this row's per-batch steps so that its synthesis wall time equals ROW's
-  (same seed), for comparisons at equal time;
+* ``match_time_of = "ROW"``: scales the per-batch steps so that synthesis takes as long as ROW's (same seed);
 * ``condensed_ipc = N``: first ``synth condense --data REAL_DATA --ipc N`` (once per N and seed, settings from
   the ``[condense]`` table), then the row runs with ``--condensed`` on it (``options = { fa_weight = 0 }``: the
   naive-mixing baseline); with ``kind = "condensed-only"`` the row instead trains the student on the condensed
   images alone (``distill train --data imagefolder:DIR --teacher T``: KD from the teacher, no synthesis).
 
 A run that reads another (``prior_from``, ``match_time_of``) waits for it. Finished runs are reused on a re-run
-(their metrics files are on disk) unless ``--fresh`` is given, so a killed benchmark continues.
+(their metrics on disk) unless ``--fresh``, so a killed benchmark continues.
 """
 
 from __future__ import annotations
