@@ -345,17 +345,16 @@ def plot_one_budget(results: Points, teacher_acc: float, path: Path, machine: st
     plt = _pyplot()
     order = sorted(results, key=lambda name: statistics.fmean(p["accuracy"] for p in results[name]))
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.38 * len(order)), dpi=120)
-    few = False
+    few, labels = False, []
     for y, name in enumerate(order):
         values = [100 * p["accuracy"] for p in results[name]]
         over = not budget_status(results[name])[1]
         few = few or len(values) < MIN_SEEDS
+        labels.append(name + (f" {FEW_SEEDS}" if len(values) < MIN_SEEDS else "") + (" (over budget)" if over else ""))
         color = "tab:grey" if over else "tab:blue"
         ax.hlines(y, min(values), max(values), color=color, linewidth=2, alpha=0.5)
-        ax.scatter(values, [y] * len(values), s=18, color=color, facecolors="white" if over else color, zorder=3)
+        ax.scatter(values, [y] * len(values), s=18, edgecolors=color, facecolors="white" if over else color, zorder=3)
         ax.plot([statistics.fmean(values)] * 2, [y - 0.3, y + 0.3], color="black", linewidth=1.5, zorder=4)
-    labels = [name + (f" {FEW_SEEDS}" if len(results[name]) < MIN_SEEDS else "")
-              + (" (over budget)" if not budget_status(results[name])[1] else "") for name in order]
     ax.set_yticks(range(len(order)), labels, fontsize=8)
     ax.axvline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1)
     ax.text(100 * teacher_acc, len(order) - 0.4, " teacher", fontsize=7, color="grey", va="bottom", ha="right")
