@@ -344,7 +344,7 @@ def plot_one_budget(results: Points, teacher_acc: float, path: Path, machine: st
     and the seeds' range as a line; rows over budget are drawn hollow and say so, rows of few seeds carry ‡."""
     plt = _pyplot()
     order = sorted(results, key=lambda name: statistics.fmean(p["accuracy"] for p in results[name]))
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.38 * len(order)), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 1.4 + 0.38 * len(order)), dpi=120)
     few, labels = False, []
     for y, name in enumerate(order):
         values = [100 * p["accuracy"] for p in results[name]]
@@ -359,8 +359,8 @@ def plot_one_budget(results: Points, teacher_acc: float, path: Path, machine: st
     ax.axvline(100 * teacher_acc, color="grey", linestyle="--", linewidth=1)
     ax.text(100 * teacher_acc, len(order) - 0.4, " teacher", fontsize=7, color="grey", va="bottom", ha="right")
     ax.set_ylim(-0.7, len(order) - 0.1)
-    ax.set_xlabel(f"student test accuracy (%): each seed a dot, the mean a tick; {budget / 60:g} minutes of "
-                  "synthesis + distillation", fontsize=8)
+    ax.set_xlabel(f"student test accuracy (%): each seed a dot, the mean a tick\n{budget / 60:g} minutes of "
+                  "synthesis + distillation per run", fontsize=8)
     ax.set_title(f"Student accuracy at equal wall time ({machine})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     if few:
