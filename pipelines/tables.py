@@ -218,9 +218,18 @@ def verdict(row: dict[str, float], baseline: dict[str, float]) -> str:
     return "ahead" if difference > noise else "behind" if -difference > noise else "within the spread"
 
 
+def _range(values: list[Any], kind: str) -> str:
+    """``3,008–3,072`` over the seeds (one figure when they agree; '–' when one is missing)."""
+    if None in values:
+        return "–"
+    low, high = min(values), max(values)
+    return fmt(low, kind) if low == high else f"{fmt(low, kind)}–{fmt(high, kind)}"
+
+
 def baseline_table(results: Points, total: float, baselines: list[str]) -> list[str]:
-    """Every row against each baseline row (``[benchmark] baselines``) at one total budget: the difference of
-    mean accuracies and :func:`verdict`. Rows over budget get no verdict: they had more time."""
+    """The headline table at one total budget (the README shows it as is): per row its share, images, student
+    accuracy over seeds and teacher agreement, and against each baseline row (``[benchmark] baselines``) the
+    difference of mean accuracies with its :func:`verdict`. Rows over budget get no verdict: they had more time."""
     from timebudget import format_duration
 
     rows = {name: _at(points, total) for name, points in results.items() if _at(points, total)}
@@ -229,10 +238,11 @@ def baseline_table(results: Points, total: float, baselines: list[str]) -> list[
         return []
     accuracy = {name: spread([p["accuracy"] for p in at]) for name, at in rows.items()}
     within = {name: budget_status(at)[1] for name, at in rows.items()}
+    seeds = max(a["n"] for a in accuracy.values())
     lines = [f"## Against the baselines at {format_duration(total)}", "",
-             "Difference of mean accuracies in points; *ahead* / *behind*: by more than the larger of the two "
-             "rows' standard deviations over seeds, the seed spread.", "",
-             "| method | " + " | ".join(f"vs {b}" for b in present) + " |", "|---|" + "---|" * len(present)]
+             f"| method | synthesis share | images | student, {seeds} seeds (mean ± sd, range) | "
+             + " | ".join(f"vs {b}" for b in present) + " | teacher agreement |",
+             "|---|---|---|---|" + "---|" * (len(present) + 1)]
     for name in sorted(rows, key=lambda n: -accuracy[n]["mean"]):
         cells = []
         for b in present:
@@ -242,9 +252,15 @@ def baseline_table(results: Points, total: float, baselines: list[str]) -> list[
                 cells.append("over budget")
             else:
                 difference = (accuracy[name]["mean"] - accuracy[b]["mean"]) * 100
-                cells.append(f"{difference:+.2f}: {verdict(accuracy[name], accuracy[b])}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+                word = verdict(accuracy[name], accuracy[b]).replace("within the spread", "within")
+                cells.append(f"{difference:+.2f} {word}")
+        at, a = rows[name], accuracy[name]
+        student = accuracy_cell(a).replace(f", n={a['n']}", "") if a["n"] >= MIN_SEEDS else accuracy_cell(a)
+        lines.append(f"| {name} | {_range([p.get('synthesis_share') for p in at], 'pct0')} "
+                     f"| {_range([p['images'] for p in at], 'int')} | {student} | " + " | ".join(cells)
+                     + f" | {fmt(_mean([p.get('teacher_agreement') for p in at]), 'pct1')} |")
+    return [*lines, "", "Against a baseline: the difference of mean accuracies in points; *ahead* / *behind*: by "
+            "more than the larger of the two rows' standard deviations over seeds, the seed spread; *within*: not."]
 
 
 def chosen_shares(results: Points) -> dict[str, float]:

@@ -136,6 +136,18 @@ def test_the_decisive_table_runs_exactly_the_rows_its_split_sweep_chose_shares_f
     assert not set(decisive["benchmark"]["seeds"]) & set(sweep["benchmark"]["seeds"])
 
 
+def test_the_readme_shows_the_decisive_table_that_the_committed_results_give():
+    from pipelines.tables import baseline_table
+
+    saved = json.loads((ROOT / "pipelines" / "results" / "fmnist32-cpu-decisive.json").read_text())
+    table = [line for line in baseline_table(saved["rows"], 600.0, saved["benchmark"]["baselines"])
+             if line.startswith("| ")]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(table) > 8 and [line for line in table if line not in readme] == []
+    committed = (ROOT / "pipelines" / "results" / "fmnist32-cpu-decisive.md").read_text().splitlines()
+    assert [line for line in table if line not in committed] == []  # the results file is the same table
+
+
 def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows(tmp_path, monkeypatch, capsys):
     from pipelines import benchmark as bench_module
 

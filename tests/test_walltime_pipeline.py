@@ -145,10 +145,10 @@ def test_the_table_says_which_rows_are_ahead_of_the_baselines_by_more_than_the_s
     spec = {**PIPELINE["benchmark"], "baselines": ["gmi", "absent"]}
     table = walltime_tables(spec, PIPELINE["budget"], 0.9, results, ENV)
     section = table.split("## Against the baselines at 1m00s")[1].split("## Every seed")[0]
-    assert "| vs gmi |" in section and "vs absent" not in section
-    assert "| far | +9.00: ahead |" in section and "| worse | -11.00: behind |" in section
-    assert "| near | +0.67: within the spread |" in section and "| long | over budget |" in section
-    assert "| gmi | – |" in section
+    assert "| vs gmi |" in section and "vs absent" not in section and "3 seeds (mean ± sd, range)" in section
+    assert _row(section, "far") == "| far | 75% | 64–192 | 61.00% ± 1.00 (60.00–62.00%) | +9.00 ahead | 50.0% |"
+    assert "| -11.00 behind |" in _row(section, "worse") and "| +0.67 within |" in _row(section, "near")
+    assert "| over budget |" in _row(section, "long") and "| – |" in _row(section, "gmi")
     assert verdict({"mean": 0.6, "std": 0.0, "n": 1}, {"mean": 0.5, "std": 0.0, "n": 3}) == "one seed: undecided"
     assert "Against the baselines" not in walltime_tables(PIPELINE["benchmark"], PIPELINE["budget"], 0.9, results, ENV)
 
