@@ -32,13 +32,14 @@ def spread(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def accuracy_cell(s: dict[str, float]) -> str:
-    """``55.00% ± 5.00 (50.00–60.00%, n=3)``; a row with fewer than MIN_SEEDS seeds carries ``‡``."""
+def accuracy_cell(s: dict[str, float], count: bool = True) -> str:
+    """``55.00% ± 5.00 (50.00–60.00%, n=3)``; a row with fewer than MIN_SEEDS seeds carries ``‡`` and its count
+    always; ``count=False`` leaves out a full row's ``n`` (for tables whose header says it)."""
     mark = f" {FEW_SEEDS}" if s["n"] < MIN_SEEDS else ""
     if s["n"] == 1:
         return f"{s['mean']:.2%} (n=1){mark}"
-    return (f"{s['mean']:.2%} ± {s['std'] * 100:.2f} ({s['min'] * 100:.2f}–{s['max']:.2%}, "
-            f"n={s['n']}){mark}")
+    n = f", n={s['n']}" if count or mark else ""
+    return f"{s['mean']:.2%} ± {s['std'] * 100:.2f} ({s['min'] * 100:.2f}–{s['max']:.2%}{n}){mark}"
 
 
 def over_budget(used_seconds: float, budget_seconds: float) -> float:
@@ -254,11 +255,10 @@ def baseline_table(results: Points, total: float, baselines: list[str]) -> list[
                 difference = (accuracy[name]["mean"] - accuracy[b]["mean"]) * 100
                 word = verdict(accuracy[name], accuracy[b]).replace("within the spread", "within")
                 cells.append(f"{difference:+.2f} {word}")
-        at, a = rows[name], accuracy[name]
-        student = accuracy_cell(a).replace(f", n={a['n']}", "") if a["n"] >= MIN_SEEDS else accuracy_cell(a)
+        at = rows[name]
         lines.append(f"| {name} | {_range([p.get('synthesis_share') for p in at], 'pct0')} "
-                     f"| {_range([p['images'] for p in at], 'int')} | {student} | " + " | ".join(cells)
-                     + f" | {fmt(_mean([p.get('teacher_agreement') for p in at]), 'pct1')} |")
+                     f"| {_range([p['images'] for p in at], 'int')} | {accuracy_cell(accuracy[name], count=False)} | "
+                     + " | ".join(cells) + f" | {fmt(_mean([p.get('teacher_agreement') for p in at]), 'pct1')} |")
     return [*lines, "", "Against a baseline: the difference of mean accuracies in points; *ahead* / *behind*: by "
             "more than the larger of the two rows' standard deviations over seeds, the seed spread; *within*: not."]
 
