@@ -11,7 +11,10 @@ drawn first, once, from the first file that has them.
 An equal-wall-time results JSON (``pipelines/walltime.py``: each row a list of points) is drawn as that runner
 draws it (:func:`pipelines.tables.plot_curves`: one line per row at one budget, curves over several):
 
-    python -m pipelines.results_plot docs/results-decisive.png pipelines/results/fmnist32-cpu-decisive.json
+    python -m pipelines.results_plot docs/results-decisive.png pipelines/results/fmnist32-cpu-decisive.json \\
+        pipelines/results/fmnist32-cpu-decisive-20m.json
+
+Several such files are merged by row name: a row at 10 minutes in one and at 20 in the other is one curve.
 """
 
 from __future__ import annotations
@@ -51,19 +54,28 @@ def pick_rows(sources: list[tuple[Path, tuple[str, ...]]]) -> tuple[list[dict[st
     return ordered + picked, len(ordered)
 
 
-def plot_walltime(source: tuple[Path, tuple[str, ...]], out: Path) -> None:
-    """An equal-wall-time results file's figure, of the rows asked for (default: all)."""
+def plot_walltime(sources: list[tuple[Path, tuple[str, ...]]], out: Path) -> None:
+    """Equal-wall-time results files' figure, of the rows asked for (default: all). Several files (one per total
+    budget, e.g. the 10- and 20-minute parts of one table) are merged by row name into curves over wall time; they
+    must share the teacher, or their points would not be comparable."""
     from . import tables
 
-    path, rows = source
-    data = json.loads(path.read_text())
-    missing = [key for key in rows if key not in data["rows"]]
-    if missing:
-        raise SystemExit(f"{path} has no row {missing[0]!r}; it has: {', '.join(data['rows'])}")
-    results = {key: points for key, points in data["rows"].items() if not rows or key in rows}
-    env = data["environment"]
-    tables.plot_curves(results, data["teacher_accuracy"], out,
-                       f"{env['device']}, {env['lanes']} x {env['cpu_threads']} thread(s)")
+    results: dict[str, list[dict[str, Any]]] = {}
+    teachers, machines = set(), set()
+    for path, rows in sources:
+        data = json.loads(path.read_text())
+        missing = [key for key in rows if key not in data["rows"]]
+        if missing:
+            raise SystemExit(f"{path} has no row {missing[0]!r}; it has: {', '.join(data['rows'])}")
+        for key, points in data["rows"].items():
+            if not rows or key in rows:
+                results.setdefault(key, []).extend(points)
+        env = data["environment"]
+        teachers.add(data["teacher_accuracy"])
+        machines.add(f"{env['device']}, {env['lanes']} x {env['cpu_threads']} thread(s)")
+    if len(teachers) > 1:
+        raise SystemExit(f"these results files have different teachers ({sorted(teachers)}): draw them apart")
+    tables.plot_curves(results, teachers.pop(), out, " / ".join(sorted(machines)))
 
 
 def is_walltime(path: Path) -> bool:
@@ -71,8 +83,8 @@ def is_walltime(path: Path) -> bool:
 
 
 def plot(sources: list[tuple[Path, tuple[str, ...]]], out: Path) -> None:
-    if len(sources) == 1 and is_walltime(sources[0][0]):
-        plot_walltime(sources[0], out)
+    if all(is_walltime(path) for path, _ in sources):
+        plot_walltime(sources, out)
         return
     import matplotlib
 

@@ -211,12 +211,12 @@ def walltime_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: f
 
 def verdict(row: dict[str, float], baseline: dict[str, float]) -> str:
     """Whether a row beats a baseline by more than the seed spread: its mean ahead by more than the larger of
-    the two standard deviations ("ahead"), behind by as much ("behind"), or neither ("within the spread"); with
+    the two standard deviations ("ahead"), behind by as much ("behind"), or neither ("within"); with
     one seed on either side there is no spread to compare against ("one seed: undecided")."""
     difference, noise = row["mean"] - baseline["mean"], max(row["std"], baseline["std"])
     if min(row["n"], baseline["n"]) < 2:
         return "one seed: undecided"
-    return "ahead" if difference > noise else "behind" if -difference > noise else "within the spread"
+    return "ahead" if difference > noise else "behind" if -difference > noise else "within"
 
 
 def _range(values: list[Any], kind: str) -> str:
@@ -253,8 +253,7 @@ def baseline_table(results: Points, total: float, baselines: list[str]) -> list[
                 cells.append("over budget")
             else:
                 difference = (accuracy[name]["mean"] - accuracy[b]["mean"]) * 100
-                word = verdict(accuracy[name], accuracy[b]).replace("within the spread", "within")
-                cells.append(f"{difference:+.2f} {word}")
+                cells.append(f"{difference:+.2f} {verdict(accuracy[name], accuracy[b])}")
         at = rows[name]
         lines.append(f"| {name} | {_range([p.get('synthesis_share') for p in at], 'pct0')} "
                      f"| {_range([p['images'] for p in at], 'int')} | {accuracy_cell(accuracy[name], count=False)} | "

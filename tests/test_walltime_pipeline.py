@@ -266,3 +266,24 @@ def test_the_figure_of_a_one_budget_table_is_one_line_per_row_and_of_several_bud
     tables.plot_curves(two, 0.9, tmp_path / "two.png", "CPU")
     for name in ("one", "over", "two"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figure_merges_the_tables_of_two_budgets_into_one_curve_per_row(tmp_path, monkeypatch):
+    from pipelines import results_plot, tables
+
+    drawn = []
+    monkeypatch.setattr(tables, "plot_curves", lambda results, teacher, *args: drawn.append((results, teacher)))
+    ten = {"a": [_point(s, 0.5) for s in range(3)], "b": [_point(0, 0.6, row="b")]}
+    twenty = {"a": [{**_point(s, 0.7), "total_budget_seconds": 120.0} for s in range(3)]}
+    first, second = tmp_path / "10m.json", tmp_path / "20m.json"
+    first.write_text(json.dumps({"rows": ten, "teacher_accuracy": 0.9, "environment": ENV}))
+    second.write_text(json.dumps({"rows": twenty, "teacher_accuracy": 0.9, "environment": ENV}))
+    results_plot.plot([results_plot.parse_source(str(first)), results_plot.parse_source(str(second))],
+                      tmp_path / "both.png")
+    results, teacher = drawn[-1]
+    assert teacher == 0.9 and sorted(results) == ["a", "b"]
+    assert sorted(p["total_budget_seconds"] for p in results["a"]) == [60.0] * 3 + [120.0] * 3
+    second.write_text(json.dumps({"rows": twenty, "teacher_accuracy": 0.8, "environment": ENV}))
+    with pytest.raises(SystemExit, match="different teachers"):
+        results_plot.plot([results_plot.parse_source(str(first)), results_plot.parse_source(str(second))],
+                          tmp_path / "both.png")
