@@ -232,7 +232,12 @@ def environment(plan: LanePlan) -> dict[str, Any]:
 
     import torch
 
+    from zoo.device import cpu_has_bf16
+
     cuda = torch.cuda.is_available()
+    # Whether the CPU has a bf16 fast path decides what the default precision runs (and so the images/s): two
+    # sittings of one file on different CPUs must not be read as one machine.
+    cpu = f"CPU, {len(plan.cores)} cores, " + ("bf16 fast path" if cpu_has_bf16() else "no bf16 fast path: fp32")
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda,
-            "device": torch.cuda.get_device_name() if cuda else f"CPU, {len(plan.cores)} cores",
+            "device": torch.cuda.get_device_name() if cuda else cpu,
             "lanes": plan.lanes, "cpu_threads": plan.threads_per_lane, "plan": plan.describe()}

@@ -204,6 +204,8 @@ class WallTimeBenchmark:
                 "total_wall_seconds": synth_wall + distill_wall,
                 "over_budget": tables.over_budget(synth_wall + distill_wall, total),
                 "threads": lane.threads, "cores": list(trained.cores),
+                "precision": {"synthesis": manifest.get("method", {}).get("precision"),
+                              "distill": metrics.get("precision")},
                 "accuracy": metrics["final_accuracy"], "ratio": metrics["final_accuracy"] / self.teacher_acc,
                 "teacher_agreement": summary.get("teacher_agreement"),
                 "worst_class_agreement": worst_class(summary.get("per_class_agreement")),

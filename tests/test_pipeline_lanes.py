@@ -258,3 +258,19 @@ def test_the_budgets_precision_reaches_every_command_the_real_data_references_to
         bench.reference_run(name, None)
     assert len(commands) == 2 and all(c[c.index("--precision") + 1] == "fp32" for c in commands), commands
     assert bench.precision_args({"precision": "bf16"}) == ["--precision", "bf16"]  # a row's own wins
+
+
+def test_a_results_file_says_whether_its_cpu_ran_bf16_or_fp32(monkeypatch):
+    """Sittings of one file on CPUs with and without a bf16 fast path make very different images/s: the machine
+    line every table and figure prints must tell them apart."""
+    import torch
+
+    import zoo.device
+    from pipelines.runs import environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = plan_lanes({"lanes": 2, "threads_per_lane": 1}, cores=2)
+    monkeypatch.setattr(zoo.device, "cpu_has_bf16", lambda: True)
+    assert environment(plan)["device"] == "CPU, 2 cores, bf16 fast path"
+    monkeypatch.setattr(zoo.device, "cpu_has_bf16", lambda: False)
+    assert environment(plan)["device"] == "CPU, 2 cores, no bf16 fast path: fp32"

@@ -102,10 +102,12 @@ def test_a_point_records_cpu_seconds_and_its_budget_beside_wall_seconds(tmp_path
         out = Path(command[command.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
         if "synth" in command[:3]:
-            (out / "manifest.json").write_text(json.dumps({"num_samples": 64, "summary": {"teacher_agreement": 0.5}}))
+            (out / "manifest.json").write_text(json.dumps({"num_samples": 64, "summary": {"teacher_agreement": 0.5},
+                                                               "method": {"precision": "bf16"}}))
             return RunTime(47.0, 40.0, (1,))
         (out / "metrics.json").write_text(json.dumps({"epochs": 2, "final_accuracy": 0.6, "train_seconds": 10.0,
-                                                      "eval_seconds": 5.0, "images_per_second": 50.0}))
+                                                      "eval_seconds": 5.0, "images_per_second": 50.0,
+                                                      "precision": "fp32"}))
         return RunTime(20.0, 19.0, (1,))
 
     monkeypatch.setattr(walltime, "run_command", fake_run)
@@ -117,6 +119,7 @@ def test_a_point_records_cpu_seconds_and_its_budget_beside_wall_seconds(tmp_path
     # distillation gets what synthesis left of the minute (60 - 47 s), not the nominal 15 s: totals stay equal
     assert point["synthesis_budget_seconds"] == 45.0 and point["distill_budget_seconds"] == pytest.approx(13.0)
     assert point["over_budget"] == pytest.approx(62 / 60 - 1) and point["cores"] == [1] and point["threads"] == 1
+    assert point["precision"] == {"synthesis": "bf16", "distill": "fp32"}  # what each stage's default resolved to
     assert all(used is lane for _, used in calls)
     synth_command = calls[0][0]
     assert synth_command[1:4] == ["-m", "synth", "run"]  # the public command, not an internal module
