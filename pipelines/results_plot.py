@@ -11,10 +11,10 @@ drawn first, once, from the first file that has them.
 An equal-wall-time results JSON (``pipelines/walltime.py``: each row a list of points) is drawn as that runner
 draws it (:func:`pipelines.tables.plot_curves`: one line per row at one budget, curves over several):
 
-    python -m pipelines.results_plot docs/results-decisive.png pipelines/results/fmnist32-cpu-decisive.json \\
-        pipelines/results/fmnist32-cpu-decisive-20m.json
+    python -m pipelines.results_plot docs/results-decisive.png pipelines/results/fmnist32-cpu-decisive.json
 
-Several such files are merged by row name: a row at 10 minutes in one and at 20 in the other is one curve.
+Several such files of one teacher and one machine are merged by row name: a row at 10 minutes in one and at 20 in
+the other is one curve.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def pick_rows(sources: list[tuple[Path, tuple[str, ...]]]) -> tuple[list[dict[st
 
 
 def plot_walltime(sources: list[tuple[Path, tuple[str, ...]]], out: Path) -> None:
-    """Equal-wall-time results files' figure, of the rows asked for (default: all). Several files (one per total
-    budget, e.g. the 10- and 20-minute parts of one table) are merged by row name into curves over wall time; they
-    must share the teacher, or their points would not be comparable."""
+    """Equal-wall-time results files' figure, of the rows asked for (default: all). Several files (e.g. one per
+    total budget, run in different sittings) are merged by row name into curves over wall time; they must share the
+    teacher and the machine (a curve across machines would mix their images/s), and no run may be in two of them."""
     from . import tables
 
     results: dict[str, list[dict[str, Any]]] = {}
@@ -73,9 +73,14 @@ def plot_walltime(sources: list[tuple[Path, tuple[str, ...]]], out: Path) -> Non
         env = data["environment"]
         teachers.add(data["teacher_accuracy"])
         machines.add(f"{env['device']}, {env['lanes']} x {env['cpu_threads']} thread(s)")
-    if len(teachers) > 1:
-        raise SystemExit(f"these results files have different teachers ({sorted(teachers)}): draw them apart")
-    tables.plot_curves(results, teachers.pop(), out, " / ".join(sorted(machines)))
+    if len(teachers) > 1 or len(machines) > 1:
+        raise SystemExit(f"these results files differ in teacher ({sorted(teachers)}) or machine ({sorted(machines)}):"
+                         " draw them apart")
+    for key, points in results.items():
+        runs = [(p["seed"], p["total_budget_seconds"], p.get("synthesis_share")) for p in points]
+        if len(set(runs)) < len(runs):
+            raise SystemExit(f"row {key!r} has the same seed and budget in two of these files: pick its rows")
+    tables.plot_curves(results, teachers.pop(), out, machines.pop())
 
 
 def is_walltime(path: Path) -> bool:

@@ -121,11 +121,6 @@ def _discrepancy(method: CPSC, images: torch.Tensor) -> float:
                                             method.config.ikd_l2_weight))
 
 
-def _kl(method: CPSC, images: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(kl_divergence(method.teacher(images), method.student(images)))
-
-
 def test_student_step_lowers_the_discrepancy_and_generator_step_raises_it(calibrated_teacher):
     method = _method(calibrated_teacher, proxy_lr=0.02)
     # The proxy student (minimises L_IKD + L_SCL) on the images it replays.
@@ -137,21 +132,30 @@ def test_student_step_lowers_the_discrepancy_and_generator_step_raises_it(calibr
     method.train_proxy_student()
     assert _discrepancy(method, replayed) < before
 
-    # The generator, with its adversarial term only (on every sample), on a fixed batch of (z, y): the KL between
-    # teacher and student, the discrepancy it raises, rises.
+    # The generator, with its adversarial term only (on every sample), on a fixed batch of (z, y): one update of
+    # the method's own optimiser raises the student's KL from the teacher's distribution, the discrepancy the term
+    # ascends (through the student's side: the teacher's distribution is its fixed reference, module docstring).
+    # The KL through both networks need not rise, and the first Adam step moves every weight by the learning
+    # rate, so the step is small; augmentation is off so that the measured images are the ones the term saw.
     cfg = method.config
     cfg.ce = cfg.scl = cfg.bn = cfg.decision_adversarial = False
-    cfg.generator_lr = 1e-2
+    cfg.generator_lr = 1e-3
+    method.teacher_view = lambda images: images
     labels = method.next_labels()
     groups = method.begin_batch(labels)
     optimizers = make_optimizers(groups)
     method.engine.reset()
-    before = _kl(method, method.generate(method.latents, labels))
-    for index in range(3):
-        images = method.generate(method.latents, labels)
-        step = method.forward_step(index, labels, images, needs_student=True)
-        method.engine.apply(method.losses(step), groups, optimizers)
-    assert _kl(method, method.generate(method.latents, labels)) > before
+    with torch.no_grad():
+        reference = method.teacher(method.generate(method.latents, labels))
+
+    def student_kl() -> float:
+        with torch.no_grad():
+            return float(kl_divergence(reference, method.student(method.generate(method.latents, labels))))
+
+    before = student_kl()
+    step = method.forward_step(0, labels, method.generate(method.latents, labels), needs_student=True)
+    method.engine.apply(method.losses(step), groups, optimizers)
+    assert student_kl() > 1.03 * before  # +8-11% here, over student weights perturbed by up to 3e-2
 
 
 def test_first_batch_learns_from_ce_and_bn_only_and_the_generator_persists(calibrated_teacher):

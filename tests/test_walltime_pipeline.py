@@ -286,7 +286,11 @@ def test_the_figure_merges_the_tables_of_two_budgets_into_one_curve_per_row(tmp_
     results, teacher = drawn[-1]
     assert teacher == 0.9 and sorted(results) == ["a", "b"]
     assert sorted(p["total_budget_seconds"] for p in results["a"]) == [60.0] * 3 + [120.0] * 3
-    second.write_text(json.dumps({"rows": twenty, "teacher_accuracy": 0.8, "environment": ENV}))
-    with pytest.raises(SystemExit, match="different teachers"):
-        results_plot.plot([results_plot.parse_source(str(first)), results_plot.parse_source(str(second))],
-                          tmp_path / "both.png")
+    both = [results_plot.parse_source(str(first)), results_plot.parse_source(str(second))]
+    for changed in ({"teacher_accuracy": 0.8}, {"environment": {**ENV, "device": "another CPU"}}):
+        second.write_text(json.dumps({"rows": twenty, "teacher_accuracy": 0.9, "environment": ENV, **changed}))
+        with pytest.raises(SystemExit, match="differ in teacher"):  # a curve across teachers or machines
+            results_plot.plot(both, tmp_path / "both.png")
+    second.write_text(json.dumps({"rows": ten, "teacher_accuracy": 0.9, "environment": ENV}))
+    with pytest.raises(SystemExit, match="same seed and budget"):  # the same runs twice would count double
+        results_plot.plot(both, tmp_path / "both.png")
