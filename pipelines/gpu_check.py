@@ -1,16 +1,21 @@
-"""The GPU check, prepared for the day a device is lent: every method under every reduced precision, in one command.
+"""The GPU check, prepared for the day a device is lent: every method under every precision, in one command.
 
-    python -m pipelines.gpu_check [--out gpu_check.json] [--precisions bf16,fp16] [--max-steps 50] [--budget 480]
+    python -m pipelines.gpu_check [--out gpu_check.json] [--precisions fp32,bf16,fp16] [--max-steps 50] [--budget 480]
     python -m pipelines.gpu_check --smoke        # on the CPU, in seconds: what CI runs so this does not rot
 
 On CUDA: every method (``synth run METHOD --preset paper``, the shipped WRN-16-2 teacher) for two batches in
-bf16 and in fp16, DiffDFKD on a tiny DDPM pipeline built here, ``distill run`` for one epoch on the gMI set
-(and again under ``torchrun`` with NCCL when the machine has 2+ GPUs). The paper's batch sizes and networks run,
-but each batch's step counts (inversion steps, iterations, KD steps, stage-1 iterations) are capped at
-``--max-steps`` so that the whole check fits ``--budget`` seconds (8 minutes by default); runs that would start
-after the budget is spent are recorded as skipped. K-Gen uses ``--class-embedding centre`` (no text encoder
-needed offline). Each run is recorded with its images/s, seconds, peak GPU memory and any error (a failing run
-does not stop the check) in one JSON file.
+fp32, bf16 and fp16 (one method's precisions back to back, each timed run after a short warm-up copy of it),
+DiffDFKD on a tiny DDPM pipeline built here, ``distill run`` for one epoch on the gMI set (and again under
+``torchrun`` with NCCL when the machine has 2+ GPUs). The paper's batch sizes and networks run, but each
+batch's step counts (inversion steps, iterations, KD steps, stage-1 iterations) are capped at ``--max-steps``
+so that the whole check fits ``--budget`` seconds (8 minutes by default); runs that would start after the
+budget is spent are recorded as skipped. K-Gen uses ``--class-embedding centre`` (no text encoder needed
+offline). Each run is recorded with its images/s, seconds, peak GPU memory and any error (a failing run does
+not stop the check) in one JSON file, with each reduced precision's images/s over fp32's per method.
+
+First run (NVIDIA H200, torch 2.11, 2026-12-04, before the warm-up, one precision after another):
+``pipelines/results/gpu-check-h200.md``. Every method ran without error in fp32 and bf16; bf16 was not faster
+than fp32 for any method there, but those short runs may have counted each kernel's first use: hence the warm-up.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from atomicio import write_atomic, write_json_atomic
+
 METHODS = ("gmi", "deepinversion", "fast", "cmi", "d2cip", "cpsc", "kgen", "kgen-s")
 #: Per-batch step counts the check caps (whichever a method's config has).
 CAPPED = ("inversion_steps", "iterations", "kd_steps", "prior_iterations", "warmup")
@@ -41,6 +48,8 @@ SMOKE_EXTRA = {"deepinversion": ["--batch-size", "4", "--iterations", "1"],
 #: --smoke runs these (every method runs under bf16 in tests/test_precision.py already): a generator method, the
 #: one with a CAM; DiffDFKD and distill always run.
 SMOKE_METHODS = ("gmi", "kgen")
+#: Step cap of the warm-up run before each timed run: same networks, batch and image sizes, few steps.
+WARMUP_STEPS = 2
 
 
 def _reset_peak(device: str) -> None:
@@ -166,6 +175,17 @@ def torchrun_distill(shards: Path, out: Path, gpus: int, timeout: float) -> dict
     return record
 
 
+def speedups(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each reduced precision's images/s over fp32's, per method where both ran."""
+    speed = {(r["method"], r["precision"]): r.get("images_per_second") for r in runs}
+    ratios: dict[str, dict[str, float]] = {}
+    for (method, precision), rate in speed.items():
+        base = speed.get((method, "fp32"))
+        if precision != "fp32" and rate and base:
+            ratios.setdefault(method, {})[precision] = round(rate / base, 3)
+    return ratios
+
+
 def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str], max_steps: int,
           budget: float, teacher: str | None = None) -> dict[str, Any]:
     import torch
@@ -182,6 +202,13 @@ def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str]
     def spent() -> bool:
         return time.perf_counter() - started > budget
 
+    def warm_up(entry: dict[str, Any]) -> None:
+        """A short copy of the next timed run goes first: on a GPU the first use of a kernel (lazy loading, cuDNN's
+        choice of algorithm per shape and dtype) takes seconds, which the first check (H200, 2026-12-04) counted
+        into short runs' images/s. Only which run it warmed up and its seconds are kept."""
+        report.setdefault("warm_ups", []).append({key: entry[key] for key in ("kind", "method", "precision",
+                                                                              "seconds")})
+
     def record(entry: dict[str, Any]) -> None:
         runs.append(entry)
         shown = entry.get("images_per_second")
@@ -189,7 +216,7 @@ def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str]
         print(f"{entry['method']:16s} {entry['precision']:5s} {entry['seconds']:7.1f} s  "
               f"{shown if shown is not None else '-'} images/s  {outcome}", flush=True)
         report["total_seconds"] = round(time.perf_counter() - started, 2)
-        out_json.write_text(json.dumps(report, indent=1))  # after every run: a killed check keeps what it found
+        write_json_atomic(out_json, report, indent=1)  # after every run: a killed check keeps what it found
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -202,44 +229,86 @@ def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str]
                                 class_names=[f"class{i}" for i in range(10)])
             teacher = str(teacher_path)
         teacher = teacher or str(zoo.default_teacher_path())
-        for precision in precisions:
-            for name in methods:
+        # Precisions side by side per method (not one precision after another): a drift of the machine over the
+        # check then cannot pass for a precision's speed-up.
+        for name in methods:
+            args = _method_args(name, smoke, max_steps)
+            for precision in precisions:
                 if spent():
                     runs.append({"kind": "synth", "method": name, "precision": precision, "error": "skipped: budget"})
                     continue
-                record(synth_run(name, precision, tmp / f"{name}-{precision}", teacher, device,
-                                 _method_args(name, smoke, max_steps), batches=1 if smoke else 2))
+                warm_up(synth_run(name, precision, tmp / f"warm-{name}-{precision}", teacher, device,
+                                  _method_args(name, smoke, WARMUP_STEPS), batches=1 if smoke else 2))
+                record(synth_run(name, precision, tmp / f"{name}-{precision}", teacher, device, args,
+                                 batches=1 if smoke else 2))
+        for precision in precisions:
             if not spent():
                 model = tmp / "ddpm" if (tmp / "ddpm").exists() else tiny_ddpm(tmp / "ddpm")
                 diff_args = ["--diffusion", str(model), "--batch-size", "2" if smoke else "16",
                              "--num-inference-steps", "2" if smoke else "10", "--proxy-student", "resnet8",
                              "--kd-steps", "1"]
+                warm_up(synth_run("diffdfkd", precision, tmp / f"warm-diffdfkd-{precision}", teacher,
+                                  device, diff_args, batches=1))
                 record(synth_run("diffdfkd", precision, tmp / f"diffdfkd-{precision}", teacher, device, diff_args,
                                  batches=1 if smoke else 2))
             source = tmp / f"gmi-{precision}"
             if not spent() and (source / "manifest.json").exists():
+                warm_up(distill_run(source, precision, tmp / f"warm-student-{precision}", device, smoke))
                 record(distill_run(source, precision, tmp / f"student-{precision}", device, smoke))
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         source = tmp / f"gmi-{precisions[0]}"
         if gpus >= 2 and not spent() and (source / "manifest.json").exists():
             record(torchrun_distill(source, tmp / "student-ddp", gpus, budget - (time.perf_counter() - started)))
     report["errors"] = sum(1 for r in runs if r.get("error") and not r["error"].startswith("skipped"))
+    report["speedup_over_fp32"] = speedups(runs)
     report["total_seconds"] = round(time.perf_counter() - started, 2)
-    out_json.write_text(json.dumps(report, indent=1))
+    write_json_atomic(out_json, report, indent=1)
+    write_atomic(out_json.with_suffix(".md"), markdown(report))
     return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The check as a table: one row per method, images/s (and peak GPU memory) per precision, bf16 over fp32."""
+    precisions = list(dict.fromkeys(r["precision"] for r in report["runs"]))
+    methods = list(dict.fromkeys(r["method"] for r in report["runs"]))
+    cells = {(r["method"], r["precision"]): r for r in report["runs"]}
+
+    def cell(method: str, precision: str) -> str:
+        run = cells.get((method, precision))
+        if run is None:
+            return "–"
+        if run.get("error"):
+            return "skipped" if run["error"].startswith("skipped") else "error"
+        memory = run.get("peak_gpu_memory_bytes")
+        return f"{run['images_per_second']:,.1f}" + (f" ({memory / 2**20:,.0f} MB)" if memory else "")
+
+    ratios = report.get("speedup_over_fp32", {})
+    reduced = [p for p in precisions if p != "fp32"] if "fp32" in precisions else []
+    header = ["method", *(f"{p} images/s (peak)" for p in precisions), *(f"{p} / fp32" for p in reduced)]
+    lines = [f"# GPU check: {report['device']}, torch {report['torch']}", "",
+             ("Smoke run: tiny networks on the CPU" if report["smoke"] else "Each method for two batches at its "
+              f"paper batch size, step counts capped at {report['max_steps']}") + f"; {report['total_seconds']} s in "
+             f"all, {sum(w['seconds'] for w in report.get('warm_ups', [])):.1f} s of it warm-up runs.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        row = [method, *(cell(method, p) for p in precisions),
+               *(f"{ratios[method][p]:.2f}x" if p in ratios.get(method, {}) else "–" for p in reduced)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--smoke", action="store_true", help="on the CPU, tiny networks, bf16 only: seconds")
-    parser.add_argument("--precisions", default=None, help="comma-separated [default: bf16,fp16; bf16 with --smoke]")
+    parser.add_argument("--precisions", default=None, help="comma-separated "
+                        "[default: fp32,bf16,fp16; bf16 with --smoke]")
     parser.add_argument("--methods", default=None, help=f"[default: all; {','.join(SMOKE_METHODS)} with --smoke]")
     parser.add_argument("--max-steps", type=int, default=50, help="cap on each batch's step counts")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later runs are skipped")
     parser.add_argument("--teacher", default=None, help="[default: the shipped WRN-16-2; a tiny one with --smoke]")
     args = parser.parse_args(argv)
-    precisions = (args.precisions or ("bf16" if args.smoke else "bf16,fp16")).split(",")
+    precisions = (args.precisions or ("bf16" if args.smoke else "fp32,bf16,fp16")).split(",")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched: the check builds what it loads
     methods = (args.methods or ",".join(SMOKE_METHODS if args.smoke else METHODS)).split(",")
     report = check(args.out, args.smoke, precisions, methods, args.max_steps, args.budget,
