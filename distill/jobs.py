@@ -25,7 +25,7 @@ import zoo
 from distill import report
 from distill.bookkeeping import FitResult
 from distill.core import DistillError, acceleration
-from zoo.device import slow_precision_note
+from zoo.device import prepare_device, slow_precision_note
 
 #: Whether ``--augment auto`` applies crop+flip when training on *stored* logits: no, measured (module docstring).
 AUGMENT_STORED_LOGITS = False
@@ -96,10 +96,7 @@ def configure_device(device: torch.device) -> None:
     """Device settings for a job, and a warning when ``--precision`` has no fast path on it."""
     if note := slow_precision_note(acceleration(device)):
         warnings.warn(note, stacklevel=1)
-    if device.type == "cuda":
-        # Fixed input shapes: let cuDNN pick the fastest kernels once.
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
+    prepare_device(device)
 
 
 def load_teacher(path: str, arch: str | None, trust_torchscript: bool = False) -> zoo.Classifier:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import shards
 import zoo
 from timebudget import Clock, Deadline, format_duration, system_clock
-from zoo.device import slow_precision_note
+from zoo.device import prepare_device, slow_precision_note
 
 from .core.pixels import quantise
 from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
@@ -191,6 +191,7 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     options, key_offset, fanout = options.fanout.apply(options, sum(p.extra_samples() for p in plugins))
     target = options.num_images + sum(plugin.extra_samples() for plugin in plugins)
     device = zoo.pick_device(options.device)
+    prepare_device(device)
     teacher = teacher.to(device).eval()
     out = Path(options.out)
     acceleration = zoo.Acceleration(device, enabled=options.accelerate, precision=options.precision)

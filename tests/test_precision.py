@@ -291,3 +291,30 @@ def test_a_precision_without_a_fast_path_is_named_before_it_runs_slowly(monkeypa
             "--eval-data", "none", "--out", str(tmp_path / "student"), "--workers", "0", "--quiet", "--device",
             "cpu", "--precision", "bf16"])
     assert result.exit_code == 0
+
+
+def test_both_stages_prepare_their_device(monkeypatch, tmp_path, tiny_teacher, small_set):
+    # On CUDA: cuDNN picks its kernels once for the job's fixed shapes, and the peak-memory count starts at zero.
+    reset = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: reset.append(device))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    zdevice.prepare_device(torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark and not reset
+    zdevice.prepare_device(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark and reset == [torch.device("cuda", 0)]
+    # ... and synth and distill each call it on the device they run on.
+    import distill.jobs
+    import synth.runner
+    prepared = []
+    for module in (synth.runner, distill.jobs):
+        monkeypatch.setattr(module, "prepare_device", prepared.append)
+    result = CliRunner().invoke(synth_main, ["run", "deepinversion", "--out", str(tmp_path / "set"), "--teacher",
+                                             str(tiny_teacher), "--num-images", "4", "--batch-size", "4",
+                                             "--iterations", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert prepared == [torch.device("cpu")]
+    result = CliRunner().invoke(distill_main, [
+        "run", "--shards", str(small_set), "--student", "resnet8", "--batch-size", "8", "--epochs", "1",
+        "--eval-data", "none", "--out", str(tmp_path / "student"), "--workers", "0", "--quiet", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert prepared == [torch.device("cpu")] * 2

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import ZooError
 
 __all__ = ["PRECISIONS", "PRECISION_HELP", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device",
-           "slow_precision_note"]
+           "prepare_device", "slow_precision_note"]
 
 
 #: The values of ``--precision``, on ``synth run``, ``distill run`` and ``distill train``.
@@ -124,6 +124,15 @@ class Acceleration:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler, active only for fp16 (whose gradients underflow without one)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.resolved == "fp16")
+
+
+def prepare_device(device: torch.device) -> None:
+    """Settings a job sets once on its device, in both stages: on CUDA, cuDNN picks the fastest kernels for the
+    job's (fixed) input shapes once, and the peak-memory counter starts at zero so a job reports its own peak.
+    Nothing to set on a CPU."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
