@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import resource
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from atomicio import write_atomic, write_json_atomic
+from zoo.device import peak_memory_bytes
 
 #: Columns of log.csv, one row per epoch.
 LOG_COLUMNS = ("epoch", "train_loss", "eval_acc", "lr", "images_per_s", "seconds")
@@ -95,11 +94,8 @@ def plot_accuracy(
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """Peak memory of this run: CUDA allocator peak on GPU, max RSS of this process on CPU (bytes)."""
-    if device.type == "cuda":
-        return {"kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    return {"kind": "cpu_max_rss", "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+    kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_max_rss"
+    return {"kind": kind, "bytes": peak_memory_bytes(device)}
 
 
 def device_description(device: torch.device) -> str:

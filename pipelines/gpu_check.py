@@ -52,18 +52,9 @@ SMOKE_METHODS = ("gmi", "kgen")
 WARMUP_STEPS = 2
 
 
-def _reset_peak(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(device: str) -> int | None:
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+def _gpu_peak(device: str, recorded: int | None) -> int | None:
+    """The peak GPU memory a command recorded of itself (both stages count it from their start), None on a CPU."""
+    return recorded if device == "cuda" else None
 
 
 def _invoke(main: Any, args: list[str]) -> str | None:
@@ -112,15 +103,15 @@ def synth_run(name: str, precision: str, out: Path, teacher: str, device: str, e
     args = ["run", name, "--out", str(out), "--teacher", teacher, "--preset", "paper", "--device", device,
             "--precision", precision, "--num-images", str(batches * size), "--shard-size", str(size), "--quiet",
             *extra]
-    _reset_peak(device)
     started = time.perf_counter()
     error = _invoke(main, args)
     record: dict[str, Any] = {"kind": "synth", "method": name, "precision": precision, "images": batches * size,
-                              "seconds": round(time.perf_counter() - started, 2), "peak_gpu_memory_bytes":
-                              _peak(device), "error": error, "command": "synth " + " ".join(args)}
+                              "seconds": round(time.perf_counter() - started, 2), "peak_gpu_memory_bytes": None,
+                              "error": error, "command": "synth " + " ".join(args)}
     if error is None:
         summary = json.loads((out / "manifest.json").read_text())["summary"]
         record["images_per_second"] = summary.get("synthesis_images_per_second")
+        record["peak_gpu_memory_bytes"] = _gpu_peak(device, summary.get("peak_memory_bytes"))
     return record
 
 
@@ -143,15 +134,15 @@ def distill_run(shards: Path, precision: str, out: Path, device: str, smoke: boo
     args = ["run", "--shards", str(shards), "--student", "resnet8" if smoke else "wrn16_1", "--epochs", "1",
             "--batch-size", "4" if smoke else "256", "--eval-data", "none", "--out", str(out), "--workers", "0",
             "--quiet", "--device", device, "--precision", precision]
-    _reset_peak(device)
     started = time.perf_counter()
     error = _invoke(main, args)
     record: dict[str, Any] = {"kind": "distill", "method": "distill run", "precision": precision,
-                              "seconds": round(time.perf_counter() - started, 2),
-                              "peak_gpu_memory_bytes": _peak(device), "error": error,
-                              "command": "distill " + " ".join(args)}
+                              "seconds": round(time.perf_counter() - started, 2), "peak_gpu_memory_bytes": None,
+                              "error": error, "command": "distill " + " ".join(args)}
     if error is None:
-        record["images_per_second"] = json.loads((out / "metrics.json").read_text()).get("images_per_second")
+        metrics = json.loads((out / "metrics.json").read_text())
+        record["images_per_second"] = metrics.get("images_per_second")
+        record["peak_gpu_memory_bytes"] = _gpu_peak(device, metrics.get("peak_memory", {}).get("bytes"))
     return record
 
 

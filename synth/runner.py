@@ -23,7 +23,7 @@ from tqdm import tqdm
 import shards
 import zoo
 from timebudget import Clock, Deadline, format_duration, system_clock
-from zoo.device import prepare_device, slow_precision_note
+from zoo.device import peak_memory_bytes, prepare_device, slow_precision_note
 
 from .core.pixels import quantise
 from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
@@ -329,15 +329,6 @@ def _published(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def _budget_stop(deadline: Deadline, options: RunOptions) -> dict[str, Any]:
     return {"reason": "time_budget", "time_budget_seconds": deadline.seconds,
             "synthesis_seconds": round(deadline.elapsed(), 2), "requested_images": options.num_images}
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated on CUDA, else this process's peak resident set size."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def dataset_summary(out: Path, teacher: zoo.Classifier, device: torch.device, options: RunOptions) -> dict[str, Any]:

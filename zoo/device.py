@@ -19,7 +19,7 @@ from torch import nn
 from .errors import ZooError
 
 __all__ = ["PRECISIONS", "PRECISION_HELP", "Acceleration", "auto_precision", "cpu_has_bf16", "pick_device",
-           "prepare_device", "slow_precision_note"]
+           "peak_memory_bytes", "prepare_device", "slow_precision_note"]
 
 
 #: The values of ``--precision``, on ``synth run``, ``distill run`` and ``distill train``.
@@ -133,6 +133,18 @@ def prepare_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This job's peak memory: the CUDA allocator's peak on CUDA (counted from :func:`prepare_device`), else this
+    process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
