@@ -30,7 +30,8 @@ under the lane's threads means the run was starved.
   images alone (``distill train --data imagefolder:DIR --teacher T``: KD from the teacher, no synthesis).
 
 A run that reads another (``prior_from``, ``match_time_of``) waits for it. Finished runs are reused on a re-run
-(their metrics on disk) unless ``--fresh``, so a killed benchmark continues.
+(their metrics on disk) unless ``--fresh``, and a killed synthesis continues its dataset (its seconds so far
+counted), so a killed benchmark continues, D2CIP's hours of stage 1 included.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ from atomicio import write_json_atomic
 from . import tables, walltime
 from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arguments, plan_lanes, run_in_lanes
 from .runs import (
-    RunTime,
     check_reused_options,
     check_row_names,
-    code_commit,
+    continued_seconds,
     distill,
     environment,
     read_time,
     resolve_teacher,
+    reused_commit,
     run_command,
     slug,
     synth,
@@ -67,6 +68,7 @@ from .runs import (
     train_share,
     worst_class,
     write_results,
+    write_results_file,
     write_row_config,
 )
 
@@ -237,8 +239,9 @@ class Benchmark:
         config = directory / "synth.toml"
         if complete and timing.exists():
             check_reused_options(config, method, options, name)
-        else:
-            if dataset.exists():
+        else:  # a killed attempt's dataset is continued (synth resumes it), or started again
+            earlier = continued_seconds(dataset, config, method, options)
+            if dataset.exists() and earlier is None:
                 shutil.rmtree(dataset)
             write_row_config(config, method, options)
             spent = run_command(synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
@@ -246,7 +249,7 @@ class Benchmark:
                                       "--num-images", str(self.budget["num_images"]),
                                       "--shard-size", str(self.budget["shard_size"]), "--seed", str(seed),
                                       "--quiet", *self.precision_args(row), *extra), directory / "synth.log", lane)
-            write_results_file(timing, spent)
+            write_results_file(timing, spent.after(earlier))
         if not (student / "metrics.json").exists():
             if student.exists():
                 shutil.rmtree(student)
@@ -266,7 +269,7 @@ class Benchmark:
             "precision": manifest.get("method", {}).get("precision", metrics.get("precision")), "commit": commit,
             "accuracy": metrics["final_accuracy"],
             "synthesis_seconds": synth_time.wall_seconds, "synthesis_cpu_seconds": synth_time.cpu_seconds,
-            "synthesis_cores": list(synth_time.cores),
+            "synthesis_cores": list(synth_time.cores), "synthesis_continued_from_seconds": synth_time.continued_from,
             "synthesis_images_per_second": manifest["num_samples"] / synth_time.wall_seconds,
             "synthesis_peak_memory_bytes": summary.get("peak_memory_bytes"),
             "teacher_agreement": summary.get("teacher_agreement"),
@@ -329,7 +332,8 @@ class Benchmark:
                 continue
             accuracy = tables.spread([r["accuracy"] for r in runs])
             results[row["name"]] = {
-                "name": row["name"] + (" (stage 1 shared)" if row.get("prior_from") else ""),
+                "name": row["name"] + (" (stage 1 shared)" if row.get("prior_from") else "")
+                + (" (continued after a kill)" if any(r.get("synthesis_continued_from_seconds") for r in runs) else ""),
                 "method": row["method"], "runs": runs, "accuracy": accuracy, "ratio": accuracy["mean"] / acc,
                 **{key: _mean(runs, key) for key in RUN_FIGURES}}
         return results
@@ -346,21 +350,6 @@ RUN_FIGURES = ("synthesis_seconds", "synthesis_cpu_seconds", "synthesis_images_p
                "synthesis_peak_memory_bytes", "teacher_agreement", "worst_class_agreement", "mean_entropy",
                "pairwise_separability", "distill_seconds", "distill_cpu_seconds", "distill_images_per_second",
                "distill_train_share", "distill_peak_memory_bytes", "bytes_per_sample")
-
-
-def write_results_file(path: Path, spent: RunTime) -> None:
-    write_json_atomic(path, {**spent.record(), "commit": code_commit()})
-
-
-def reused_commit(path: Path, name: str, seed: int) -> str | None:
-    """The commit that made a run (read back from its timing file), with a note when a reused run was made
-    by other code than this tree's: the committed 512-image table once mixed such runs unnoticed."""
-    made = json.loads(path.read_text()).get("commit")
-    now = code_commit()
-    if made != now:
-        print(f"   note: {name} (seed {seed}) reused from a run made by {made or 'an unrecorded commit'}, "
-              f"not this tree ({now}); --fresh re-runs it", flush=True)
-    return made
 
 
 def _mean(runs: list[dict[str, Any]], key: str) -> float | None:

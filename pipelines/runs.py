@@ -26,14 +26,21 @@ from .lanes import Lane, LanePlan
 @dataclass(frozen=True)
 class RunTime:
     """One finished command: wall seconds, CPU seconds of it and every process it waited for (rusage; None
-    where the OS cannot say), and the cores it was pinned to (empty: not pinned)."""
+    where the OS cannot say), and the cores it was pinned to (empty: not pinned). ``continued_from``: the seconds
+    a killed earlier attempt had saved in the dataset this one continued (counted in ``wall_seconds``)."""
 
     wall_seconds: float
     cpu_seconds: float | None
     cores: tuple[int, ...] = ()
+    continued_from: float = 0.0
 
     def record(self) -> dict[str, Any]:
-        return {"seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds, "cores": list(self.cores)}
+        record = {"seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds, "cores": list(self.cores)}
+        return {**record, "continued_from_seconds": self.continued_from} if self.continued_from else record
+
+    def after(self, earlier: float | None) -> RunTime:
+        """This attempt as the continuation of one that saved ``earlier`` seconds (whose CPU seconds are unknown)."""
+        return RunTime(self.wall_seconds + earlier, None, self.cores, earlier) if earlier else self
 
 
 def pin(pid: int, cores: tuple[int, ...]) -> tuple[int, ...]:
@@ -112,7 +119,36 @@ def machine_is_busy(max_load: float, force: bool) -> bool:
 def read_time(path: Path) -> RunTime:
     """A :class:`RunTime` written by :meth:`RunTime.record` (older files hold wall seconds only)."""
     saved = json.loads(path.read_text())
-    return RunTime(saved["seconds"], saved.get("cpu_seconds"), tuple(saved.get("cores", ())))
+    return RunTime(saved["seconds"], saved.get("cpu_seconds"), tuple(saved.get("cores", ())),
+                   saved.get("continued_from_seconds", 0.0))
+
+
+def write_results_file(path: Path, spent: RunTime) -> None:
+    write_json_atomic(path, {**spent.record(), "commit": code_commit()})
+
+
+def reused_commit(path: Path, name: str, seed: int) -> str | None:
+    """The commit that made a run (read back from its timing file), with a note when a reused run was made
+    by other code than this tree's: the committed 512-image table once mixed such runs unnoticed."""
+    made = json.loads(path.read_text()).get("commit")
+    now = code_commit()
+    if made != now:
+        print(f"   note: {name} (seed {seed}) reused from a run made by {made or 'an unrecorded commit'}, "
+              f"not this tree ({now}); --fresh re-runs it", flush=True)
+    return made
+
+
+def continued_seconds(dataset: Path, config: Path, method: str, options: dict[str, Any]) -> float | None:
+    """The synthesis seconds that a killed attempt saved in ``dataset`` (its shards', and its set-up's progress:
+    D2CIP's stage 1 checkpoints), when the next attempt continues it: made with the options the row asks for now
+    (its ``synth.toml``). None: nothing to continue, and the folder is started again."""
+    manifest_path = dataset / "manifest.json"
+    if not manifest_path.exists() or not config.exists() or config.read_text() != row_config_text(method, options):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    saved = float(manifest["summary"].get("synthesis_seconds") or 0.0)
+    saved += float((manifest.get("prepare_state") or {}).get("seconds") or 0.0)
+    return saved or None
 
 
 def synth(*args: str) -> list[str]:

@@ -28,7 +28,8 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.tar$")
 #: Where a writer keeps the state it resumes from, and the only names it stores there.
 RESUME_DIR = "resume"
-STATE_PATTERN = re.compile(r"^state-\d{6,}\.pt$")
+STATE_PATTERN = re.compile(r"^state-\d{6,}\.pt$")  # the state saved with a shard
+PREPARE_PATTERN = re.compile(r"^prepare-\d{6,}\.pt$")  # a method's set-up progress, before the first shard
 #: The lock file every writer holds in the folder it writes (:mod:`shards.lock`).
 LOCK_NAME = ".dfkd-shards.lock"
 KEY_WIDTH = 9

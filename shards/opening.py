@@ -35,8 +35,8 @@ Writer = TypeVar("Writer")
 # Top-level manifest fields the caller's ``header`` may not overwrite.
 RESERVED = frozenset({
     "format", "format_version", "tool_version", "identity", "schema", "num_classes", "target_samples",
-    "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "created", "updated",
-    "artifacts", "shard_size", "stop", "source_counts", "key_offset", "resolution_counts",
+    "num_samples", "complete", "class_counts", "shards", "summary", "resume_state", "prepare_state", "created",
+    "updated", "artifacts", "shard_size", "stop", "source_counts", "key_offset", "resolution_counts",
 })
 
 
@@ -196,8 +196,8 @@ def _resume(cls: type[Writer], out: Path, lock: FolderLock, identity: dict[str, 
     resume_folder(out)  # refuses a symlinked resume folder before anything is deleted
 
     # Clean up what a killed run may have left: temporaries, shards never committed, stale states.
-    remove_leftovers(out, {entry["url"] for entry in manifest["shards"]}, set(manifest.get("artifacts") or {}),
-                     manifest.get("resume_state"))
+    kept = {manifest.get("resume_state"), (manifest.get("prepare_state") or {}).get("url")} - {None}
+    remove_leftovers(out, {entry["url"] for entry in manifest["shards"]}, set(manifest.get("artifacts") or {}), kept)
 
     def apply_open_arguments(changed: dict[str, Any]) -> None:
         changed.update(header)

@@ -1,12 +1,13 @@
-"""The one rule for what a dataset command may delete: only files it made itself, recognised by exact name,
-directly inside the dataset folder (or its ``resume/`` folder), never through a symlinked folder, and only while
-it holds the folder's lock (:mod:`shards.lock`).
+"""The one rule for what a dataset command may delete: only files it made itself, recognised by exact name, directly
+inside the dataset folder (or its ``resume/`` folder), never through a symlinked folder, and only while it holds the
+folder's lock (:mod:`shards.lock`).
 
-Files a writer makes, and so may delete: ``shard-NNNNNN.tar`` not (yet) listed in the manifest, ``resume/
-state-NNNNNN.pt`` other than the current one, and the temporaries of either, of ``manifest.json`` and of artifacts
-(:func:`atomicio.temp_path` names). Everything else in a folder is someone else's. A folder without a manifest
-holds no files of ours except a first manifest's temporary and the lock: anything more, e.g. ``shard-000000.tar``
-from another tool, makes the folder foreign, and it is refused untouched.
+Files a writer makes, and so may delete: ``shard-NNNNNN.tar`` not (yet) listed in the manifest,
+``resume/state-NNNNNN.pt`` and ``resume/prepare-NNNNNN.pt`` other than the ones it lists, and the temporaries of
+these, of ``manifest.json`` and of artifacts (:func:`atomicio.temp_path` names). Everything else in a folder is
+someone else's. A folder without a manifest holds no files of ours except a first manifest's temporary and the
+lock: anything more, e.g. ``shard-000000.tar`` from another tool, makes the folder foreign, and it is refused
+untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from atomicio import TMP_SUFFIX
 
-from .format import LOCK_NAME, MANIFEST_NAME, RESUME_DIR, SHARD_PATTERN, STATE_PATTERN, ShardError
+from .format import LOCK_NAME, MANIFEST_NAME, PREPARE_PATTERN, RESUME_DIR, SHARD_PATTERN, STATE_PATTERN, ShardError
 
 # A temporary as atomicio.temp_path names it (NAME.<pid>.<token>.tmp), or as older versions did (NAME.tmp).
 _TEMPORARY = re.compile(rf"^(?P<target>.+?)(\.\d+\.[0-9a-f]+)?{re.escape(TMP_SUFFIX)}$")
@@ -26,6 +27,11 @@ def temporary_target(name: str) -> str | None:
     """The file a temporary named ``name`` was going to become, or None when ``name`` is no temporary."""
     match = _TEMPORARY.match(name)
     return match.group("target") if match else None
+
+
+def is_state_name(name: str) -> bool:
+    """A name the writer gives the files of its ``resume/`` folder (a shard's state or a set-up's progress)."""
+    return bool(STATE_PATTERN.match(name) or PREPARE_PATTERN.match(name))
 
 
 def is_writer_temporary(name: str, artifacts: set[str] = frozenset()) -> bool:
@@ -71,8 +77,9 @@ def resume_folder(out: Path) -> Path:
     return path
 
 
-def remove_leftovers(out: Path, listed: set[str], artifacts: set[str], keep_state: str | None) -> None:
-    """After a killed run, under the lock: unlisted shards, temporaries and stale resume states of ``out``."""
+def remove_leftovers(out: Path, listed: set[str], artifacts: set[str], keep_states: set[str]) -> None:
+    """After a killed run, under the lock: unlisted shards, temporaries and stale states of ``out`` (all but
+    ``keep_states``, the ``resume/...`` names the manifest lists)."""
     for path in out.iterdir():
         name = path.name
         if not _not_a_folder(path):
@@ -83,16 +90,17 @@ def remove_leftovers(out: Path, listed: set[str], artifacts: set[str], keep_stat
     if states.is_dir():
         for path in states.iterdir():
             target = temporary_target(path.name) or path.name
-            if STATE_PATTERN.match(target) and f"{RESUME_DIR}/{path.name}" != keep_state and _not_a_folder(path):
+            if is_state_name(target) and f"{RESUME_DIR}/{path.name}" not in keep_states and _not_a_folder(path):
                 path.unlink(missing_ok=True)
 
 
 def remove_state(out: Path, rel: str | None) -> None:
-    """Deletes the resume state ``rel`` (``resume/state-NNNNNN.pt``, as validated) when it is one."""
+    """Deletes the state ``rel`` (``resume/state-NNNNNN.pt`` or ``resume/prepare-NNNNNN.pt``, as validated) when
+    it is one."""
     if not rel:
         return
     folder, _, name = rel.partition("/")
-    if folder == RESUME_DIR and STATE_PATTERN.match(name):
+    if folder == RESUME_DIR and is_state_name(name):
         (resume_folder(out) / name).unlink(missing_ok=True)
 
 
@@ -102,7 +110,7 @@ def remove_resume_folder(out: Path) -> None:
     if not states.is_dir():
         return
     for path in states.iterdir():
-        if STATE_PATTERN.match(temporary_target(path.name) or path.name) and _not_a_folder(path):
+        if is_state_name(temporary_target(path.name) or path.name) and _not_a_folder(path):
             path.unlink(missing_ok=True)
     try:
         states.rmdir()

@@ -7,6 +7,7 @@ outside it.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -17,6 +18,7 @@ from .format import (
     LOGITS_EXT,
     MAX_IMAGE_PIXELS,
     META_EXT,
+    PREPARE_PATTERN,
     READABLE_VERSIONS,
     RESUME_DIR,
     STATE_PATTERN,
@@ -59,6 +61,20 @@ def check_resume_state(value: Any, where: str) -> None:
     if len(parts) != 2 or parts[0] != RESUME_DIR or not STATE_PATTERN.match(parts[1]):
         raise ShardError(f"{where}: resume_state {value!r} is not {RESUME_DIR}/state-NNNNNN.pt; a manifest may only "
                          "name the writer's own resume state")
+
+
+def check_prepare_state(value: Any, where: str) -> None:
+    """``prepare_state`` is absent, None or ``{"url": "resume/prepare-NNNNNN.pt", "seconds": s >= 0}``."""
+    if value is None:
+        return
+    url = value.get("url") if isinstance(value, dict) else None
+    parts = url.split("/") if isinstance(url, str) else []
+    if len(parts) != 2 or parts[0] != RESUME_DIR or not PREPARE_PATTERN.match(parts[1]):
+        raise ShardError(f"{where}: prepare_state {value!r} does not name {RESUME_DIR}/prepare-NNNNNN.pt; a manifest "
+                         "may only name the writer's own files")
+    seconds = value.get("seconds")
+    if not _number(seconds) or not math.isfinite(seconds) or seconds < 0:
+        raise ShardError(f"{where}: prepare_state seconds {seconds!r} is not a non-negative number")
 
 
 def _count(value: Any) -> bool:
@@ -190,4 +206,5 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
         if not _count(entry.get("bytes")) or not _SHA256.match(str(entry.get("sha256"))):
             raise ShardError(f"{where}: artifacts[{name!r}] has an invalid size or sha256")
     check_resume_state(manifest.get("resume_state"), where)
+    check_prepare_state(manifest.get("prepare_state"), where)
     return manifest

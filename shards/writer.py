@@ -1,15 +1,14 @@
 """Crash-safe shard writer: the only code that creates or changes a dataset directory.
 
-A run killed at any moment leaves a valid dataset made of the shards finished so far, and
-:meth:`ShardWriter.open` on the same directory resumes it. The order of operations in
-:meth:`ShardWriter.commit_shard` is what makes this true:
+A run killed at any moment leaves a valid dataset made of the shards finished so far, and :meth:`ShardWriter.open`
+on the same directory resumes it. The order of operations in :meth:`ShardWriter.commit_shard` makes this true:
 
 1. validate every sample and the resume state (nothing touches the disk before this passes);
 2. write ``shard-XXXXXX.tar`` to a temporary, fsync, rename;
 3. write ``resume/state-XXXXXX.pt`` the same way (only when a state is given);
 4. write ``manifest.json`` the same way, then fsync the directory — **the commit point**
    (:meth:`ShardWriter._commit_manifest`, the only code that changes the manifest);
-5. delete the previous resume state.
+5. delete the previous resume state (and a set-up's progress: the set-up is over).
 
 Steps 2-4 each go through :func:`atomicio.write_atomic` (a temporary, fsync, rename, fsync the directory;
 the temporary is removed on any error), so only a hard kill leaves ``*.tmp`` files, which ``open`` deletes.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import math
 import os
 import re
@@ -63,6 +61,7 @@ from .lock import FolderLock
 from .opening import now, open_dataset
 from .owned import remove_resume_folder, remove_state, resume_folder
 from .samples import Sample, check_samples
+from .states import load_state, serialise_state
 from .tario import HashingWriter, tar_member
 
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -161,31 +160,9 @@ class ShardWriter:
     def load_resume_state(self) -> dict[str, Any] | None:
         """The state saved with the last committed shard (``torch.load(weights_only=True)``), or None."""
         rel = self._manifest.get("resume_state")
-        if not rel:
-            return None
-        import torch  # lazy: reading and writing shards without resume states needs no torch
-
-        path = self.out_dir / rel
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # any failure here means the same thing to the user
-            raise ShardError(f"{path}: cannot load the resume state ({error}); delete {self.out_dir} "
-                             "to start over") from error
+        return load_state(self.out_dir / rel, self.out_dir) if rel else None
 
     # ----------------------------------------------------------------------------------------- commit
-
-    def _serialise_state(self, state: dict[str, Any]) -> bytes:
-        import torch  # lazy, see load_resume_state
-
-        buffer = io.BytesIO()
-        try:
-            torch.save(state, buffer)
-            # A state that weights_only loading refuses would only fail at resume time, hours later.
-            torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ShardError(f"resume state cannot be saved and loaded with weights_only=True ({error}); keep "
-                             "it to tensors, numbers, strings and containers of those") from error
-        return buffer.getvalue()
 
     def commit_shard(self, samples: list[Sample], state: dict[str, Any] | None = None,
                      seconds: float | None = None) -> None:
@@ -196,7 +173,7 @@ class ShardWriter:
         checked, shape, num_classes = check_samples(
             samples, self._manifest, shard_size=self.shard_size, target_samples=self.target_samples,
             num_committed=self.num_committed, key_offset=self.key_offset, mixed_sizes=self.mixed_sizes)
-        state_bytes = self._serialise_state(state) if state is not None else None
+        state_bytes = serialise_state(state) if state is not None else None
         index = self.num_shards
         name = shard_name(index)
         final = self.out_dir / name
@@ -252,6 +229,7 @@ class ShardWriter:
             # Rounded up: what a time budget sums must never come out below what the deadline measured.
             shard_entry["synthesis_seconds"] = math.ceil(float(seconds) * 1000) / 1000
         previous_state = self._manifest.get("resume_state")
+        previous_prepare = self._manifest.get("prepare_state")
 
         def record_shard(manifest: dict[str, Any]) -> None:
             if manifest["schema"]["image"]["shape"] is None or manifest.get("num_classes") is None:
@@ -284,6 +262,7 @@ class ShardWriter:
             manifest["complete"] = False  # only finish() declares a dataset complete
             manifest.pop("stop", None)
             manifest["resume_state"] = state_rel
+            manifest.pop("prepare_state", None)  # the set-up is over: its seconds are in this shard's
 
         def withdraw() -> None:
             final.unlink(missing_ok=True)
@@ -295,8 +274,43 @@ class ShardWriter:
             lambda error: f"{self.out_dir / MANIFEST_NAME}: could not record {name} ({error}); the shard "
                           "was withdrawn and the dataset is unchanged",
             on_failure=withdraw)
-        if previous_state and previous_state != state_rel:  # step 5
-            remove_state(self.out_dir, previous_state)
+        for stale in {previous_state, (previous_prepare or {}).get("url")} - {state_rel}:  # step 5
+            remove_state(self.out_dir, stale)
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    @property
+    def prepare_seconds(self) -> float:
+        """Seconds that earlier runs spent in a method's set-up and that no shard counts yet."""
+        entry = self._manifest.get("prepare_state")
+        return float(entry["seconds"]) if entry else 0.0
+
+    def load_prepare_state(self) -> dict[str, Any] | None:
+        """The set-up progress a killed run saved last (:meth:`save_prepare_state`), or None."""
+        entry = self._manifest.get("prepare_state")
+        return load_state(self.out_dir / entry["url"], self.out_dir) if entry else None
+
+    def save_prepare_state(self, state: dict[str, Any], seconds: float) -> None:
+        """Keeps the progress of a method's set-up before its first shard (D2CIP's stage 1) and the ``seconds`` spent
+        on it over all runs, so that a killed run continues it: a new ``resume/prepare-NNNNNN.pt``, the manifest
+        (the commit point), the previous file deleted. The first shard, or a finished dataset, drops it."""
+        self._check_open()
+        data = serialise_state(state)
+        previous = self._manifest.get("prepare_state")
+        index = int(previous["url"][-9:-3]) + 1 if previous else 0  # validated: resume/prepare-NNNNNN.pt
+        rel = f"{RESUME_DIR}/prepare-{index:06d}.pt"
+        path = self.out_dir / rel
+        try:
+            resume_folder(self.out_dir).mkdir(exist_ok=True)  # refuses one that became a symlink meanwhile
+            write_atomic(path, data)
+        except OSError as error:
+            raise ShardError(f"{path}: could not save the set-up's progress ({error}); the last is kept") from error
+        entry = {"url": rel, "seconds": math.ceil(float(seconds) * 1000) / 1000}
+        self._commit_manifest(lambda manifest: manifest.update(prepare_state=entry),
+                              lambda error: f"{self.out_dir / MANIFEST_NAME}: could not record {rel} ({error})",
+                              on_failure=lambda: path.unlink(missing_ok=True))
+        if previous:
+            remove_state(self.out_dir, previous["url"])
 
     def _commit_manifest(self, change: Callable[[dict[str, Any]], None] | dict[str, Any],
                          error_message: Callable[[OSError], str], *, on_failure: Callable[[], None] | None = None,
@@ -377,6 +391,7 @@ class ShardWriter:
             manifest["stop"] = stop
             if stop is None:
                 manifest["resume_state"] = None
+                manifest.pop("prepare_state", None)
 
         self._commit_manifest(
             complete, lambda error: f"{self.out_dir / MANIFEST_NAME}: could not finish the dataset ({error})")

@@ -5,7 +5,8 @@ quantised to uint8 first and the teacher's logits are computed **on the quantise
 logits are exactly what the teacher says about the stored image. At every shard boundary the method's
 state, the random-number generators and the not-yet-stored samples are checkpointed together with the
 shard (:meth:`shards.ShardWriter.commit_shard`), so a killed run resumes where the last shard ended and
-produces the bytes an uninterrupted run would have.
+produces the bytes an uninterrupted run would have. A long set-up before the first batch (D2CIP's stage 1) saves
+its progress the same way every ``checkpoint_seconds`` (:class:`WriterArtifacts`), and a killed one continues.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class RunOptions:
     command: str | None = None  # the command line, recorded in the manifest and the dataset card
     fanout: FanOut = FanOut()  # this worker's part of a fanned-out run (synth/fanout.py)
     clock: Clock | None = None  # what the time budget reads (tests drive it; None: the machine's clock)
+    checkpoint_seconds: float = 300.0  # how often a long set-up (D2CIP's stage 1) saves its progress
 
     def __post_init__(self) -> None:
         if self.num_images <= 0:
@@ -61,11 +63,21 @@ class RunOptions:
 
 
 class WriterArtifacts:
-    """Lets a method keep files (e.g. a learned prior) inside the dataset, through the shard writer."""
+    """Lets a method keep files (e.g. a learned prior) inside the dataset, and its set-up's progress in the
+    dataset's ``resume/`` folder, through the shard writer."""
 
-    def __init__(self, writer: shards.ShardWriter, out: Path):
+    def __init__(self, writer: shards.ShardWriter, out: Path, *, clock: Clock = system_clock,
+                 checkpoint_seconds: float = 300.0, started: float | None = None,
+                 log: Callable[[str], None] = print):
         self.writer = writer
         self.out = out
+        self.log = log
+        self.clock = clock
+        self.checkpoint_seconds = checkpoint_seconds
+        # Set-up seconds: those earlier runs saved with their progress, then this run's since ``started``.
+        self.spent_before = writer.prepare_seconds
+        self.started = clock() if started is None else started
+        self.last_saved = self.clock()
 
     def path(self, name: str) -> Path | None:
         entry = self.writer.manifest.get("artifacts", {}).get(name)
@@ -76,6 +88,30 @@ class WriterArtifacts:
         write(tmp)
         self.writer.add_file(name, tmp)
         tmp.unlink(missing_ok=True)
+
+    def progress(self) -> dict[str, Any] | None:
+        """The set-up state a killed run saved last, with the random-number state restored to that moment."""
+        saved = self.writer.load_prepare_state()
+        if saved is None:
+            return None
+        try:
+            set_rng_state(saved["rng"])
+            state = dict(saved["method"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise shards.ShardError(f"{self.out}: the saved set-up progress does not fit this run ({error!r}); "
+                                    f"delete {self.out} to start over") from error
+        self.log(f"{self.out}: continuing the set-up where a killed run saved it "
+                 f"({format_duration(self.spent_before)} of it done)")
+        return state
+
+    def checkpoint(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Saves ``state()`` and the random-number state when the last save is ``checkpoint_seconds`` old."""
+        now = self.clock()
+        if now - self.last_saved < self.checkpoint_seconds:
+            return
+        self.writer.save_prepare_state({"method": state(), "rng": rng_state()},
+                                       seconds=self.spent_before + now - self.started)
+        self.last_saved = now
 
 
 @torch.no_grad()
@@ -220,7 +256,9 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     # The budget counts every run of this dataset: the seconds its committed shards took, then this run's.
     # The first shard's seconds start at run_started too (checks and method set-up included), so the shards'
     # seconds, summed, are never less than what the deadline measured.
-    spent_before = float(writer.manifest["summary"].get("synthesis_seconds") or 0.0)
+    # A set-up (D2CIP's stage 1) that killed runs saved but no shard counts yet counts too.
+    set_up_before = writer.prepare_seconds
+    spent_before = float(writer.manifest["summary"].get("synthesis_seconds") or 0.0) + set_up_before
     deadline = Deadline(options.time_budget, already_spent=spent_before + (clock() - run_started), clock=clock)
     if writer.num_committed >= target:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
@@ -236,9 +274,11 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     torch.manual_seed(options.seed)
     method = method_class(teacher, config, device, plugins=plugins, acceleration=acceleration)
     method.show_progress = options.progress
-    if deadline.seconds is not None:
-        method.prepare_deadline = Deadline(PREPARE_SHARE * (deadline.remaining() or 0.0), clock=clock)
-    method.prepare(WriterArtifacts(writer, out))
+    if deadline.seconds is not None:  # the share of what was left when the set-up began
+        method.prepare_deadline = Deadline(PREPARE_SHARE * ((deadline.remaining() or 0.0) + set_up_before),
+                                           already_spent=set_up_before, clock=clock)
+    method.prepare(WriterArtifacts(writer, out, clock=clock, checkpoint_seconds=options.checkpoint_seconds,
+                                   started=run_started, log=log))
     if method.prepare_report:
         log(f"{out}: {method_class.name} set-up stopped early by the time budget: {method.prepare_report}")
     resume = writer.load_resume_state()
@@ -256,7 +296,7 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     bar = tqdm(total=target, initial=next_index, unit="img", desc=f"synth {method_class.name}",
                disable=not options.progress, dynamic_ncols=True)
     started = clock()
-    shard_started = run_started
+    shard_started = run_started - set_up_before
     produced = 0
     out_of_time = False
     # Seconds and images per stored size (a multi-resolution method's sizes cost differently): from one batch

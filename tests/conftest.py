@@ -72,6 +72,12 @@ class NoArtifacts:
     def save(self, name, write):
         pass
 
+    def progress(self):
+        return None
+
+    def checkpoint(self, state):
+        pass
+
 
 @pytest.fixture
 def engine_gradients():

@@ -177,7 +177,7 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     monkeypatch.setattr(bench_module, "teacher_accuracy", lambda path, data: 0.9)
     monkeypatch.setattr(bench_module.Benchmark, "row_options", lambda self, row, seed, lane: row.get("options", {}))
     monkeypatch.setattr(bench_module, "teacher_arch", lambda path: "resnet8")
-    monkeypatch.setattr(bench_module, "code_commit", lambda: "abc")
+    monkeypatch.setattr(runs, "code_commit", lambda: "abc")
     pipeline = {"benchmark": {"name": "t", "student": "resnet8", "eval_data": "e", "real_data": "e",
                               "out": str(tmp_path), "seeds": [0, 1, 2]},
                 "budget": {"num_images": 8, "shard_size": 8, "distill_epochs": 1, "distill_batch_size": 8,
@@ -195,7 +195,7 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     assert run["synthesis_cpu_seconds"] == 9.0 and run["distill_cpu_seconds"] == 3.5 and run["threads"] == 1
     assert run["synthesis_cores"] in ([0], [1])
     assert run["commit"] == "abc"  # which code made it
-    monkeypatch.setattr(bench_module, "code_commit", lambda: "def")
+    monkeypatch.setattr(runs, "code_commit", lambda: "def")
     capsys.readouterr()
     bench_module.Benchmark(pipeline, fresh=False, cores=2).run({"d2cip"})  # reused runs, made by other code
     assert "reused from a run made by abc, not this tree (def)" in capsys.readouterr().out
@@ -211,6 +211,55 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     bench_module.Benchmark(pipeline, fresh=True, cores=2).run({"one seed"})
     assert order == [("one-seed", "0")]
     assert "| 1 | d2cip | 51.00% ± 1.00 (50.00–52.00%, n=3) |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_killed_synthesis_is_continued_with_its_saved_seconds_unless_its_options_changed(tmp_path, monkeypatch):
+    """D2CIP's paper-preset stage 1 takes hours on a CPU: a benchmark killed during it continues the dataset (synth
+    resumes stage 1 from its checkpoint), and the row's synthesis seconds are the saved ones plus the new attempt's."""
+    from pipelines import benchmark as bench_module
+
+    found: dict[str, bool] = {}
+
+    def fake_run(command: list[str], log: Path, lane: Lane | None = None) -> runs.RunTime:
+        out = Path(command[command.index("--out") + 1])
+        if command[2] == "synth":
+            found[out.parent.parent.name] = (out / "manifest.json").exists()
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "manifest.json").write_text(json.dumps({"complete": True, "num_samples": 8, "summary": {},
+                                                           "shards": [{"bytes": 800}]}))
+            return runs.RunTime(10.0, 9.0, lane.cores)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"final_accuracy": 0.5}))
+        return runs.RunTime(4.0, 3.5, lane.cores)
+
+    monkeypatch.setattr(bench_module, "run_command", fake_run)
+    monkeypatch.setattr(bench_module, "resolve_teacher", lambda pipeline, out, lane: Path("t.pt"))
+    monkeypatch.setattr(bench_module, "teacher_accuracy", lambda path, data: 0.9)
+    monkeypatch.setattr(bench_module.Benchmark, "row_options", lambda self, row, seed, lane: row.get("options", {}))
+    monkeypatch.setattr(bench_module, "teacher_arch", lambda path: "resnet8")
+    # What two killed attempts left: 40 s of shards and 110 s of stage-1 checkpoints; the second row's was made
+    # with options the row no longer has.
+    for name, options in (("killed", {"cgmm": True}), ("changed", {"cgmm": False})):
+        run = tmp_path / name / "seed-0"
+        (run / "dataset").mkdir(parents=True)
+        (run / "dataset" / "manifest.json").write_text(json.dumps({
+            "complete": False, "summary": {"synthesis_seconds": 40.0},
+            "prepare_state": {"url": "resume/prepare-000003.pt", "seconds": 110.0}}))
+        runs.write_row_config(run / "synth.toml", "d2cip", options)
+    pipeline = {"benchmark": {"name": "t", "student": "resnet8", "eval_data": "e", "real_data": "e",
+                              "out": str(tmp_path), "seeds": [0]},
+                "budget": {"num_images": 8, "shard_size": 8, "distill_epochs": 1, "distill_batch_size": 8,
+                           "lanes": 1, "threads_per_lane": 1},
+                "rows": [{"name": "killed", "method": "d2cip", "options": {"cgmm": True}},
+                         {"name": "changed", "method": "d2cip", "options": {"cgmm": True}}]}
+    bench_module.Benchmark(pipeline, fresh=False, cores=2).run({"killed", "changed"})
+    assert found == {"killed": True, "changed": False}  # continued; started again
+    results = json.loads((tmp_path / "results.json").read_text())["rows"]
+    continued, again = results["killed"]["runs"][0], results["changed"]["runs"][0]
+    assert continued["synthesis_seconds"] == 160.0 and continued["synthesis_cpu_seconds"] is None
+    assert continued["synthesis_continued_from_seconds"] == 150.0
+    assert again["synthesis_seconds"] == 10.0 and again["synthesis_cpu_seconds"] == 9.0
+    assert "| killed (continued after a kill) |" in (tmp_path / "results.md").read_text()
 
 
 def test_a_teacher_table_trains_the_teacher_once_with_distill_train(tmp_path, monkeypatch):

@@ -169,6 +169,35 @@ def test_resume_state_round_trip(tmp_path: Path) -> None:
     assert not (tmp_path / "resume").exists()
 
 
+def test_set_up_progress_is_kept_across_a_kill_and_dropped_by_the_first_shard(tmp_path: Path) -> None:
+    import torch
+
+    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=8, shard_size=4)
+    assert writer.load_prepare_state() is None and writer.prepare_seconds == 0
+    writer.save_prepare_state({"done": 1}, seconds=2.0)
+    writer.save_prepare_state({"done": 2, "weights": torch.arange(3.0)}, seconds=5.5)
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["prepare-000001.pt"]
+    before = dir_digest(tmp_path)
+    with pytest.raises(shards.ShardError, match="weights_only"):
+        writer.save_prepare_state({"object": Killed()}, seconds=6.0)
+    assert dir_digest(tmp_path) == before
+    writer.close()
+    # What a kill leaves: a stale progress file and a temporary of the next one. Reopening keeps only the listed one.
+    (tmp_path / "resume" / "prepare-000000.pt").write_bytes(b"stale")
+    (tmp_path / "resume" / "prepare-000002.pt.123.abc.tmp").write_bytes(b"half")
+    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=8, shard_size=4)
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["prepare-000001.pt"]
+    state = writer.load_prepare_state()
+    assert state["done"] == 2 and torch.equal(state["weights"], torch.arange(3.0)) and writer.prepare_seconds == 5.5
+
+    writer.commit_shard(make_samples(0, 4), state={"step": 1})  # the set-up is over
+    assert writer.load_prepare_state() is None and writer.prepare_seconds == 0
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["state-000000.pt"]
+    writer.commit_shard(make_samples(4, 4))
+    writer.finish()
+    assert "prepare_state" not in writer.manifest and not (tmp_path / "resume").exists()
+
+
 def test_artifacts_are_stored_and_checked(tmp_path: Path) -> None:
     writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=4, shard_size=4)
     source = tmp_path.parent / f"{tmp_path.name}-prior.bin"

@@ -123,6 +123,44 @@ def test_a_resume_state_outside_the_dataset_is_refused(tmp_path: Path, where: st
         shards.read_manifest(out)
 
 
+@pytest.mark.parametrize("entry", [{"url": "../victim_file.txt", "seconds": 1},
+                                   {"url": "resume/state-000000.pt", "seconds": 1},
+                                   {"url": "resume/prepare-000000.pt", "seconds": -5},
+                                   {"url": "resume/prepare-000000.pt", "seconds": "1"}, "resume/prepare-000000.pt"])
+def test_a_set_up_state_that_is_not_the_writers_own_is_refused(tmp_path: Path, entry) -> None:
+    out = tmp_path / "ds"
+    with open_writer(out) as writer:
+        writer.save_prepare_state({"done": 1}, seconds=1.0)
+    victim = tmp_path / "victim_file.txt"
+    victim.write_text("keep")
+    edit_manifest(out, lambda m: m.update(prepare_state=entry))
+    before = dir_digest(out)
+    with pytest.raises(shards.ShardError, match="prepare_state"):
+        open_writer(out)
+    assert victim.read_text() == "keep" and dir_digest(out) == before
+
+
+def test_a_set_up_state_that_would_run_code_is_refused_unrun(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    with open_writer(out) as writer:
+        writer.save_prepare_state({"done": 1}, seconds=1.0)
+    marker = tmp_path / "ran"
+    torch.save({"done": _RunsCode(marker)}, out / "resume" / "prepare-000000.pt")
+    with open_writer(out) as writer, pytest.raises(shards.ShardError, match="cannot load the resume state"):
+        writer.load_prepare_state()
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Pickles into a call that creates ``marker``: what a hostile state file would do when unpickled fully."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def test_a_folder_of_foreign_shards_is_refused_untouched_by_writer_and_merge(tmp_path: Path) -> None:
     foreign = tmp_path / "webdataset-output"  # webdataset's ShardWriter names its shards like ours
     foreign.mkdir()

@@ -109,6 +109,14 @@ class Artifacts(Protocol):
     def save(self, name: str, write: Callable[[Path], None]) -> None:
         """Atomically stores the file that ``write(tmp_path)`` produces under ``name``."""
 
+    def progress(self) -> dict[str, Any] | None:
+        """What a killed run's set-up last passed to :meth:`checkpoint` (the random-number state restored to that
+        moment), or None: a long :meth:`SynthesisMethod.prepare` continues from it."""
+
+    def checkpoint(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Offers the set-up's progress, called at every safe point; ``state()`` (tensors, numbers, strings and
+        containers of those) is saved atomically every few minutes, not on every call."""
+
 
 class SynthesisMethod(abc.ABC):
     """Base class of every method.

@@ -7,7 +7,8 @@ generator's latent (:class:`synth.core.priors.ClassConditionalGMM`) is trained j
 
 sampling z by the reparameterisation of Eq. 7. The prior (and the generator it was trained with) is saved
 as ``prior.pt`` inside the dataset and recorded in the manifest; ``--prior PATH`` reuses one and skips
-stage 1.
+stage 1. Stage 1 checkpoints its progress (generator, prior, both Adams, random state) every five minutes, so a
+run killed during its hours at the paper preset continues from there (``Artifacts.checkpoint``).
 
 Stage 2 - dual contrastive inversion (Alg. 2, Eq. 8-14). For every batch the generator is re-initialised,
 latents are drawn from the fixed prior and optimised together with it, using
@@ -189,20 +190,24 @@ class D2CIP(GeneratorInversion):
             self.load_prior(Path(self.config.prior))
             artifacts.save(PRIOR_FILE, self.save_prior)
         else:
-            self.recover_prior()
+            self.recover_prior(artifacts)
             artifacts.save(PRIOR_FILE, self.save_prior)
         self.initial_generator_state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
 
-    def recover_prior(self) -> None:
-        """Alg. 1: jointly train generator and prior on L_s1 = alpha L_cls + beta L_bn (Eq. 6)."""
+    def recover_prior(self, artifacts: Artifacts | None = None) -> None:
+        """Alg. 1: jointly train generator and prior on L_s1 = alpha L_cls + beta L_bn (Eq. 6). With
+        ``artifacts`` the progress is checkpointed every few minutes and a killed run's is continued, so a
+        paper-preset stage 1 (10,000 iterations, hours on a CPU) survives a kill."""
         cfg = self.config
         groups = {"generator": ParamGroup(list(self.generator.parameters()), cfg.generator_lr),
                   "prior": ParamGroup(list(self.prior.parameters()), cfg.prior_lr)}
         optimizers = make_optimizers(groups)
         engine = UpdateEngine()
         self.generator.train()
-        bar = tqdm(range(cfg.prior_iterations), desc="d2cip stage 1: prior", unit="it", leave=False,
-                   dynamic_ncols=True, disable=not self.show_progress or cfg.prior_iterations < 20 or None)
+        start = self.load_stage1_state(saved, optimizers) if artifacts and (saved := artifacts.progress()) else 0
+        bar = tqdm(range(start, cfg.prior_iterations), desc="d2cip stage 1: prior", unit="it", leave=False,
+                   initial=start, total=cfg.prior_iterations, dynamic_ncols=True,
+                   disable=not self.show_progress or cfg.prior_iterations < 20 or None)
         for iteration in bar:
             if self.prepare_time_is_up():  # a safe point: the prior so far is a prior, saved with the dataset
                 self.prepare_report = {"stage1_iterations": iteration, "stage1_iterations_asked": cfg.prior_iterations,
@@ -217,7 +222,26 @@ class D2CIP(GeneratorInversion):
             engine.apply(terms, groups, optimizers, self.grad_scaler)
             if iteration % 10 == 0:
                 bar.set_postfix({k: f"{float(t.value.detach()):.3g}" for k, t in terms.items()})
+            if artifacts is not None:
+                artifacts.checkpoint(lambda done=iteration + 1: self.stage1_state(done, optimizers))
         bar.close()
+
+    def stage1_state(self, iterations_done: int, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+        """Everything stage 1 needs to continue after ``iterations_done`` iterations."""
+        return {"iterations_done": iterations_done, "prior": self.prior.state_dict(),
+                "generator": self.generator.state_dict(),
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "grad_scaler": self.grad_scaler.state_dict()}  # empty unless fp16
+
+    def load_stage1_state(self, state: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer]) -> int:
+        """Restores :meth:`stage1_state`; returns the iterations already done."""
+        self.prior.load_state_dict(state["prior"])
+        self.generator.load_state_dict(state["generator"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        if state.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        return int(state["iterations_done"])
 
     def stage1_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Term]:
         """Eq. 6, both terms updating the generator and the prior."""
