@@ -204,7 +204,8 @@ class SynthesisMethod(abc.ABC):
 
     def prepare(self, artifacts: Artifacts) -> None:
         """One-off work before the first batch (e.g. D2CIP's stage 1). Runs again after a resume. A long one
-        checks :meth:`prepare_time_is_up` at safe points and stops there (saying so in ``prepare_report``)."""
+        checks :meth:`prepare_time_is_up` at safe points and stops there (saying so in ``prepare_report``), and
+        offers its progress to ``artifacts.checkpoint`` there, continuing from ``artifacts.progress()``."""
         return None  # most methods need none
 
     def prepare_time_is_up(self) -> bool:
