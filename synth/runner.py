@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
 from .dataset import card as dataset_card
 from .dataset.diversity import diversity_report, subsample, teacher_features
 from .fanout import FanOut
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,20 +91,21 @@ class WriterArtifacts:
         self.writer.add_file(name, tmp)
         tmp.unlink(missing_ok=True)
 
-    def progress(self) -> dict[str, Any] | None:
-        """The set-up state a killed run saved last, with the random-number state restored to that moment."""
+    def restore_progress(self, restore: Callable[[dict[str, Any]], T]) -> T | None:
+        """``restore(state)`` of the set-up state a killed run saved last, with the random-number state of that
+        moment; None (and nothing called) when there is none."""
         saved = self.writer.load_prepare_state()
         if saved is None:
             return None
-        try:
+
+        def apply() -> T:
             set_rng_state(saved["rng"])
-            state = dict(saved["method"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise shards.ShardError(f"{self.out}: the saved set-up progress does not fit this run ({error!r}); "
-                                    f"delete {self.out} to start over") from error
+            return restore(dict(saved["method"]))
+
+        restored = _restored(self.out, "set-up progress", apply)
         self.log(f"{self.out}: continuing the set-up where a killed run saved it "
                  f"({format_duration(self.spent_before)} of it done)")
-        return state
+        return restored
 
     def checkpoint(self, state: Callable[[], dict[str, Any]]) -> None:
         """Saves ``state()`` and the random-number state when the last save is ``checkpoint_seconds`` old."""
@@ -112,6 +115,16 @@ class WriterArtifacts:
         self.writer.save_prepare_state({"method": state(), "rng": rng_state()},
                                        seconds=self.spent_before + now - self.started)
         self.last_saved = now
+
+
+def _restored(out: Path, what: str, apply: Callable[[], T]) -> T:
+    """``apply()``, which loads a saved state into this run; one that does not fit (a damaged or foreign file that
+    still loads as tensors) is a clear error, not a traceback."""
+    try:
+        return apply()
+    except (LookupError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise shards.ShardError(f"{out}: the saved {what} does not fit this run ({error!r}); delete {out} to "
+                                "start over") from error
 
 
 @torch.no_grad()
@@ -284,9 +297,12 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     resume = writer.load_resume_state()
     pending: list[shards.Sample] = []
     if resume is not None:
-        method.load_state_dict(resume["method"])
-        set_rng_state(resume["rng"])
-        pending = _unpack(resume["pending"])
+        def apply() -> list[shards.Sample]:
+            method.load_state_dict(resume["method"])
+            set_rng_state(resume["rng"])
+            return _unpack(resume["pending"])
+
+        pending = _restored(out, "resume state", apply)
         log(f"{out}: resuming after {writer.num_committed} stored samples")
     elif writer.num_committed:
         log(f"{out}: {writer.num_committed} samples stored but no resume state; continuing with a fresh method state")

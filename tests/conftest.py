@@ -72,7 +72,7 @@ class NoArtifacts:
     def save(self, name, write):
         pass
 
-    def progress(self):
+    def restore_progress(self, restore):
         return None
 
     def checkpoint(self, state):

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import NoArtifacts
 from methodkit import built, first_step
 
 from synth.commands.cli import main
@@ -179,7 +180,7 @@ def test_stage_1_loss_falls(teacher):
     before = stage1_loss()
     method.config.prior_iterations = 30
     torch.manual_seed(0)
-    method.recover_prior()
+    method.recover_prior(NoArtifacts())
     after = stage1_loss()
     assert after < 0.6 * before, (before, after)
 
@@ -295,7 +296,7 @@ def test_stage_1_trains_the_prior_not_only_the_generator(teacher, engine_gradien
     torch.manual_seed(0)
     method = D2CIP(teacher, D2CIPConfig(**{**TINY, "prior_iterations": 3}), torch.device("cpu"))
     before = {name: p.detach().clone() for name, p in method.prior.named_parameters()}
-    method.recover_prior()
+    method.recover_prior(NoArtifacts())
     for name, p in method.prior.named_parameters():
         assert not torch.equal(p.detach(), before[name]), f"stage 1 left the prior's {name} untouched"
 

@@ -125,3 +125,16 @@ def test_without_checkpoints_a_killed_stage_1_starts_again(tmp_path, calibrated_
     stage1_clock.kill_at = None
     _run(out, calibrated_teacher, stage1_clock, iterations=6, checkpoint_seconds=300)
     assert stage1_clock.iterations == 6
+
+
+def test_set_up_progress_that_loads_but_does_not_fit_is_a_clear_error(tmp_path, calibrated_teacher, stage1_clock):
+    out = tmp_path / "foreign"
+    stage1_clock.kill_at = 6
+    with pytest.raises(Killed):
+        _run(out, calibrated_teacher, stage1_clock, iterations=6)
+    state = out / _manifest(out)["prepare_state"]["url"]
+    torch.save({"method": {"iterations_done": 3}, "rng": {"torch": torch.get_rng_state()}}, state)  # no weights
+    stage1_clock.kill_at = None
+    with pytest.raises(shards.ShardError, match="the saved set-up progress does not fit this run .*KeyError"):
+        _run(out, calibrated_teacher, stage1_clock, iterations=6)
+    assert stage1_clock.iterations == 0

@@ -31,6 +31,26 @@ def test_a_resume_with_other_teacher_settings_is_refused_naming_them(tmp_path: P
     assert digest(out) == before
 
 
+def test_a_resume_state_that_loads_but_does_not_fit_is_a_clear_error(tmp_path: Path, tiny_teacher: Path,
+                                                                        batch_clock) -> None:
+    """A stranger's partial dataset whose resume state is tensors (so ``weights_only`` loads it) of the wrong shape:
+    one line saying so, nothing lost, instead of a traceback from deep inside the method."""
+    out = tmp_path / "set"
+    batch_clock.per_batch = 1.0
+    base = ["run", "gmi", "--out", str(out), "--teacher", str(tiny_teacher), "--num-images", "8", *TINY]
+    synth(*base, "--time-budget", "1.5s")  # stopped by its budget after 2 of 4 batches: the resume state kept
+    state_path = out / shards.read_manifest(out)["resume_state"]
+    torch.save({"method": {"batches_done": 2}, "rng": {"torch": torch.get_rng_state()}, "pending": {"count": 0}},
+               state_path)
+    before = digest(out)
+    message = refused(*base, "--time-budget", "1h")
+    assert "the saved resume state does not fit this run" in message and "KeyError" in message
+    after = digest(out)  # the manifest records the new command; no shard or state lost
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert shards.verify(out) == []
+
+
 def test_a_run_on_a_folder_another_writer_holds_stops_naming_it(tmp_path: Path, tiny_teacher: Path) -> None:
     from shards.lock import FolderLock
 

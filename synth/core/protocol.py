@@ -109,9 +109,10 @@ class Artifacts(Protocol):
     def save(self, name: str, write: Callable[[Path], None]) -> None:
         """Atomically stores the file that ``write(tmp_path)`` produces under ``name``."""
 
-    def progress(self) -> dict[str, Any] | None:
-        """What a killed run's set-up last passed to :meth:`checkpoint` (the random-number state restored to that
-        moment), or None: a long :meth:`SynthesisMethod.prepare` continues from it."""
+    def restore_progress(self, restore: Callable[[dict[str, Any]], Any]) -> Any:
+        """``restore(state)`` of what a killed run's set-up last passed to :meth:`checkpoint` (the random-number
+        state restored to that moment), returning what it returns; None when there is none. A state that does
+        not fit is a clear error."""
 
     def checkpoint(self, state: Callable[[], dict[str, Any]]) -> None:
         """Offers the set-up's progress, called at every safe point; ``state()`` (tensors, numbers, strings and
@@ -205,7 +206,7 @@ class SynthesisMethod(abc.ABC):
     def prepare(self, artifacts: Artifacts) -> None:
         """One-off work before the first batch (e.g. D2CIP's stage 1). Runs again after a resume. A long one
         checks :meth:`prepare_time_is_up` at safe points and stops there (saying so in ``prepare_report``), and
-        offers its progress to ``artifacts.checkpoint`` there, continuing from ``artifacts.progress()``."""
+        offers its progress to ``artifacts.checkpoint`` there, continuing with ``artifacts.restore_progress``."""
         return None  # most methods need none
 
     def prepare_time_is_up(self) -> bool:

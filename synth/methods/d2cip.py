@@ -194,9 +194,9 @@ class D2CIP(GeneratorInversion):
             artifacts.save(PRIOR_FILE, self.save_prior)
         self.initial_generator_state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
 
-    def recover_prior(self, artifacts: Artifacts | None = None) -> None:
-        """Alg. 1: jointly train generator and prior on L_s1 = alpha L_cls + beta L_bn (Eq. 6). With
-        ``artifacts`` the progress is checkpointed every few minutes and a killed run's is continued, so a
+    def recover_prior(self, artifacts: Artifacts) -> None:
+        """Alg. 1: jointly train generator and prior on L_s1 = alpha L_cls + beta L_bn (Eq. 6). The progress is
+        offered to ``artifacts`` (checkpointed every few minutes) and a killed run's is continued, so a
         paper-preset stage 1 (10,000 iterations, hours on a CPU) survives a kill."""
         cfg = self.config
         groups = {"generator": ParamGroup(list(self.generator.parameters()), cfg.generator_lr),
@@ -204,7 +204,7 @@ class D2CIP(GeneratorInversion):
         optimizers = make_optimizers(groups)
         engine = UpdateEngine()
         self.generator.train()
-        start = self.load_stage1_state(saved, optimizers) if artifacts and (saved := artifacts.progress()) else 0
+        start = artifacts.restore_progress(lambda state: self.load_stage1_state(state, optimizers)) or 0
         bar = tqdm(range(start, cfg.prior_iterations), desc="d2cip stage 1: prior", unit="it", leave=False,
                    initial=start, total=cfg.prior_iterations, dynamic_ncols=True,
                    disable=not self.show_progress or cfg.prior_iterations < 20 or None)
@@ -222,8 +222,7 @@ class D2CIP(GeneratorInversion):
             engine.apply(terms, groups, optimizers, self.grad_scaler)
             if iteration % 10 == 0:
                 bar.set_postfix({k: f"{float(t.value.detach()):.3g}" for k, t in terms.items()})
-            if artifacts is not None:
-                artifacts.checkpoint(lambda done=iteration + 1: self.stage1_state(done, optimizers))
+            artifacts.checkpoint(lambda done=iteration + 1: self.stage1_state(done, optimizers))
         bar.close()
 
     def stage1_state(self, iterations_done: int, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
