@@ -113,6 +113,24 @@ def test_disk_full_leaves_previous_state_untouched(tmp_path: Path, monkeypatch) 
     assert writer.num_committed == 8 and shards.verify(tmp_path) == []
 
 
+def test_disk_full_while_saving_set_up_progress_keeps_the_last_saved(tmp_path: Path, monkeypatch) -> None:
+    writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=8, shard_size=4)
+    writer.save_prepare_state({"done": 1}, seconds=300.0)
+    before = dir_digest(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    for target in ("write_atomic", "_write_json_atomic"):  # the state file, then the manifest naming it
+        with monkeypatch.context() as patch:
+            patch.setattr(writer_module, target, full)
+            with pytest.raises(shards.ShardError, match="No space left"):
+                writer.save_prepare_state({"done": 2}, seconds=600.0)
+        assert dir_digest(tmp_path) == before
+    assert writer.load_prepare_state() == {"done": 1} and writer.prepare_seconds == 300.0
+    writer.save_prepare_state({"done": 2}, seconds=600.0)  # and the next save works once space is back
+    assert writer.load_prepare_state() == {"done": 2}
+
+
 def test_invalid_samples_are_refused_before_writing(tmp_path: Path) -> None:
     writer = shards.ShardWriter.open(tmp_path, identity=IDENTITY, header=HEADER, target_samples=8, shard_size=4)
     writer.commit_shard(make_samples(0, 2))
