@@ -54,6 +54,7 @@ from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arg
 from .runs import (
     check_reused_options,
     check_row_names,
+    children_stopped_on_termination,
     continued_seconds,
     distill,
     environment,
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     only = {name.strip() for name in args.rows.split(";")} if args.rows else None
     try:
         if "totals" in pipeline.get("budget", {}):  # an equal-wall-time pipeline
-            walltime.run_file(pipeline, args.fresh, only, args.plan, str(args.pipeline))
+            with children_stopped_on_termination():
+                walltime.run_file(pipeline, args.fresh, only, args.plan, str(args.pipeline))
             return
         benchmark = Benchmark(pipeline, args.fresh, source=str(args.pipeline))
     except OversubscribedError as error:  # a file's mistake, not the runner's: one line, no traceback
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.pipeline}: {benchmark.plan.describe()}; {len(units)} runs (2 real-data references, then "
               f"rows x seeds); wall time depends on each method's images/s (pipelines/README.md has estimates)")
         return
-    benchmark.run(only)
+    with children_stopped_on_termination():
+        benchmark.run(only)
     print((benchmark.out / "results.md").read_text())
 
 

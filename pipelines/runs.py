@@ -8,12 +8,15 @@ measures the product and not an internal entry point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,25 @@ def pin(pid: int, cores: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(cores)
 
 
+_CHILDREN: set[subprocess.Popen] = set()  # the commands running now, in every lane
+
+
+@contextlib.contextmanager
+def children_stopped_on_termination() -> Iterator[None]:
+    """While the body runs, SIGTERM (``kill PID``, ``timeout``) kills the commands this process started and then
+    exits, as Ctrl-C does: otherwise they would run on, orphaned, and a re-run would find their folders locked."""
+    def stop(signum: int, frame: Any) -> None:
+        for process in list(_CHILDREN):
+            process.kill()  # synth and distill survive a kill: the re-run continues their work
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(command: list[str], log: Path, lane: Lane | None = None) -> RunTime:
     """Runs a CLI command in ``lane`` (its threads, pinned to its cores), output to ``log``; raises with the
     log's tail on failure.
@@ -69,6 +91,7 @@ def run_command(command: list[str], log: Path, lane: Lane | None = None) -> RunT
         handle.write(" ".join(command) + "\n")
         handle.flush()
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        _CHILDREN.add(process)
         cores = pin(process.pid, lane.cores) if lane is not None else ()
         cpu: float | None = None
         try:
@@ -82,6 +105,8 @@ def run_command(command: list[str], log: Path, lane: Lane | None = None) -> RunT
             process.kill()
             process.wait()
             raise
+        finally:
+            _CHILDREN.discard(process)
     wall = time.perf_counter() - started
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])

@@ -49,6 +49,7 @@ from .lanes import Lane, OversubscribedError, add_lane_arguments, apply_lane_arg
 from .runs import (
     check_reused_options,
     check_row_names,
+    children_stopped_on_termination,
     distill,
     environment,
     resolve_teacher,
@@ -310,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pipeline = apply_lane_arguments(tomllib.loads(args.pipeline.read_text()), args)
     try:
-        run_file(pipeline, args.fresh, {n.strip() for n in args.rows.split(";")} if args.rows else None, args.plan,
-                 str(args.pipeline))
+        with children_stopped_on_termination():
+            run_file(pipeline, args.fresh, {n.strip() for n in args.rows.split(";")} if args.rows else None,
+                     args.plan, str(args.pipeline))
     except OversubscribedError as error:
         parser.exit(2, f"error: {error}\n")
 

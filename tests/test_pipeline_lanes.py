@@ -86,6 +86,49 @@ def test_a_run_records_the_cpu_seconds_of_its_child_and_grandchildren(tmp_path):
         runs.run_command([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", None)
 
 
+def test_a_terminated_benchmark_stops_its_commands_instead_of_leaving_them_orphaned(tmp_path):
+    """``kill PID`` or ``timeout`` on a benchmark kills the commands it runs (as Ctrl-C does), so that a re-run does
+    not find their dataset folders locked by orphans still running."""
+    import signal
+    import subprocess
+    import textwrap
+
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "bench.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, threading
+        from pathlib import Path
+        from pipelines import runs
+        child = [sys.executable, "-c", "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                 "time.sleep(120)"]
+        with runs.children_stopped_on_termination():
+            lane = threading.Thread(target=runs.run_command, args=(child, Path({str(tmp_path / 'c.log')!r})),
+                                    daemon=True)
+            lane.start()
+            lane.join()
+    """))
+    bench = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def test_a_run_waits_for_the_runs_it_reads_and_every_run_happens_when_one_fails():
     plan = LanePlan(lanes=2, threads_per_lane=1, cores=(0, 1))
     finished: list[str] = []
