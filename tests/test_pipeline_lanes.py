@@ -191,6 +191,15 @@ def test_the_readme_shows_the_decisive_table_that_the_committed_results_give():
     assert [line for line in table if line not in committed] == []  # the results file is the same table
 
 
+def _commands_faked(monkeypatch, fake_run) -> None:
+    """A benchmark whose commands are ``fake_run`` and whose teacher, its accuracy and the rows' options are given."""
+    monkeypatch.setattr(benchmark_module, "run_command", fake_run)
+    monkeypatch.setattr(benchmark_module, "resolve_teacher", lambda pipeline, out, lane: Path("t.pt"))
+    monkeypatch.setattr(benchmark_module, "teacher_accuracy", lambda path, data: 0.9)
+    monkeypatch.setattr(Benchmark, "row_options", lambda self, row, seed, lane: row.get("options", {}))
+    monkeypatch.setattr(benchmark_module, "teacher_arch", lambda path: "resnet8")
+
+
 def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows(tmp_path, monkeypatch, capsys):
     from pipelines import benchmark as bench_module
 
@@ -215,11 +224,7 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
         (out / "metrics.json").write_text(json.dumps({"final_accuracy": 0.5 + int(seed) / 100}))
         return runs.RunTime(4.0, 3.5, lane.cores)
 
-    monkeypatch.setattr(bench_module, "run_command", fake_run)
-    monkeypatch.setattr(bench_module, "resolve_teacher", lambda pipeline, out, lane: Path("t.pt"))
-    monkeypatch.setattr(bench_module, "teacher_accuracy", lambda path, data: 0.9)
-    monkeypatch.setattr(bench_module.Benchmark, "row_options", lambda self, row, seed, lane: row.get("options", {}))
-    monkeypatch.setattr(bench_module, "teacher_arch", lambda path: "resnet8")
+    _commands_faked(monkeypatch, fake_run)
     monkeypatch.setattr(runs, "code_commit", lambda: "abc")
     pipeline = {"benchmark": {"name": "t", "student": "resnet8", "eval_data": "e", "real_data": "e",
                               "out": str(tmp_path), "seeds": [0, 1, 2]},
@@ -275,11 +280,7 @@ def test_a_killed_synthesis_is_continued_with_its_saved_seconds_unless_its_optio
         (out / "metrics.json").write_text(json.dumps({"final_accuracy": 0.5}))
         return runs.RunTime(4.0, 3.5, lane.cores)
 
-    monkeypatch.setattr(bench_module, "run_command", fake_run)
-    monkeypatch.setattr(bench_module, "resolve_teacher", lambda pipeline, out, lane: Path("t.pt"))
-    monkeypatch.setattr(bench_module, "teacher_accuracy", lambda path, data: 0.9)
-    monkeypatch.setattr(bench_module.Benchmark, "row_options", lambda self, row, seed, lane: row.get("options", {}))
-    monkeypatch.setattr(bench_module, "teacher_arch", lambda path: "resnet8")
+    _commands_faked(monkeypatch, fake_run)
     # What two killed attempts left: 40 s of shards and 110 s of stage-1 checkpoints; the second row's was made
     # with options the row no longer has.
     for name, options in (("killed", {"cgmm": True}), ("changed", {"cgmm": False})):
