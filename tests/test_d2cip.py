@@ -279,6 +279,14 @@ def test_prior_is_saved_in_the_dataset_and_reused_with_prior_flag(tmp_path, tiny
     bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "third"), "--prior", str(prior_path),
                                     "--num-components", "3", *common])
     assert bad.exit_code != 0 and "K=5" in bad.output
+    # A file that loads but is no prior (a stranger's, or damaged) is refused with the reason, not a traceback.
+    forged = tmp_path / "forged.pt"
+    torch.save({**saved, "generator": {"fc.weight": torch.zeros(1)}}, forged)
+    bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "fifth"), "--prior", str(forged), *common])
+    assert bad.exit_code == 1 and "is not a D2CIP prior for this run" in bad.output
+    torch.save({k: v for k, v in saved.items() if k != "prior_config"}, forged)
+    bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "sixth"), "--prior", str(forged), *common])
+    assert bad.exit_code == 1 and "K=None" in bad.output
     # And a prior is meaningless without the cGMM.
     bad = CliRunner().invoke(main, ["run", "d2cip", "--out", str(tmp_path / "fourth"), "--prior", str(prior_path),
                                     "--no-cgmm", *common])

@@ -271,11 +271,15 @@ class D2CIP(GeneratorInversion):
         for key, value in expected.items():
             if saved.get(key) != value:
                 raise ValueError(f"prior {path} was made with {key}={saved.get(key)!r}; this run needs {value!r}")
-        components = saved["prior_config"]["num_components"]
+        prior_config = saved.get("prior_config")
+        components = prior_config.get("num_components") if isinstance(prior_config, dict) else None
         if components != self.config.num_components:
             raise ValueError(f"prior {path} has K={components} components; pass --num-components {components}")
-        self.prior.load_state_dict(saved["prior"])
-        self.generator.load_state_dict(saved["generator"])
+        try:
+            self.prior.load_state_dict(saved["prior"])
+            self.generator.load_state_dict(saved["generator"])
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise ValueError(f"{path} is not a D2CIP prior for this run: {error!r}") from error
 
     # -- stage 2 -----------------------------------------------------------------------------------------
 
