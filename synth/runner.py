@@ -6,7 +6,7 @@ logits are exactly what the teacher says about the stored image. At every shard 
 state, the random-number generators and the not-yet-stored samples are checkpointed together with the
 shard (:meth:`shards.ShardWriter.commit_shard`), so a killed run resumes where the last shard ended and
 produces the bytes an uninterrupted run would have. A long set-up before the first batch (D2CIP's stage 1) saves
-its progress the same way every ``checkpoint_seconds`` (:class:`WriterArtifacts`), and a killed one continues.
+its progress every ``checkpoint_seconds``, and a killed one continues (:mod:`synth.resume`: saving and restoring).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +31,7 @@ from .core.protocol import LossPlugin, SynthConfig, SynthesisMethod
 from .dataset import card as dataset_card
 from .dataset.diversity import diversity_report, subsample, teacher_features
 from .fanout import FanOut
-
-T = TypeVar("T")
+from .resume import WriterArtifacts, pack, restored, rng_state, set_rng_state, unpack
 
 
 @dataclass
@@ -64,69 +63,6 @@ class RunOptions:
             raise ValueError(f"--time-budget must be positive, got {self.time_budget}")
 
 
-class WriterArtifacts:
-    """Lets a method keep files (e.g. a learned prior) inside the dataset, and its set-up's progress in the
-    dataset's ``resume/`` folder, through the shard writer."""
-
-    def __init__(self, writer: shards.ShardWriter, out: Path, *, clock: Clock = system_clock,
-                 checkpoint_seconds: float = 300.0, started: float | None = None,
-                 log: Callable[[str], None] = print):
-        self.writer = writer
-        self.out = out
-        self.log = log
-        self.clock = clock
-        self.checkpoint_seconds = checkpoint_seconds
-        # Set-up seconds: those earlier runs saved with their progress, then this run's since ``started``.
-        self.spent_before = writer.prepare_seconds
-        self.started = clock() if started is None else started
-        self.last_saved = self.clock()
-
-    def path(self, name: str) -> Path | None:
-        entry = self.writer.manifest.get("artifacts", {}).get(name)
-        return self.out / entry["url"] if entry else None
-
-    def save(self, name: str, write: Callable[[Path], None]) -> None:
-        tmp = self.out / f".{name}.tmp"
-        write(tmp)
-        self.writer.add_file(name, tmp)
-        tmp.unlink(missing_ok=True)
-
-    def restore_progress(self, restore: Callable[[dict[str, Any]], T]) -> T | None:
-        """``restore(state)`` of the set-up state a killed run saved last, with the random-number state of that
-        moment; None (and nothing called) when there is none."""
-        saved = self.writer.load_prepare_state()
-        if saved is None:
-            return None
-
-        def apply() -> T:
-            set_rng_state(saved["rng"])
-            return restore(dict(saved["method"]))
-
-        restored = _restored(self.out, "set-up progress", apply)
-        self.log(f"{self.out}: continuing the set-up where a killed run saved it "
-                 f"({format_duration(self.spent_before)} of it done)")
-        return restored
-
-    def checkpoint(self, state: Callable[[], dict[str, Any]]) -> None:
-        """Saves ``state()`` and the random-number state when the last save is ``checkpoint_seconds`` old."""
-        now = self.clock()
-        if now - self.last_saved < self.checkpoint_seconds:
-            return
-        self.writer.save_prepare_state({"method": state(), "rng": rng_state()},
-                                       seconds=self.spent_before + now - self.started)
-        self.last_saved = now
-
-
-def _restored(out: Path, what: str, apply: Callable[[], T]) -> T:
-    """``apply()``, which loads a saved state into this run; one that does not fit (a damaged or foreign file that
-    still loads as tensors) is a clear error, not a traceback."""
-    try:
-        return apply()
-    except (LookupError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-        raise shards.ShardError(f"{out}: the saved {what} does not fit this run ({error!r}); delete {out} to "
-                                "start over") from error
-
-
 @torch.no_grad()
 def quantise_and_label(teacher: zoo.Classifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """uint8 N x H x W x C images and the teacher's float16 logits computed on exactly those pixels (in
@@ -135,42 +71,6 @@ def quantise_and_label(teacher: zoo.Classifier, images: torch.Tensor) -> tuple[n
     with torch.autocast(pixels.device.type, enabled=False):  # fp32 even if called inside an autocast block
         logits = teacher(pixels.float().div(255).contiguous()).float()
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy(), logits.float().cpu().numpy().astype(np.float16)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _pack(pending: list[shards.Sample]) -> dict[str, Any]:
-    if not pending:
-        return {"count": 0}
-    return {
-        "count": len(pending),
-        "keys": [int(s.key) for s in pending],
-        "images": torch.from_numpy(np.stack([s.image for s in pending])),
-        "labels": torch.tensor([s.label for s in pending]),
-        "logits": torch.from_numpy(np.stack([s.logits for s in pending])),
-        "meta": [dict(s.meta) for s in pending],
-    }
-
-
-def _unpack(packed: dict[str, Any]) -> list[shards.Sample]:
-    if not packed or packed["count"] == 0:
-        return []
-    return [
-        shards.Sample(key=f"{key:09d}", image=packed["images"][i].numpy(), label=int(packed["labels"][i]),
-                      logits=packed["logits"][i].numpy(), meta=packed["meta"][i])
-        for i, key in enumerate(packed["keys"])
-    ]
 
 
 def plugin_configs(plugins: list[LossPlugin]) -> dict[str, Any]:
@@ -300,9 +200,9 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
         def apply() -> list[shards.Sample]:
             method.load_state_dict(resume["method"])
             set_rng_state(resume["rng"])
-            return _unpack(resume["pending"])
+            return unpack(resume["pending"])
 
-        pending = _restored(out, "resume state", apply)
+        pending = restored(out, "resume state", apply)
         log(f"{out}: resuming after {writer.num_committed} stored samples")
     elif writer.num_committed:
         log(f"{out}: {writer.num_committed} samples stored but no resume state; continuing with a fresh method state")
@@ -348,7 +248,7 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
         while len(pending) >= options.shard_size or (out_of_time and pending):
             head, pending = pending[: options.shard_size], pending[options.shard_size:]
             writer.commit_shard(head, state={"method": method.state_dict(), "rng": rng_state(),
-                                             "pending": _pack(pending)}, seconds=now - shard_started)
+                                             "pending": pack(pending)}, seconds=now - shard_started)
             shard_started = now
         if out_of_time or next_index >= target:
             break

@@ -21,7 +21,8 @@ from synth.commands.cli import main
 from synth.errors import SynthError
 from synth.methods.kgen.cam import CamError, CamRecorder, key_region_loss, target_mask
 from synth.methods.kgen.embedding_diversity import derived_radii, inner_margin_loss, outer_margin_loss
-from synth.methods.kgen.method import EMBEDDINGS_FILE, KGen, KGenConfig, KGenS, KGenSConfig
+from synth.methods.kgen.method import KGen, KGenConfig, KGenS, KGenSConfig
+from synth.methods.kgen.text_embeddings import EMBEDDINGS_FILE
 
 TINY = dict(batch_size=20, inversion_steps=2, kd_steps=2, proxy_student="resnet8", memory_capacity=64,
             latent_dim=16, generator_width=8)
@@ -238,17 +239,32 @@ def test_kgen_caches_text_embeddings_in_the_dataset_and_reuses_them(tmp_path, mo
                    torch.device("cpu"))
     method.prepare(_FolderArtifacts(out))
     assert torch.equal(method.inputs, saved["embeddings"])
+    # A damaged cache, or one that loads but is no embeddings record, is encoded again, not trusted or a traceback.
+    _tiny_bert(tmp_path / "bert")
+    for damage in (b"not a torch file", ["a", "list"], {**saved, "embeddings": torch.zeros(3, 16)}):
+        if isinstance(damage, bytes):
+            (out / EMBEDDINGS_FILE).write_bytes(damage)
+        else:
+            torch.save(damage, out / EMBEDDINGS_FILE)
+        saves = []
+        method.prepare(_FolderArtifacts(out, saves))
+        assert saves == [EMBEDDINGS_FILE] and torch.allclose(method.inputs, saved["embeddings"], atol=1e-6)
 
 
 class _FolderArtifacts:
-    def __init__(self, folder):
+    """A dataset folder's artifacts; ``saves`` records what is stored again (None: nothing may be)."""
+
+    def __init__(self, folder, saves=None):
         self.folder = folder
+        self.saves = saves
 
     def path(self, name):
         return self.folder / name
 
     def save(self, name, write):
-        raise AssertionError("the cached embeddings should have been read, not re-encoded")
+        if self.saves is None:
+            raise AssertionError("the cached embeddings should have been read, not re-encoded")
+        self.saves.append(name)
 
 
 def test_synth_run_kgen_s_stores_lower_resolution_samples(tmp_path, tiny_teacher):

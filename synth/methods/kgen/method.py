@@ -62,7 +62,6 @@ Readings where the paper is silent (each the one that works, and why):
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,9 +85,7 @@ from .cam import CamRecorder, cam_grid, key_region_loss, target_mask
 from .config import KGenConfig, KGenSConfig
 from .embedding_diversity import EmbeddingProjection, derived_radii, inner_margin_loss, outer_margin_loss
 from .noisy_generator import MultiResolutionGenerator, NoisyLayer, reinitialise_generator
-from .text_embeddings import class_prompts, encode_texts, resolve_encoder
-
-EMBEDDINGS_FILE = "class_embeddings.pt"
+from .text_embeddings import cached_class_embeddings, class_prompts, resolve_encoder
 
 
 class KGen(GeneratorInversion):
@@ -196,20 +193,8 @@ class KGen(GeneratorInversion):
                 self.student_optimizer.add_param_group({"params": params})
 
     def _text_embeddings(self, artifacts: Artifacts) -> torch.Tensor:
-        cfg = self.config
-        prompts = class_prompts(self.teacher.card.class_names, self.num_classes, cfg.prompt)
-        cached = artifacts.path(EMBEDDINGS_FILE)
-        if cached is not None and cached.exists():
-            saved = torch.load(cached, map_location="cpu", weights_only=True)
-            if saved.get("prompts") == prompts and saved.get("encoder") == cfg.text_encoder:
-                return saved["embeddings"].float()
-        embeddings = encode_texts(prompts, cfg.text_encoder)
-        # The derived radii travel with the embeddings, for a reader of the dataset (Table 14's rule).
-        r_i, r_o = derived_radii(F.normalize(embeddings, dim=1))
-        record = {"embeddings": embeddings, "prompts": prompts, "encoder": cfg.text_encoder,
-                  "derived_radii": torch.tensor([r_i, r_o], dtype=torch.float64)}
-        artifacts.save(EMBEDDINGS_FILE, lambda path: _save(record, path))
-        return embeddings
+        prompts = class_prompts(self.teacher.card.class_names, self.num_classes, self.config.prompt)
+        return cached_class_embeddings(artifacts, prompts, self.config.text_encoder)
 
     def set_representatives(self, representatives: torch.Tensor) -> None:
         """f_y (normalised) and the radii derived from it (unless given), Table 14's rule."""
@@ -391,9 +376,3 @@ class KGenS(KGen):
     summary = "K-Gen-S: K-Gen at a single (lower) resolution"
     config_class = KGenSConfig
     config: KGenSConfig
-
-
-def _save(record: dict[str, Any], path: Path) -> None:
-    torch.save(record, path)
-
-

