@@ -165,6 +165,27 @@ def test_run_writes_shards_with_model_identity_and_sample_metadata(tmp_path, tin
     assert again.exit_code == 1 and "diffusion" in again.output
 
 
+def test_a_pipeline_folder_holding_code_is_refused_before_any_of_it_runs(tmp_path, tiny_teacher, ddpm_dir):
+    """A stranger's pipeline folder whose model_index names its own module (``from_pretrained`` would import it)."""
+    import shutil
+
+    marker = tmp_path / "ran"
+    for case, edit in (("pipeline", lambda index: index.update(_class_name=["evil", "EvilPipeline"])),
+                       ("component", lambda index: index.update(unet=["evil", "EvilUNet"]))):
+        folder = tmp_path / case
+        shutil.copytree(ddpm_dir, folder)
+        (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        index = json.loads((folder / "model_index.json").read_text())
+        edit(index)
+        (folder / "model_index.json").write_text(json.dumps(index))
+        result = CliRunner().invoke(main, ["run", "diffdfkd", "--out", str(tmp_path / f"out-{case}"), "--teacher",
+                                           str(tiny_teacher), "--diffusion", str(folder), "--num-images", "2",
+                                           "--device", "cpu", "--quiet"])
+        assert result.exit_code == 1 and "holds code that loading it would run" in result.output, result.output
+        assert "evil.py" in result.output and not marker.exists()
+        assert not (tmp_path / f"out-{case}").exists()
+
+
 def test_class_conditional_ddpm_needs_class_ids_before_anything_is_written(tmp_path, tiny_teacher):
     model = save_ddpm(tmp_path / "cond", class_embeds=5)
     out = tmp_path / "ds"

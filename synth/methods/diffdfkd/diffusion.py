@@ -101,6 +101,7 @@ def describe(folder: Path) -> dict[str, Any]:
     class-conditional, and (DiT) its class names -> ids, read from its JSON files alone (no weights loaded).
     Raises :class:`DiffusionModelError` for other kinds."""
     index = json.loads((folder / "model_index.json").read_text())
+    refuse_custom_code(folder, index)
     parts = {name for name, value in index.items()
              if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None}
     name = index.get("_class_name")
@@ -121,6 +122,23 @@ def describe(folder: Path) -> dict[str, Any]:
                                   "Stable Diffusion family pipeline (UNet + VAE + text encoder + tokenizer), a DiT "
                                   "pipeline (transformer + VAE) or a pixel-space UNet DDPM")
     return {"pipeline": name, "kind": kind, "class_conditional": conditional, "labels": labels}
+
+
+LIBRARIES = frozenset({"diffusers", "transformers"})
+
+
+def refuse_custom_code(folder: Path, index: dict[str, Any]) -> None:
+    """A pipeline folder (perhaps a stranger's) whose code would run on loading is refused before anything loads:
+    a ``.py`` file in it, or a component or pipeline class from a module other than diffusers and transformers
+    (what ``from_pretrained`` imports from the folder: 0.42 asks for ``trust_remote_code`` first, older may not)."""
+    code = sorted(str(path.relative_to(folder)) for path in folder.rglob("*.py"))
+    foreign = sorted(f"{name}: {value[0]}" for name, value in index.items()
+                     if isinstance(value, list) and len(value) == 2 and value[0] not in LIBRARIES | {None})
+    if isinstance(index.get("_class_name"), list):
+        foreign.append(f"_class_name: {index['_class_name']}")
+    if code or foreign:
+        raise DiffusionModelError(f"{folder}: holds code that loading it would run ({', '.join(code + foreign)}); "
+                                  "DiffDFKD loads diffusers and transformers components only")
 
 
 def identity(model: str, revision: str | None = None, allow_download: bool = False) -> dict[str, Any]:
