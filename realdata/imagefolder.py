@@ -78,7 +78,7 @@ def index_folder(path: Path, split: str, size: int | None) -> FolderIndex:
         with Image.open(files[0]) as first:
             channels = 1 if first.mode in _GREY_MODES else 3
             width, height = first.size
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {files[0]}: {exc}") from exc
     if size is not None:
         height = width = size
@@ -101,7 +101,7 @@ def read_image(file: Path, channels: int, size: int | None, expect_hw: tuple[int
                 left, top = (nw - size) // 2, (nh - size) // 2
                 img = img.crop((left, top, left + size, top + size))
             arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {file}: {exc}") from exc
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -246,3 +246,15 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     (tmp_path / "mixed" / "a" / "2.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"2\.png"):
         realdata.load(f"imagefolder:{tmp_path / 'mixed'}", size=5)
+
+
+def test_an_image_past_pils_decompression_limit_is_a_data_error_naming_it(tmp_path: Path, monkeypatch) -> None:
+    """A stranger's folder may hold a decompression bomb: a small file that decodes to billions of pixels. PIL
+    refuses it (DecompressionBombError, not an OSError); the user gets the file's name, not a traceback."""
+    from PIL import Image
+
+    _png(tmp_path / "a" / "0.png", (1, 2, 3), size=(8, 8))
+    _png(tmp_path / "a" / "1.png", (1, 2, 3), size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is past twice this: a bomb at this limit
+    with pytest.raises(DataError, match=r"1\.png.*decompression bomb"):
+        realdata.load(f"imagefolder:{tmp_path}", size=8)
