@@ -171,7 +171,7 @@ def continued_seconds(dataset: Path, config: Path, method: str, options: dict[st
     if not manifest_path.exists() or not config.exists() or config.read_text() != row_config_text(method, options):
         return None
     manifest = json.loads(manifest_path.read_text())
-    saved = float(manifest["summary"].get("synthesis_seconds") or 0.0)
+    saved = float((manifest.get("summary") or {}).get("synthesis_seconds") or 0.0)
     saved += float((manifest.get("prepare_state") or {}).get("seconds") or 0.0)
     return saved or None
 
