@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import shards
 from atomicio import write_atomic, write_json_atomic
 
 from .lanes import Lane, LanePlan
@@ -170,10 +171,7 @@ def continued_seconds(dataset: Path, config: Path, method: str, options: dict[st
     manifest_path = dataset / "manifest.json"
     if not manifest_path.exists() or not config.exists() or config.read_text() != row_config_text(method, options):
         return None
-    manifest = json.loads(manifest_path.read_text())
-    saved = float((manifest.get("summary") or {}).get("synthesis_seconds") or 0.0)
-    saved += float((manifest.get("prepare_state") or {}).get("seconds") or 0.0)
-    return saved or None
+    return shards.spent_seconds(json.loads(manifest_path.read_text())) or None
 
 
 def synth(*args: str) -> list[str]:

@@ -22,6 +22,7 @@ from .format import (
     ShardError,
     image_shapes,
     size_key,
+    spent_seconds,
 )
 from .manifests import read_artifact, read_manifest, shard_urls
 from .reader import ShardArrays, check_shard, load_arrays, resize_image, stream
@@ -55,6 +56,7 @@ __all__ = [
     "sample_grid_png",
     "shard_urls",
     "size_key",
+    "spent_seconds",
     "stream",
     "summarize",
     "verify",

@@ -212,3 +212,11 @@ def summary_from_shards(shards: list[dict[str, Any]], num_samples: int) -> dict[
     if timed:
         summary["synthesis_seconds"] = round(math.fsum(timed), 3)
     return summary
+
+
+def spent_seconds(manifest: dict[str, Any]) -> float:
+    """Seconds every run of a dataset spent making it so far: its shards' (``summary.synthesis_seconds``) and an
+    unfinished set-up's (``prepare_state.seconds``, D2CIP's stage 1 before the first shard): what a time budget
+    has used, and what a continued benchmark run adds its own seconds to."""
+    shards_seconds = float((manifest.get("summary") or {}).get("synthesis_seconds") or 0.0)
+    return shards_seconds + float((manifest.get("prepare_state") or {}).get("seconds") or 0.0)

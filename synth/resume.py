@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import shards
-from timebudget import Clock, format_duration, system_clock
+from timebudget import Clock, format_duration
 
 T = TypeVar("T")
 
@@ -26,18 +26,17 @@ class WriterArtifacts:
     """Lets a method keep files (e.g. a learned prior) inside the dataset, and its set-up's progress in the
     dataset's ``resume/`` folder, through the shard writer."""
 
-    def __init__(self, writer: shards.ShardWriter, out: Path, *, clock: Clock = system_clock,
-                 checkpoint_seconds: float = 300.0, started: float | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(self, writer: shards.ShardWriter, out: Path, *, clock: Clock, checkpoint_seconds: float,
+                 started: float, log: Callable[[str], None]):
         self.writer = writer
         self.out = out
         self.log = log
         self.clock = clock
-        self.checkpoint_seconds = checkpoint_seconds
+        self.checkpoint_seconds = checkpoint_seconds  # RunOptions.checkpoint_seconds
         # Set-up seconds: those earlier runs saved with their progress, then this run's since ``started``.
         self.spent_before = writer.prepare_seconds
-        self.started = clock() if started is None else started
-        self.last_saved = self.clock()
+        self.started = started
+        self.last_saved = clock()
 
     def path(self, name: str) -> Path | None:
         entry = self.writer.manifest.get("artifacts", {}).get(name)

@@ -171,8 +171,8 @@ def _synthesise(method_class: type[SynthesisMethod], config: SynthConfig, teache
     # seconds, summed, are never less than what the deadline measured.
     # A set-up (D2CIP's stage 1) that killed runs saved but no shard counts yet counts too.
     set_up_before = writer.prepare_seconds
-    spent_before = float(writer.manifest["summary"].get("synthesis_seconds") or 0.0) + set_up_before
-    deadline = Deadline(options.time_budget, already_spent=spent_before + (clock() - run_started), clock=clock)
+    deadline = Deadline(options.time_budget, already_spent=shards.spent_seconds(writer.manifest)
+                        + (clock() - run_started), clock=clock)
     if writer.num_committed >= target:
         log(f"{out}: already complete with {writer.num_committed} samples; nothing to do")
         return _published(out, writer.finish(writer.manifest.get("summary")
