@@ -29,9 +29,10 @@ under the lane's threads means the run was starved.
   naive-mixing baseline); with ``kind = "condensed-only"`` the row instead trains the student on the condensed
   images alone (``distill train --data imagefolder:DIR --teacher T``: KD from the teacher, no synthesis).
 
-A run that reads another (``prior_from``, ``match_time_of``) waits for it. Finished runs are reused on a re-run
-(their metrics on disk) unless ``--fresh``, and a killed synthesis continues its dataset (its seconds so far
-counted), so a killed benchmark continues, D2CIP's hours of stage 1 included.
+A run that reads another (``prior_from``, ``match_time_of``) waits for it; a free lane meanwhile takes the next
+run that can start. Finished runs are reused on a re-run (their metrics on disk) unless ``--fresh``, and a killed
+synthesis continues its dataset (its seconds so far counted), so a killed benchmark continues, D2CIP's hours of
+stage 1 included.
 """
 
 from __future__ import annotations

@@ -201,8 +201,10 @@ def walltime_tables(spec: dict[str, Any], budget: dict[str, Any], teacher_acc: f
         for p in sorted(points, key=lambda q: (q["total_budget_seconds"], q.get("seed", 0))):
             over = _over(p)
             cpu = [p.get("synthesis_cpu_seconds"), p.get("distill_cpu_seconds")]
+            continued = " (continued after a kill)" if p.get("continued_from_seconds") else ""
             lines.append(
-                f"| {name} | {p.get('seed', '–')} | {format_duration(p['total_budget_seconds'])} "
+                f"| {name} | {p.get('seed', '–')}{continued} "
+                f"| {format_duration(p['total_budget_seconds'])} "
                 f"| {fmt(p.get('synthesis_share'), 'pct0')} | {p['images']:,} | {p['total_wall_seconds']:.0f} "
                 f"| {fmt(over, 'signed') if over <= OVERRUN_TOLERANCE else f'**{over:+.1%}** over budget'} "
                 f"| {fmt(None if None in cpu else sum(cpu), 's')} | {p['accuracy']:.2%} |")

@@ -41,6 +41,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import shards
 from atomicio import write_json_atomic
 from timebudget import format_duration, parse_duration
 
@@ -50,6 +51,7 @@ from .runs import (
     check_reused_options,
     check_row_names,
     children_stopped_on_termination,
+    continued_seconds,
     distill,
     environment,
     resolve_teacher,
@@ -151,10 +153,13 @@ class WallTimeBenchmark:
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dataset, config = directory / "dataset", directory / "synth.toml"
+        options = row.get("options", {})
         if any((self.point_dir(row, seed, t, s) / "point.json").exists() for t, s in self.points(row)):
-            check_reused_options(config, method, row.get("options", {}), name)
-        write_row_config(config, method, row.get("options", {}))
-        synth_wall, synth_cpu = 0.0, 0.0
+            check_reused_options(config, method, options, name)
+        elif dataset.exists() and continued_seconds(dataset, config, method, options) is None:
+            shutil.rmtree(dataset)  # a killed first attempt with other options, or one that saved nothing
+        write_row_config(config, method, options)
+        synth_wall, synth_cpu, recorded = 0.0, 0.0, 0.0  # ``recorded``: the dataset's seconds at the last point
         for total, share in self.points(row):
             point_dir = self.point_dir(row, seed, total, share)
             point_file = point_dir / "point.json"
@@ -163,16 +168,22 @@ class WallTimeBenchmark:
                 if abs(point.get("synthesis_share", share) - share) > 1e-9:  # e.g. a sweep re-chose the share
                     raise ValueError(f"{point_file} ran at synthesis share {point['synthesis_share']}, the file now "
                                      f"says {share}: rerun row {name!r} with --fresh --rows")
-                synth_wall, synth_cpu = point["synthesis_wall_seconds"], point.get("synthesis_cpu_seconds") or 0.0
+                synth_wall, synth_cpu = point["synthesis_wall_seconds"], point.get("synthesis_cpu_seconds")
+                recorded = point.get("dataset_seconds", point.get("synthesis_seconds")) or 0.0
                 continue
             point_dir.mkdir(parents=True, exist_ok=True)
+            # A killed attempt at this point saved seconds that synth's budget counts: the point's synthesis took
+            # them too, else distillation would get them on top of the total (its CPU seconds are then unknown).
+            killed = max(0.0, (continued_seconds(dataset, config, method, options) or 0.0) - recorded)
             made = run_command(synth("run", method, "--out", str(dataset), "--teacher", str(self.teacher),
                                      "--config", str(config), "--preset", self.preset, "--num-images", "10000000",
                                      "--shard-size", str(self.budget["shard_size"]),
                                      "--time-budget", f"{share * total:.1f}s", "--seed", str(seed), "--quiet"),
                                point_dir / "synth.log", lane)
-            synth_wall, synth_cpu = synth_wall + made.wall_seconds, synth_cpu + (made.cpu_seconds or 0.0)
+            synth_wall += killed + made.wall_seconds
+            synth_cpu = None if killed or synth_cpu is None else synth_cpu + (made.cpu_seconds or 0.0)
             manifest = json.loads((dataset / "manifest.json").read_text())
+            recorded = shards.spent_seconds(manifest)
             student = point_dir / "student"
             if student.exists():
                 shutil.rmtree(student)
@@ -195,7 +206,8 @@ class WallTimeBenchmark:
                 "synthesis_budget_seconds": share * total, "distill_budget_seconds": distill_budget,
                 "images": manifest["num_samples"],
                 "synthesis_wall_seconds": synth_wall, "synthesis_cpu_seconds": synth_cpu,
-                "synthesis_seconds": summary.get("synthesis_seconds"),
+                "synthesis_seconds": summary.get("synthesis_seconds"), "dataset_seconds": recorded,
+                "continued_from_seconds": killed,
                 "synthesis_images_per_second": manifest["num_samples"] / synth_wall,
                 "distill_wall_seconds": distill_wall, "distill_cpu_seconds": trained.cpu_seconds,
                 "distill_epochs": metrics["epochs"], "distill_images_per_second": metrics.get("images_per_second"),

@@ -152,6 +152,25 @@ def test_a_run_waits_for_the_runs_it_reads_and_every_run_happens_when_one_fails(
         run_in_lanes(["ablation", "source"], work, plan, needs=lambda item: needs.get(item, []))
 
 
+def test_a_free_lane_takes_a_later_run_that_can_start_rather_than_wait():
+    # Row-major order: seed 2's ablation waits for seed 2's hours-long stage 1, so the other lane must run seed
+    # 3's ablation meanwhile, not sit idle behind the waiting one.
+    plan = LanePlan(lanes=2, threads_per_lane=1, cores=(0, 1))
+    other_started = threading.Event()
+    order: list[str] = []
+
+    def work(item: str, lane: Lane) -> None:
+        order.append(item)
+        if item == "other":
+            other_started.set()
+        if item == "stage 1":  # finishes only once the independent run has started beside it
+            assert other_started.wait(timeout=5), "the free lane waited instead of taking the run it could start"
+
+    run_in_lanes(["stage 1", "ablation", "other"], work, plan,
+                 needs=lambda item: ["stage 1"] if item == "ablation" else [])
+    assert order.index("ablation") > order.index("other")
+
+
 def test_equal_image_runs_are_one_per_row_and_seed_and_ablations_wait_for_their_stage_1(tmp_path):
     pipeline = tomllib.loads((ROOT / "pipelines" / "fmnist28_paper_miniature.toml").read_text())
     pipeline["benchmark"]["out"] = str(tmp_path)

@@ -6,13 +6,14 @@ ones would."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from pipelines import walltime
 from pipelines.lanes import Lane
-from pipelines.runs import RunTime
+from pipelines.runs import RunTime, write_row_config
 from pipelines.tables import OVERRUN_NOTE, chosen_shares, verdict, walltime_tables
 from pipelines.walltime import WallTimeBenchmark
 
@@ -137,6 +138,55 @@ def test_a_point_records_cpu_seconds_and_its_budget_beside_wall_seconds(tmp_path
     with pytest.raises(ValueError, match="ran at synthesis share 0.75"):
         WallTimeBenchmark(spec, fresh=False, cores=2).row(spec["rows"][0], 0, lane)
 
+
+
+def _killed_attempt(run: Path, options: dict) -> None:
+    """What a synthesis killed after 30 s of saved shards leaves in a walltime run's folder."""
+    (run / "dataset").mkdir(parents=True)
+    write_row_config(run / "synth.toml", "gmi", options)
+    (run / "dataset" / "manifest.json").write_text(json.dumps({"num_samples": 40,
+                                                               "summary": {"synthesis_seconds": 30.0}}))
+
+
+def test_a_point_killed_half_way_counts_the_seconds_its_dataset_already_holds(tmp_path, monkeypatch):
+    # synth's budget counts a killed attempt's saved seconds, so the continued synthesis runs only the rest of its
+    # share: the point must count them too, or distillation gets them on top of the total.
+    spec = _pipeline(tmp_path, totals=["1m", "2m"])
+    spec["rows"] = [{"name": "a", "method": "gmi"}]
+    bench = WallTimeBenchmark(spec, fresh=False, cores=2)
+    bench.teacher, bench.teacher_acc = Path("t.pt"), 0.9
+
+    def fake_run(command: list[str], log: Path, lane: Lane | None = None) -> RunTime:
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if "synth" in command[:3]:
+            held = json.loads((out / "manifest.json").read_text())["summary"]["synthesis_seconds"] \
+                if (out / "manifest.json").exists() else 0.0
+            (out / "manifest.json").write_text(json.dumps({"num_samples": 64, "complete": True,
+                                                           "summary": {"synthesis_seconds": held + 14.0}}))
+            return RunTime(16.0, 15.0, (1,))
+        (out / "metrics.json").write_text(json.dumps({"epochs": 2, "final_accuracy": 0.6, "eval_seconds": 0.0}))
+        return RunTime(10.0, 9.0, (1,))
+
+    monkeypatch.setattr(walltime, "run_command", fake_run)
+    run = tmp_path / "a" / "seed-0"
+    _killed_attempt(run, {})  # 30 s of shards saved
+    bench.row(spec["rows"][0], 0, Lane(1, (1,), 1))
+    point = json.loads((run / "total-1m00s" / "point.json").read_text())
+    assert point["continued_from_seconds"] == 30.0 and point["synthesis_wall_seconds"] == 46.0  # 30 saved + 16 now
+    assert point["synthesis_cpu_seconds"] is None  # the killed attempt's are unknown
+    assert point["distill_budget_seconds"] == pytest.approx(14.0) and point["dataset_seconds"] == 44.0
+    later = json.loads((run / "total-2m00s" / "point.json").read_text())  # continues the 1-minute point's dataset
+    assert later["continued_from_seconds"] == 0.0 and later["synthesis_wall_seconds"] == 62.0
+    table = walltime_tables(spec["benchmark"], spec["budget"], 0.9, bench.finished_points(), ENV)
+    assert "| a | 0 (continued after a kill) | 1m00s |" in table and "| a | 0 | 2m00s |" in table
+    # a killed attempt made with other options is started again, not continued and not counted
+    shutil.rmtree(run)
+    _killed_attempt(run, {"inversion_steps": 5})  # 30 s of shards saved
+    bench.row(spec["rows"][0], 0, Lane(1, (1,), 1))
+    point = json.loads((run / "total-1m00s" / "point.json").read_text())
+    assert point["continued_from_seconds"] == 0.0 and point["synthesis_wall_seconds"] == 16.0
+    assert point["dataset_seconds"] == 14.0 and point["synthesis_cpu_seconds"] == 15.0
 
 
 def test_the_table_says_which_rows_are_ahead_of_the_baselines_by_more_than_the_seed_spread():
