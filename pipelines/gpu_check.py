@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +194,6 @@ def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str]
     def spent() -> bool:
         return time.perf_counter() - started > budget
 
-    def warm_up(entry: dict[str, Any]) -> None:
-        """A short copy of the next timed run goes first: on a GPU the first use of a kernel (lazy loading, cuDNN's
-        choice of algorithm per shape and dtype) takes seconds, which the first check (H200, 2026-12-04) counted
-        into short runs' images/s. Only which run it warmed up and its seconds are kept."""
-        report.setdefault("warm_ups", []).append({key: entry[key] for key in ("kind", "method", "precision",
-                                                                              "seconds")})
-
     def record(entry: dict[str, Any]) -> None:
         runs.append(entry)
         shown = entry.get("images_per_second")
@@ -208,6 +202,16 @@ def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str]
               f"{shown if shown is not None else '-'} images/s  {outcome}", flush=True)
         report["total_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(out_json, report, indent=1)  # after every run: a killed check keeps what it found
+
+    def timed(run: Callable[..., dict[str, Any]], label: str, warm: dict[str, Any], **options: Any) -> None:
+        """``run(out=..., **options)`` twice: first a short warm-up copy (``options`` updated by ``warm``), then
+        the timed run, recorded. On a GPU the first use of a kernel (lazy loading, cuDNN's choice of algorithm per
+        shape and dtype) takes seconds, which the first check (H200, 2026-12-04) counted into short runs'
+        images/s. Of the warm-up only which run it warmed up and its seconds are kept."""
+        warm_up = run(out=tmp / f"warm-{label}", **{**options, **warm})
+        report.setdefault("warm_ups", []).append({key: warm_up[key] for key in ("kind", "method", "precision",
+                                                                                "seconds")})
+        record(run(out=tmp / label, **options))
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -223,29 +227,25 @@ def check(out_json: Path, smoke: bool, precisions: list[str], methods: list[str]
         # Precisions side by side per method (not one precision after another): a drift of the machine over the
         # check then cannot pass for a precision's speed-up.
         for name in methods:
-            args = _method_args(name, smoke, max_steps)
             for precision in precisions:
                 if spent():
                     runs.append({"kind": "synth", "method": name, "precision": precision, "error": "skipped: budget"})
                     continue
-                warm_up(synth_run(name, precision, tmp / f"warm-{name}-{precision}", teacher, device,
-                                  _method_args(name, smoke, WARMUP_STEPS), batches=1 if smoke else 2))
-                record(synth_run(name, precision, tmp / f"{name}-{precision}", teacher, device, args,
-                                 batches=1 if smoke else 2))
+                timed(synth_run, f"{name}-{precision}", {"extra": _method_args(name, smoke, WARMUP_STEPS)},
+                      name=name, precision=precision, teacher=teacher, device=device,
+                      extra=_method_args(name, smoke, max_steps), batches=1 if smoke else 2)
         for precision in precisions:
             if not spent():
                 model = tmp / "ddpm" if (tmp / "ddpm").exists() else tiny_ddpm(tmp / "ddpm")
                 diff_args = ["--diffusion", str(model), "--batch-size", "2" if smoke else "16",
                              "--num-inference-steps", "2" if smoke else "10", "--proxy-student", "resnet8",
                              "--kd-steps", "1"]
-                warm_up(synth_run("diffdfkd", precision, tmp / f"warm-diffdfkd-{precision}", teacher,
-                                  device, diff_args, batches=1))
-                record(synth_run("diffdfkd", precision, tmp / f"diffdfkd-{precision}", teacher, device, diff_args,
-                                 batches=1 if smoke else 2))
+                timed(synth_run, f"diffdfkd-{precision}", {"batches": 1}, name="diffdfkd", precision=precision,
+                      teacher=teacher, device=device, extra=diff_args, batches=1 if smoke else 2)
             source = tmp / f"gmi-{precision}"
             if not spent() and (source / "manifest.json").exists():
-                warm_up(distill_run(source, precision, tmp / f"warm-student-{precision}", device, smoke))
-                record(distill_run(source, precision, tmp / f"student-{precision}", device, smoke))
+                timed(distill_run, f"student-{precision}", {}, shards=source, precision=precision, device=device,
+                      smoke=smoke)
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         source = tmp / f"gmi-{precisions[0]}"
         if gpus >= 2 and not spent() and (source / "manifest.json").exists():
