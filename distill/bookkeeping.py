@@ -8,12 +8,17 @@ repeats a row), the schedule and the run's config. ``--resume`` continues a chec
 every config entry must match except those that cannot change what was learnt so far (:data:`RESUME_FREE_KEYS`:
 the epoch count, the evaluation, where the data and teacher files lie); otherwise it refuses and names the
 differing keys.
+
+The output folder is held for the whole run (:func:`claimed_out_dir`): locked, so a second command writing the
+same ``--out`` at the same time stops at once naming the first, instead of the two overwriting each other's
+checkpoint, student and metrics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +31,13 @@ from atomicio import write_torch_atomic
 from distill.budget import CosineSchedule, EpochBudget
 from distill.core import DistillError, Objective
 from distill.distributed import Distributed
+from shards import ShardError
+from shards.lock import FolderLock
 from timebudget import Clock
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "distill-checkpoint/1"
+RUN_LOCK_NAME = ".dfkd-run.lock"  # held by the command writing an output folder (shards' dataset lock, renamed)
 #: Config entries a resumed run may change: they decide how long it runs, what it is evaluated on, or where
 #: its inputs lie (the dataset's and the teacher's identity are their digests, which are compared).
 RESUME_FREE_KEYS = frozenset({"loop.epochs", "loop.eval_every", "data", "teacher", "eval_data", "max_eval_samples",
@@ -59,6 +67,31 @@ class FitResult:
 
 def checkpoint_path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_NAME
+
+
+@contextmanager
+def claimed_out_dir(out_dir: Path, resume: bool, writer: bool = True) -> Iterator[None]:
+    """``out_dir`` held for a run: created, locked against a second command writing it at the same time, and
+    refused when it holds a previous run (unless ``resume``). On the way out the lock goes, and a folder this
+    call created that the run left empty (it stopped before writing anything) is removed again. ``writer``:
+    false on torchrun's other ranks, which write nothing and only check."""
+    if not writer:
+        check_out_dir(out_dir, resume)
+        yield
+        return
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock.acquire(out_dir, RUN_LOCK_NAME)
+    except (OSError, ShardError) as error:
+        raise DistillError(f"--out {out_dir}: {error}") from None
+    try:
+        check_out_dir(out_dir, resume)
+        yield
+    finally:
+        lock.release()
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:

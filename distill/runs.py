@@ -1,6 +1,7 @@
 """``distill run`` as a plain function, :func:`distill_from_shards`, read top to bottom as its steps:
 
-1. :func:`prepare_run` — the options: this rank, the device, the output folder, the time budget;
+1. :func:`prepare_run` — the options: this rank, the device, the output folder (held for the run by
+   :func:`~distill.bookkeeping.claimed_out_dir`: locked, and refused if it holds another run), the time budget;
 2. :func:`~distill.dataset_view.read_dataset` — the manifest, checked, and the shapes the student trains and
    is evaluated at;
 3. :func:`build_student`, :func:`load_live_teacher`, :func:`build_evaluation` — the networks and the
@@ -30,7 +31,7 @@ from torch import nn
 import realdata
 import zoo
 from distill import distributed, report
-from distill.bookkeeping import FitResult, check_out_dir
+from distill.bookkeeping import FitResult, claimed_out_dir
 from distill.core import DistillError, Objective, acceleration
 from distill.dataset_view import DatasetView, manifest_digest, read_dataset, resolve_eval_data
 from distill.distributed import Distributed
@@ -115,36 +116,37 @@ class Evaluation:
 def distill_from_shards(opts: RunOptions) -> JobResult:
     """``distill run``: train a student from a shard dataset's images and stored (or live) teacher logits."""
     run = prepare_run(opts)
-    data = read_dataset(opts.shards, resize=opts.resize, cache_dir=opts.cache_dir, offline=opts.offline)
-    opts.eval_data = resolve_eval_data(opts.eval_data, data.teacher_info.get("dataset"), opts.progress)
-    student, arch = build_student(opts, data)
-    teacher, teacher_acc = load_live_teacher(opts, data)
-    evaluation = build_evaluation(opts, data, run)
-    source, data_path = build_batches(opts, data, teacher, run)
-    student.to(run.device)
-    objective, choice = make_objective(opts, data, student, teacher, run)
-    if teacher is not None and teacher_acc is None and evaluation.dataset is not None:
-        teacher_acc = evaluate(teacher, evaluation.full_source)
-    run_config = describe_run(opts, data, arch, objective, choice, teacher)
-    eval_images = len(evaluation.dataset) if evaluation.dataset is not None else 0
-    result = fit(student, source, objective, opts.loop, device=run.device, out_dir=run.out, run_config=run_config,
-                 evaluate_fn=evaluation.evaluate_fn, resume=opts.resume, progress=opts.progress,
-                 on_epoch=lambda history: report.write_log_csv(run.out / "log.csv", history),
-                 deadline=run.deadline, charge_evaluations=opts.budget_covers == "all",
-                 final_eval_images=eval_images, progress_eval_images=evaluation.progress_images, dist=run.dist,
-                 clock=run.clock)
-    if not run.dist.is_main:  # rank 0 writes the outputs
-        distributed.shutdown()
-        return JobResult(run.out, {}, None)
-    return write_run_outputs(opts, run, data, student, arch, teacher_acc, choice, objective, run_config, result,
-                             evaluation, data_path)
+    with claimed_out_dir(run.out, opts.resume, writer=run.dist.is_main):  # one command per --out at a time
+        data = read_dataset(opts.shards, resize=opts.resize, cache_dir=opts.cache_dir, offline=opts.offline)
+        opts.eval_data = resolve_eval_data(opts.eval_data, data.teacher_info.get("dataset"), opts.progress)
+        student, arch = build_student(opts, data)
+        teacher, teacher_acc = load_live_teacher(opts, data)
+        evaluation = build_evaluation(opts, data, run)
+        source, data_path = build_batches(opts, data, teacher, run)
+        student.to(run.device)
+        objective, choice = make_objective(opts, data, student, teacher, run)
+        if teacher is not None and teacher_acc is None and evaluation.dataset is not None:
+            teacher_acc = evaluate(teacher, evaluation.full_source)
+        run_config = describe_run(opts, data, arch, objective, choice, teacher)
+        eval_images = len(evaluation.dataset) if evaluation.dataset is not None else 0
+        result = fit(student, source, objective, opts.loop, device=run.device, out_dir=run.out, run_config=run_config,
+                     evaluate_fn=evaluation.evaluate_fn, resume=opts.resume, progress=opts.progress,
+                     on_epoch=lambda history: report.write_log_csv(run.out / "log.csv", history),
+                     deadline=run.deadline, charge_evaluations=opts.budget_covers == "all",
+                     final_eval_images=eval_images, progress_eval_images=evaluation.progress_images, dist=run.dist,
+                     clock=run.clock)
+        if not run.dist.is_main:  # rank 0 writes the outputs
+            distributed.shutdown()
+            return JobResult(run.out, {}, None)
+        return write_run_outputs(opts, run, data, student, arch, teacher_acc, choice, objective, run_config, result,
+                                 evaluation, data_path)
 
 
 # ------------------------------------------------------------------------------------------ the steps
 
 
 def prepare_run(opts: RunOptions) -> Run:
-    """This rank, the device, the output folder (refused if it holds another run) and the budget's clock."""
+    """This rank, the device, the output folder and the budget's clock."""
     clock = opts.clock or system_clock
     wall_start = time.perf_counter()
     deadline = Deadline(opts.time_budget, clock=clock) if opts.time_budget is not None else None
@@ -154,9 +156,7 @@ def prepare_run(opts: RunOptions) -> Run:
     if opts.loop.batch_size % dist.world:
         raise DistillError(f"--batch-size {opts.loop.batch_size} is the global batch; it must split evenly over "
                            f"{dist.world} processes")
-    out = opts.out or default_run_out(opts.shards, opts.student)
-    check_out_dir(out, opts.resume)
-    return Run(dist, device, out, clock, deadline, wall_start)
+    return Run(dist, device, opts.out or default_run_out(opts.shards, opts.student), clock, deadline, wall_start)
 
 
 def build_student(opts: RunOptions, data: DatasetView) -> tuple[zoo.Classifier, str]:

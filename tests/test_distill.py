@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,30 @@ def test_run_refuses_students_that_do_not_fit(dataset: Path, tmp_path: Path) -> 
     assert "Traceback" not in result.output
     result = _run(_base(dataset, tmp_path / "o4", "--student", "resnet9000"))
     assert result.exit_code == 1 and "unknown architecture" in result.output
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # no empty folders left behind
+
+
+def test_a_second_command_on_an_output_folder_in_use_stops_naming_the_first(dataset: Path, tmp_path: Path) -> None:
+    # Two students written into one folder at once would overwrite each other's checkpoint, student and metrics.
+    from distill.bookkeeping import RUN_LOCK_NAME
+    from shards.lock import FolderLock
+
+    out = tmp_path / "student"
+    out.mkdir()
+    holder = FolderLock.acquire(out, RUN_LOCK_NAME)  # what a first `distill run/train --out student` holds
+    try:
+        refused = [_run(_base(dataset, out, "--epochs", "1")),
+                   _run(["train", "--data", "fmnist32", "--arch", "resnet8", "--out", str(out), "--epochs", "1",
+                         "--max-train-samples", "32", "--max-eval-samples", "32", "--quiet"])]
+    finally:
+        holder.release()
+    for result in refused:
+        assert result.exit_code == 1 and f"locked by another writer: pid {os.getpid()}" in result.output
+        assert "Traceback" not in result.output
+    assert list(out.iterdir()) == []  # the refused commands wrote nothing
+    result = _run(_base(dataset, out, "--epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert (out / "student.pt").is_file() and not (out / RUN_LOCK_NAME).exists()  # released on the way out
 
 
 @needs_fmnist
