@@ -160,8 +160,10 @@ def test_each_batch_starts_from_a_freshly_initialised_generator_not_the_stage_1_
     assert all(torch.equal(v, stage1[k]) for k, v in method.generator.state_dict().items())
 
 
-def test_no_cgmm_skips_stage_1_and_draws_a_fresh_generator_and_standard_normal_latents(teacher):
-    method = _method(teacher, batches=0, cgmm=False, prior_iterations=10_000_000)  # stage 1 would never end
+@pytest.mark.parametrize("reset", ["auto", "initial"])  # initial: the CPU preset's, meaning stage 1's generator
+def test_no_cgmm_skips_stage_1_and_draws_a_fresh_generator_and_standard_normal_latents(teacher, reset):
+    method = _method(teacher, batches=0, cgmm=False, prior_iterations=10_000_000,  # stage 1 would never end
+                     reset_generator=reset)
     assert isinstance(method.prior, StandardNormalPrior)
     first = {k: v.clone() for k, v in method.generator.state_dict().items()}
     method.begin_batch(method.next_labels())

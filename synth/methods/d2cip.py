@@ -44,7 +44,8 @@ Readings where the paper is silent or ambiguous (each chosen because it is the o
   ``initial``: five steps a batch cannot train a fresh generator (at 10 minutes on the shipped teacher, seeds
   2-4: re-initialised 18.97% +- 1.92, restored 77.40% +- 1.35; pipelines/results/fmnist32-cpu-d2cip-generator-reset).
 * Without the cGMM (``--no-cgmm``, Table 3's "w/o cGMM" row) there is no stage 1 at all: latents are drawn
-  from N(0, I), and the generator is freshly (randomly) initialised for every batch as with it.
+  from N(0, I), and the generator is freshly (randomly) initialised for every batch, at every preset (with
+  no stage-1 generator, ``initial`` means a fresh one too).
 * The latent views: anchor h_z(z), positive h_z(z + sigma * n) with sigma = ``latent_noise``; the image
   views: two random crops/flips of the same image. h_x trains with the generator's learning rate, h_z with
   the latents'.
@@ -168,6 +169,11 @@ class D2CIP(GeneratorInversion):
     @property
     def gmi_scale(self) -> float:
         return self.config.gmi_weight
+
+    def reset_mode(self) -> ResetMode:
+        mode = super().reset_mode()
+        # "initial" is stage 1's generator; without a stage 1 (w/o cGMM) each batch draws a fresh one instead.
+        return "random" if mode == "initial" and not self.config.cgmm else mode
 
 
     def teacher_view_count(self) -> int:
