@@ -267,7 +267,7 @@ class Benchmark:
         summary = manifest.get("summary", {})
         return {
             "method": method, "seed": seed, "options": options, "matched": bool(row.get("match_time_of")),
-            "shared_prior": bool(row.get("prior_from")), "preset": self.preset, "threads": lane.threads,
+            "shared_prior": bool(row.get("prior_from")), "preset": self.preset, "threads": synth_time.threads,
             "precision": manifest.get("method", {}).get("precision", metrics.get("precision")), "commit": commit,
             "accuracy": metrics["final_accuracy"],
             "synthesis_seconds": synth_time.wall_seconds, "synthesis_cpu_seconds": synth_time.cpu_seconds,
@@ -341,7 +341,8 @@ class Benchmark:
         return results
 
     def write(self) -> None:
-        env = environment(self.plan)
+        env = {**environment(self.plan),
+               "run_threads": sorted({run["threads"] for run in self.runs.values() if run.get("threads")})}
         results = self.results()
         payload = {"benchmark": self.spec, "budget": self.budget, "environment": env,
                    "teacher": str(self.teacher), "rows": results}

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,25 @@ from .lanes import Lane, LanePlan
 @dataclass(frozen=True)
 class RunTime:
     """One finished command: wall seconds, CPU seconds of it and every process it waited for (rusage; None
-    where the OS cannot say), and the cores it was pinned to (empty: not pinned). ``continued_from``: the seconds
-    a killed earlier attempt had saved in the dataset this one continued (counted in ``wall_seconds``)."""
+    where the OS cannot say), the cores it was pinned to (empty: not pinned) and the threads it ran with (the
+    lane's; a reused run keeps its own, not the later sitting's). ``continued_from``: the seconds a killed earlier
+    attempt had saved in the dataset this one continued (counted in ``wall_seconds``)."""
 
     wall_seconds: float
     cpu_seconds: float | None
     cores: tuple[int, ...] = ()
     continued_from: float = 0.0
+    threads: int | None = None
 
     def record(self) -> dict[str, Any]:
-        record = {"seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds, "cores": list(self.cores)}
+        record = {"seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds, "cores": list(self.cores),
+                  "threads": self.threads}
         return {**record, "continued_from_seconds": self.continued_from} if self.continued_from else record
 
     def after(self, earlier: float | None) -> RunTime:
         """This attempt as the continuation of one that saved ``earlier`` seconds (whose CPU seconds are unknown)."""
-        return RunTime(self.wall_seconds + earlier, None, self.cores, earlier) if earlier else self
+        return replace(self, wall_seconds=self.wall_seconds + earlier, cpu_seconds=None,
+                       continued_from=earlier) if earlier else self
 
 
 def pin(pid: int, cores: tuple[int, ...]) -> tuple[int, ...]:
@@ -112,7 +116,7 @@ def run_command(command: list[str], log: Path, lane: Lane | None = None) -> RunT
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"command failed ({process.returncode}): {' '.join(command)}\n{tail}")
-    return RunTime(wall, cpu, cores)
+    return RunTime(wall, cpu, cores, threads=lane.threads if lane is not None else None)
 
 
 def code_commit() -> str | None:
@@ -143,10 +147,12 @@ def machine_is_busy(max_load: float, force: bool) -> bool:
 
 
 def read_time(path: Path) -> RunTime:
-    """A :class:`RunTime` written by :meth:`RunTime.record` (older files hold wall seconds only)."""
+    """A :class:`RunTime` written by :meth:`RunTime.record` (older files hold wall seconds only; files without
+    threads held one thread per pinned core, as every lane does)."""
     saved = json.loads(path.read_text())
-    return RunTime(saved["seconds"], saved.get("cpu_seconds"), tuple(saved.get("cores", ())),
-                   saved.get("continued_from_seconds", 0.0))
+    cores = tuple(saved.get("cores", ()))
+    return RunTime(saved["seconds"], saved.get("cpu_seconds"), cores, saved.get("continued_from_seconds", 0.0),
+                   saved.get("threads") or len(cores) or None)
 
 
 def write_results_file(path: Path, spent: RunTime) -> None:

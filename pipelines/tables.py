@@ -77,6 +77,15 @@ def _cpu_per_wall(cpu: float | None, wall: float | None) -> float | None:
     return cpu / wall if cpu is not None and wall else None
 
 
+def sittings_threads(env: dict[str, Any]) -> str:
+    """Says so when reused runs of earlier sittings ran with other thread counts than this sitting's lanes."""
+    threads = env.get("run_threads") or []
+    if not threads or threads == [env.get("cpu_threads")]:
+        return ""
+    return (f" (this sitting's lanes; the runs, some reused from other sittings, ran with "
+            f"{' or '.join(map(str, threads))} threads each: `threads` per run in the .json)")
+
+
 def equal_images_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str, dict[str, Any]],
                        env: dict[str, Any]) -> str:
     """One row per benchmark row (mean over its seeds), ranked by accuracy; reference rows are not ranked."""
@@ -87,8 +96,9 @@ def equal_images_table(spec: dict[str, Any], budget: dict[str, Any], results: di
         f"(`--preset {budget.get('preset', 'cpu')}`), student {spec['student']}, {budget['distill_epochs']} epochs "
         f"at batch {budget['distill_batch_size']}; accuracy on the real {spec['eval_data']} test set as mean ± "
         f"standard deviation (range, number of seeds; each seed drives synthesis and distillation). Machine: "
-        f"{env['device']}, torch {env['torch']}; {env['plan']}. Synthesis CPU/wall: CPU seconds per wall second "
-        f"of the synthesis process (about the lane's threads when it had its cores to itself).", "",
+        f"{env['device']}, torch {env['torch']}; {env['plan']}{sittings_threads(env)}. Synthesis CPU/wall: CPU "
+        f"seconds per wall second of the synthesis process (about the run's threads when it had its cores to "
+        f"itself).", "",
         "| rank | row | accuracy | student/teacher | synthesis s | synthesis CPU/wall | synthesis img/s "
         "| synthesis peak MB | distill img/s | distill train/wall | distill peak MB | bytes/sample "
         "| teacher agreement | worst class | entropy | separability |",

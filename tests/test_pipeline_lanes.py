@@ -71,6 +71,7 @@ def test_each_lane_pins_its_runs_to_its_own_core_and_sizes_their_threads(tmp_pat
     assert len(pinned) == 4 and len({pid for pid, _ in pinned}) == 4  # every child pinned, by its own pid
     assert {frozenset(cores) for _, cores in pinned} == {frozenset({0}), frozenset({1})}  # one core per lane
     assert {seen[i].cores for i in range(4)} <= {(0,), (1,)}
+    assert {seen[i].threads for i in range(4)} == {1}  # recorded with the run, for the table's later sittings
 
 
 def test_a_run_records_the_cpu_seconds_of_its_child_and_grandchildren(tmp_path):
@@ -239,9 +240,9 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
                                                            "shards": [{"bytes": 800}]}))
             with lock:
                 order.append((out.parent.parent.name, seed))
-            return runs.RunTime(10.0, 9.0, lane.cores)
+            return runs.RunTime(10.0, 9.0, lane.cores, threads=lane.threads)
         (out / "metrics.json").write_text(json.dumps({"final_accuracy": 0.5 + int(seed) / 100}))
-        return runs.RunTime(4.0, 3.5, lane.cores)
+        return runs.RunTime(4.0, 3.5, lane.cores, threads=lane.threads)
 
     _commands_faked(monkeypatch, fake_run)
     monkeypatch.setattr(runs, "code_commit", lambda: "abc")
@@ -264,9 +265,13 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     assert run["commit"] == "abc"  # which code made it
     monkeypatch.setattr(runs, "code_commit", lambda: "def")
     capsys.readouterr()
-    bench_module.Benchmark(pipeline, fresh=False, cores=2).run({"d2cip"})  # reused runs, made by other code
+    one_lane = {**pipeline, "budget": {**pipeline["budget"], "lanes": 1, "threads_per_lane": 2}}
+    bench_module.Benchmark(one_lane, fresh=False, cores=2).run({"d2cip"})  # reused runs, made by other code
     assert "reused from a run made by abc, not this tree (def)" in capsys.readouterr().out
+    reused = json.loads((tmp_path / "results.json").read_text())["rows"]["d2cip"]["runs"][0]
+    assert reused["threads"] == 1  # the threads it ran with, not this sitting's two
     table = (tmp_path / "results.md").read_text()
+    assert "1 lane(s) x 2 thread(s)" in table and "ran with 1 threads each" in table
     assert "| 1 | d2cip | 51.00% ± 1.00 (50.00–52.00%, n=3) |" in table
     assert "| 3 ‡ | one seed | 50.00% (n=1) ‡ |" in table and "fewer than 3 seeds" in table
     assert "| ref. | resnet8: student on real labels (8 real images) |" in table

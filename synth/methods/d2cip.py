@@ -38,9 +38,9 @@ Readings where the paper is silent or ambiguous (each chosen because it is the o
   paper writes; the prior then only places each batch's starting latents. Measured against restoring the
   stage-1 generator instead (``--reset-generator initial``, this toolkit's earlier reading: "the prior is a
   distribution over that generator's latent space"), on the miniature's ResNet-8 teacher at the paper preset
-  (1,024 images, seeds 0-1, the same stage-1 priors): restored, every batch repeats the few images per class
+  (1,024 images, seeds 0-2, the same stage-1 priors): restored, every batch repeats the few images per class
   that the stage-1 generator learnt to make from any latent (mode collapse: 99% teacher agreement, students
-  53.04% and 38.98%); re-initialised, 75.13% and 76.25% (docs/results.md). The CPU preset keeps
+  45.68% +- 7.05); re-initialised, 74.93% +- 1.43, every seed 23-36 points ahead (docs/results.md). The CPU preset keeps
   ``initial``: five steps a batch cannot train a fresh generator (at 10 minutes on the shipped teacher, seeds
   2-4: re-initialised 18.97% +- 1.92, restored 77.40% +- 1.35; pipelines/results/fmnist32-cpu-d2cip-generator-reset).
 * Without the cGMM (``--no-cgmm``, Table 3's "w/o cGMM" row) there is no stage 1 at all: latents are drawn
