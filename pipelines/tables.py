@@ -83,7 +83,7 @@ def sittings_threads(env: dict[str, Any]) -> str:
     if not threads or threads == [env.get("cpu_threads")]:
         return ""
     return (f" (this sitting's lanes; the runs, some reused from other sittings, ran with "
-            f"{' or '.join(map(str, threads))} threads each: `threads` per run in the .json)")
+            f"{' or '.join(map(str, threads))} thread(s) each: `threads` per run in the .json)")
 
 
 def equal_images_table(spec: dict[str, Any], budget: dict[str, Any], results: dict[str, dict[str, Any]],

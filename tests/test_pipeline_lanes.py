@@ -271,7 +271,7 @@ def test_an_equal_image_benchmark_records_cpu_seconds_per_run_and_ranks_its_rows
     reused = json.loads((tmp_path / "results.json").read_text())["rows"]["d2cip"]["runs"][0]
     assert reused["threads"] == 1  # the threads it ran with, not this sitting's two
     table = (tmp_path / "results.md").read_text()
-    assert "1 lane(s) x 2 thread(s)" in table and "ran with 1 threads each" in table
+    assert "1 lane(s) x 2 thread(s)" in table and "ran with 1 thread(s) each" in table
     assert "| 1 | d2cip | 51.00% ± 1.00 (50.00–52.00%, n=3) |" in table
     assert "| 3 ‡ | one seed | 50.00% (n=1) ‡ |" in table and "fewer than 3 seeds" in table
     assert "| ref. | resnet8: student on real labels (8 real images) |" in table
