@@ -175,7 +175,6 @@ class D2CIP(GeneratorInversion):
         # "initial" is stage 1's generator; without a stage 1 (w/o cGMM) each batch draws a fresh one instead.
         return "random" if mode == "initial" and not self.config.cgmm else mode
 
-
     def teacher_view_count(self) -> int:
         return 2 if self.config.scr and self.config.scr_weight else 1
 
